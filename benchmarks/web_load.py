@@ -1,0 +1,77 @@
+"""Load a running chat server with concurrent streaming clients; report total tokens/s.
+
+    python -m scripts.chat_web -i sft --port 8000 &
+    python -m benchmarks.web_load --url http://127.0.0.1:8000 --clients 1,32
+
+Each client loops: POST a streaming chat completion (temperature 0.8, max_tokens tokens), read the
+stream to the end, repeat, until `duration_s` has passed or it made `max_requests` requests. Streamed
+content chunks are counted as tokens (the server sends one chunk per decoded piece of text, so this
+slightly undercounts). Loopback only: the URL must point at 127.0.0.1/localhost.
+Last line: one JSON object, with the 32-vs-1 client speedup (target >= 10x).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from nanochat.flags import parse_flags
+
+
+@dataclass
+class LoadConfig:
+    url: str = "http://127.0.0.1:8000"
+    clients: list[int] = field(default_factory=lambda: [1, 32])
+    duration_s: float = 30.0
+    max_requests: int = 20          # per client
+    max_tokens: int = 128
+    prompt: str = "Write a short story about a robot learning to paint."
+
+
+async def client_loop(http: httpx.AsyncClient, cfg: LoadConfig, deadline: float, i: int) -> tuple[int, int]:
+    tokens = requests = 0
+    body = {"model": "nanochat", "stream": True, "max_tokens": cfg.max_tokens, "temperature": 0.8,
+            "seed": i, "messages": [{"role": "user", "content": f"{cfg.prompt} (#{i})"}]}
+    while time.perf_counter() < deadline and requests < cfg.max_requests:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    tokens += bool(delta.get("content"))
+        requests += 1
+    return tokens, requests
+
+
+async def measure(cfg: LoadConfig, n: int) -> dict:
+    async with httpx.AsyncClient(base_url=cfg.url, timeout=httpx.Timeout(300.0),
+                                 limits=httpx.Limits(max_connections=n + 4)) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(client_loop(http, cfg, start + cfg.duration_s, i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    tokens = sum(t for t, _ in results)
+    return {"clients": n, "requests": sum(r for _, r in results), "tokens": tokens,
+            "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_flags(LoadConfig, argv, description=__doc__)
+    host = urlparse(cfg.url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"web_load only targets a local server (got host {host!r}); use --url http://127.0.0.1:PORT")
+    httpx.get(cfg.url + "/health", timeout=10).raise_for_status()
+    rows = [asyncio.run(measure(cfg, n)) for n in cfg.clients]
+    print(f"{'clients':>8} {'requests':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    for r in rows:
+        print(f"{r['clients']:>8} {r['requests']:>9} {r['tokens']:>8} {r['seconds']:>8} {r['tokens_per_s']:>9}")
+    by_n = {r["clients"]: r["tokens_per_s"] for r in rows}
+    speedup = round(by_n[max(by_n)] / by_n[min(by_n)], 2) if by_n.get(min(by_n)) else None
+    print(json.dumps({"url": cfg.url, "results": rows, "speedup_max_vs_min_clients": speedup}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""BOS-aligned best-fit packing of whole documents into rows of T+1 tokens, on the device, resumable.
+
+Every document is tokenized with BOS in front, and every row starts at a document start, so the model
+never sees a row that begins mid-document. Rows are filled best-fit from a buffer of tokenized
+documents: the largest one that fits the space left goes in; when none fits, the shortest one is
+cropped to fill the row exactly (no padding: every position trains). A document longer than a row is
+cropped to one row when it enters the buffer; documents are never spread across rows. Cropping is the
+only way tokens are lost, and `cropped_fraction` reports how many (for the tail of a very long document,
+which is never tokenized, by an estimate: see `_tokenize`).
+
+Exact resume: the packer is a deterministic function of (stream position, buffer contents). The state
+holds the stream position after the last refill and the ids (epoch, shard, row group, row) of the
+documents still in the buffer; a new loader re-reads and re-tokenizes those few hundred documents and
+then continues, producing exactly the batches the old loader would have. Ids are grouped by row group,
+so the state is a few KB of JSON. Batch size is not part of it (rows are made one at a time), so a
+resume may change it; sequence length, buffer size, tokenizer batch, rank and world size may not.
+Under DDP each rank has its own state: gather them (e.g. `dist.all_gather_object`) and pass
+`{"ranks": [state_0, state_1, ...]}`; each loader picks its own.
+"""
+from __future__ import annotations
+
+import bisect
+import queue
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat.common import logger
+from nanochat.data.shards import DocId, DocumentStream, list_shards, split_shards
+
+STATE_VERSION = 1
+HEAD_CHARS_PER_TOKEN = 6  # English runs ~4-5 chars per token; a head this long nearly always fills a row
+_AFTER_ALL = float("inf")  # sorts after any (epoch, group, row) of the same length
+
+
+def text_head(text: str, min_chars: int) -> str:
+    """The shortest prefix of `text` with at least `min_chars` chars that ends just after a newline
+    followed by a letter or digit (the whole text if there is none).
+
+    With a GPT-4-style split pattern no pre-token spans such a cut (a newline run ends its piece before
+    a letter or digit, and nothing before it looks past it), so the prefix encodes to exactly the first
+    tokens of the whole text; tests/test_packing.py checks this on real text with the real tokenizer.
+    """
+    i = text.find("\n", max(0, min_chars - 1))
+    while i != -1 and i + 1 < len(text):
+        if text[i + 1].isalnum():
+            return text[:i + 1]
+        i = text.find("\n", i + 1)
+    return text
+
+
+class PackedLoader:
+    """Yields (inputs, targets), each [batch_size, seq_len] int64 on `device`; targets = inputs shifted by one.
+
+    `prefetch` > 0 builds that many batches ahead in a background thread (tokenizers release the GIL),
+    so packing overlaps the training step; the state still describes the batches handed out.
+    """
+
+    def __init__(self, tokenizer, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
+                 device: torch.device | str, rank: int = 0, world_size: int = 1, state: dict | None = None,
+                 buffer_size: int = 1000, tokenizer_batch_size: int = 256, tokenizer_threads: int = 4,
+                 prefetch: int = 2):
+        if batch_size <= 0 or seq_len <= 0 or buffer_size <= 0 or tokenizer_batch_size <= 0:
+            raise ValueError(f"batch_size, seq_len, buffer_size and tokenizer_batch_size must be positive, got "
+                             f"{batch_size}, {seq_len}, {buffer_size}, {tokenizer_batch_size}")
+        self.tokenizer, self.split = tokenizer, split
+        self.batch_size, self.seq_len, self.row_len = batch_size, seq_len, seq_len + 1
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.buffer_size, self.tokenizer_batch_size = buffer_size, tokenizer_batch_size
+        self.tokenizer_threads, self.prefetch = tokenizer_threads, prefetch
+        self.bos = tokenizer.get_bos_token_id()
+        self.paths = split_shards(list_shards(data_dir), split)
+        self.stream = DocumentStream(self.paths, rank, world_size)
+        # The buffer: keys (length, epoch, group, row) kept sorted, and key -> (tokens, tokens lost on entry).
+        self._keys: list[tuple] = []
+        self._docs: dict[tuple, tuple[np.ndarray, int]] = {}
+        self.batches = self.tokens_emitted = self.tokens_cropped = 0
+        if state is not None:
+            self._restore(state)
+        self._state = self._snapshot()  # state after the last batch handed out
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    @property
+    def cropped_fraction(self) -> float:
+        """Tokens dropped by cropping / tokens of the documents packed into the batches handed out so far."""
+        emitted, cropped = self._state["tokens_emitted"], self._state["tokens_cropped"]
+        return cropped / (emitted + cropped) if emitted + cropped else 0.0
+
+    # -- the buffer ----------------------------------------------------------------------------------------------
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], int]]:
+        """(tokens, tokens beyond them) per text, BOS first, in batched calls.
+
+        A row keeps at most row_len tokens of a document, so a long text is tokenized only up to a
+        `text_head` of ~HEAD_CHARS_PER_TOKEN chars per row token (doubled until it yields a full row):
+        2-3x less tokenizing on long-document data such as Wikipedia. The head's tokens are exactly the
+        first tokens of the whole text; the tail's token count is estimated from the head's chars per token.
+        """
+        out: list[tuple[list[int], int] | None] = [None] * len(texts)
+        todo, min_chars = list(range(len(texts))), HEAD_CHARS_PER_TOKEN * self.row_len
+        while todo:
+            heads = [text_head(texts[i], min_chars) for i in todo]
+            encoded = self.tokenizer.encode(heads, prepend=self.bos, num_threads=self.tokenizer_threads)
+            short = []
+            for i, head, tokens in zip(todo, heads, encoded):
+                tail = len(texts[i]) - len(head)
+                if tail and len(tokens) < self.row_len:
+                    short.append(i)  # the head did not fill a row: try a longer one
+                else:
+                    out[i] = (tokens, round(tail * (len(tokens) - 1) / len(head)) if tail else 0)
+            todo, min_chars = short, 2 * min_chars
+        return out
+
+    def _add(self, ids: list[DocId], texts: list[str]) -> None:
+        """Tokenize documents and put them in the buffer, each cropped to one row."""
+        for doc_id, (tokens, beyond) in zip(ids, self._tokenize(texts)):
+            kept = np.asarray(tokens[:self.row_len], dtype=np.int32)
+            key = (len(kept), doc_id.epoch, doc_id.group, doc_id.row)
+            bisect.insort(self._keys, key)
+            self._docs[key] = (kept, len(tokens) - len(kept) + beyond)
+
+    def _refill(self) -> None:
+        docs = self.stream.read(self.tokenizer_batch_size)
+        self._add([d for d, _ in docs], [t for _, t in docs])
+
+    def _next_rows(self) -> np.ndarray:
+        """Pack batch_size rows of row_len tokens."""
+        rows = np.empty((self.batch_size, self.row_len), dtype=np.int32)
+        for row in rows:
+            pos = 0
+            while pos < self.row_len:
+                while len(self._keys) < self.buffer_size:
+                    self._refill()
+                space = self.row_len - pos
+                i = bisect.bisect_right(self._keys, (space, _AFTER_ALL)) - 1  # largest doc that fits
+                key = self._keys.pop(max(i, 0))  # none fits: crop the shortest
+                tokens, lost = self._docs.pop(key)
+                n = min(len(tokens), space)
+                row[pos:pos + n] = tokens[:n]
+                pos += n
+                self.tokens_cropped += lost + len(tokens) - n
+        self.batches += 1
+        self.tokens_emitted += rows.size
+        return rows
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        pending: dict[tuple[int, int], list[int]] = {}
+        for _, epoch, group, row in sorted(self._keys, key=lambda k: k[1:]):
+            pending.setdefault((epoch, group), []).append(row)
+        groups = self.stream.groups
+        return {
+            "version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
+            "seq_len": self.seq_len, "buffer_size": self.buffer_size,
+            "tokenizer_batch_size": self.tokenizer_batch_size, "num_row_groups": len(groups),
+            "position": self.stream.position,
+            "pending": [[e, *groups[g], rows] for (e, g), rows in pending.items()],
+            "batches": self.batches, "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped,
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-able state after the last batch handed out; `state=` of a new loader continues from it."""
+        return dict(self._state)
+
+    def _restore(self, state: dict) -> None:
+        if "ranks" in state:
+            if len(state["ranks"]) != self.world_size:
+                raise ValueError(f"loader state holds {len(state['ranks'])} ranks but this run has world_size="
+                                 f"{self.world_size}: resume on as many ranks, or start the data over (state=None)")
+            state = state["ranks"][self.rank]
+        mine = {"version": STATE_VERSION, "split": self.split, "world_size": self.world_size, "seq_len": self.seq_len,
+                "buffer_size": self.buffer_size, "tokenizer_batch_size": self.tokenizer_batch_size,
+                "num_row_groups": len(self.stream.groups)}
+        wrong = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if wrong:
+            raise ValueError(f"loader state does not match this loader (saved, now): {wrong}; resume with the same "
+                             f"settings and shards, or start the data over (state=None)")
+        self.stream = DocumentStream(self.paths, self.rank, self.world_size, position=state["position"])
+        self.batches, self.tokens_emitted = state["batches"], state["tokens_emitted"]
+        self.tokens_cropped = state["tokens_cropped"]
+        if state["rank"] != self.rank:
+            # Only rank 0's state was saved: continue near its position with an empty buffer (not exact).
+            logger.warning(f"rank {self.rank} resumes from rank {state['rank']}'s loader state: the data position is "
+                           f"approximate; save every rank's state (see nanochat.data.packing) for an exact resume")
+            return
+        index = {g: i for i, g in enumerate(self.stream.groups)}
+        ids = [DocId(e, index[(shard, rg)], r) for e, shard, rg, rows in state["pending"] for r in rows]
+        self._add(ids, self.stream.fetch(ids))
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+    def _to_host(self, rows: np.ndarray) -> torch.Tensor:
+        """[2, B, T] int64 (inputs, targets), pinned when bound for CUDA."""
+        pair = np.stack([rows[:, :-1], rows[:, 1:]]).astype(np.int64)
+        host = torch.from_numpy(pair)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _produce(self) -> tuple[torch.Tensor, dict]:
+        rows = self._next_rows()
+        return self._to_host(rows), self._snapshot()
+
+    @staticmethod
+    def _worker(ref: weakref.ref, out: queue.Queue, stop: threading.Event) -> None:
+        """Produce batches into `out`. Holds the loader only weakly while waiting, so a dropped loader
+        (say a validation loader made for one evaluation) is freed and its thread ends."""
+        while not stop.is_set():
+            loader = ref()
+            if loader is None:
+                return
+            try:
+                item = loader._produce()
+            except BaseException as err:  # handed to the consumer, which raises it
+                item = err
+            del loader
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    if ref() is None:
+                        return
+            if isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> "PackedLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stop.is_set():
+            raise RuntimeError("this PackedLoader is closed (by close() or an error in its worker): make a new "
+                               "one, with state=old.state_dict() to continue")
+        if self.prefetch <= 0:
+            host, self._state = self._produce()
+        else:
+            if self._queue is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._worker, args=(weakref.ref(self), self._queue, self._stop),
+                                                name="PackedLoader", daemon=True)
+                self._thread.start()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._stop.set()  # the worker has ended; later calls fail fast instead of waiting forever
+                raise item
+            host, self._state = item
+        pair = host.to(self.device, non_blocking=True) if self.device.type != "cpu" else host
+        return pair[0], pair[1]
+
+    def close(self) -> None:
+        """Stop the prefetch thread and wait for it (it also stops once the loader is dropped). Call it
+        before the process exits: a thread still inside native tokenizer code at interpreter shutdown
+        can abort the process."""
+        self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)

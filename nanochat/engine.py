@@ -1,0 +1,327 @@
+"""Inference: prefill once, decode with a preallocated KV cache, sample, and run the calculator tool.
+
+    engine = Engine(model, tokenizer)
+    for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
+        ...   # column[i] = next token of sample i; masks[i] = 0 if the tool forced it, 1 if sampled
+
+The prompt is run through the model once at batch 1; its KV cache is then copied into every row of a
+cache of batch `num_samples` sized for prompt + max_tokens, so n samples cost one prefill. Each decode
+step feeds one token per row. A row stops at <|assistant_end|> or <|bos|>.
+
+Tool use: when a row emits <|python_start|>, its tokens up to <|python_end|> are decoded and handed to
+`calculator.calculate`; the answer is then forced into that row as <|output_start|> answer
+<|output_end|> over the next steps (mask 0: the model did not choose them), and the model continues
+from there, seeing the answer in its context.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.calculator import calculate
+from nanochat.gpt import KVCache, embed, lm_head_output, norm
+
+
+def cast_params(model, dtype: torch.dtype = torch.bfloat16):
+    """Store the weights in `dtype` for serving (decode is bound by reading them: bf16 halves that);
+    buffers such as the rotary tables keep their fp32 precision. Returns the model."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def cache_dtype(device: torch.device) -> torch.dtype:
+    """KV caches are bf16 on CUDA (half the bytes a decode step reads), fp32 elsewhere (exact on CPU)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere, so CPU runs stay fp32."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next token per row of `logits` [B, V] -> int64 [B]. temperature 0 is argmax (greedy)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class RowState:
+    """Per-sample bookkeeping for the tool state machine."""
+    forced: deque = field(default_factory=deque)   # tokens to force before sampling again
+    python_tokens: list[int] | None = None         # collecting a tool call when not None
+    done: bool = False
+
+
+class ToolRunner:
+    """Watches each row's tokens and queues the calculator's answer after a complete tool call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def next_token(self, row: RowState, sampled: int) -> tuple[int, int]:
+        """(token, mask) this row emits now, given the model's sampled token; updates the row state."""
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
+        if token in self.stop_ids:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            result = calculate(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+        return token, mask
+
+
+class TextStream:
+    """One sample's tokens turned into text pieces for streaming to a reader.
+
+    A token can end inside a multi-byte UTF-8 character, so the whole list is decoded each time and
+    a piece is held back while the text ends in an incomplete character (U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        """Append `token`; returns the new text to show ("" while a character is incomplete)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens)
+
+
+class StaticDecoder:
+    """A fixed-shape one-token decode step over `slots` rows, each at its own position.
+
+    GPT.forward with a KVCache keeps one int `pos` for the whole batch, which suits prefill but not
+    decode: rows of different lengths cannot share a step, and an int that changes every step defeats
+    CUDA graphs. Here positions live in a tensor and every shape is fixed, so one step (embedding,
+    blocks, lm_head) can be compiled and captured in a CUDA graph once and replayed for every token,
+    and a server can put unrelated requests in different slots of the same step (continuous batching).
+
+    The step mirrors GPT.forward for T=1 using the model's own modules; attention reads the whole
+    static cache [slots, Hkv, max_seq_len, D] under a mask of the positions each row has filled.
+    `tests/test_engine.py` checks it token-for-token against full recomputation.
+    """
+
+    def __init__(self, model, slots: int, max_seq_len: int, compile: bool = False,
+                 cuda_graph: bool | None = None):
+        cfg = model.config
+        self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
+        self.device = next(model.parameters()).device
+        self.dtype = cache_dtype(self.device)
+        # One buffer per layer, not one [n_layer, ...] tensor: under torch.compile a write into a slice of
+        # a shared buffer that is read afterwards can be functionalized into a copy of the whole buffer,
+        # once per layer (the d20 decode step measured 62 ms at 32 slots); a per-layer buffer is written
+        # once and then read, the pattern the compiler updates in place.
+        shape = (slots, cfg.n_kv_head, max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layer)]
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)     # where the next token goes
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the step's input tokens
+        self._rows = torch.arange(slots, device=self.device)
+        self._key_pos = torch.arange(max_seq_len, device=self.device)
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._use_graph = (compile if cuda_graph is None else cuda_graph) and self.device.type == "cuda"
+        self._logits: torch.Tensor | None = None
+
+    def load_prompt(self, slots: list[int], cache) -> None:
+        """Copy a prefilled KVCache (the model's own prefill) into `slots`: a batch-1 cache goes into
+        every slot, a batch-len(slots) cache row by row."""
+        n = cache.pos
+        if n >= self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
+        index = torch.tensor(slots, device=self.device)
+        for layer in range(len(self.k)):
+            self.k[layer][index, :, :n] = cache.k[layer, :, :n].transpose(1, 2).to(self.dtype)
+            self.v[layer][index, :, :n] = cache.v[layer, :, :n].transpose(1, 2).to(self.dtype)
+        self.pos[index] = n
+
+    def _step(self) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        S, H, Hkv, D = self.slots, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        tok, pos = self.tokens, self.pos.clamp(max=self.max_seq_len - 1)
+        cos, sin = model.cos[0, pos].unsqueeze(1), model.sin[0, pos].unsqueeze(1)  # [S, 1, 1, D/2]
+        x = x0 = embed(model.wte, tok.unsqueeze(1))                                 # [S, 1, C]
+        for i, block in enumerate(model.blocks):
+            attn = block.attn
+            x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+            h = norm(x)
+            ve = model.value_embeds[str(i)](tok) if str(i) in model.value_embeds else None
+            q, k, v = attn.qkv(h, cos, sin, ve)                                       # the training math
+            self.k[i][self._rows, :, pos] = k[:, 0].to(self.dtype)
+            self.v[i][self._rows, :, pos] = v[:, 0].to(self.dtype)
+            valid = self._key_pos[None, :] <= pos[:, None]                            # [S, L]
+            if attn.window is not None:
+                valid = valid & (pos[:, None] - self._key_pos[None, :] < attn.window)
+            qg = q.view(S, Hkv, H // Hkv, D).to(self.dtype)                          # group query heads by kv head
+            scores = (qg @ self.k[i].transpose(-1, -2)).float() * D ** -0.5           # [S, Hkv, G, L]
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+            y = torch.softmax(scores, dim=-1).to(self.dtype) @ self.v[i]              # [S, Hkv, G, D]
+            x = x + attn.c_proj(y.reshape(S, 1, H * D).to(h.dtype))
+            x = x + block.mlp(norm(x))
+        self.pos.copy_(pos + 1)
+        return lm_head_output(x[:, 0], model.lm_head, cfg, None, "mean")
+
+    def step(self) -> torch.Tensor:
+        """Feed `self.tokens` at `self.pos` for every slot; returns fp32 logits [slots, vocab]
+        (a buffer overwritten by the next step) and advances every slot's position by one."""
+        with autocast_for(self.device):
+            if not self._use_graph:
+                return self._step_fn()
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            return self._logits
+
+    def _capture(self) -> None:
+        """Warm up (compiles) on a side stream, then record one step into a CUDA graph."""
+        saved_pos = self.pos.clone()  # k/v written past a row's position are rewritten before being read
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step_fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._step_fn()
+        self.pos.copy_(saved_pos)  # undo the warm-up steps
+
+
+class Engine:
+    """Batched sampling from a GPT with a KV cache; see the module docstring.
+
+    compile=True compiles the decode step and (on CUDA) replays it as a CUDA graph; the graph is
+    captured per (num_samples, cache length) shape, so it pays off for repeated calls of one shape.
+    """
+
+    def __init__(self, model, tokenizer, compile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tools = ToolRunner(tokenizer)
+        self.device = next(model.parameters()).device
+        self.config = model.config
+        self.compile = compile
+        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+
+    def prefill(self, tokens: list[int]):
+        """Run the prompt through the model once (batch 1); returns (last logits [1, V], its KVCache)."""
+        cfg = self.config
+        cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, len(tokens), self.device, cache_dtype(self.device))
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        with autocast_for(self.device):
+            logits = self.model(ids, kv_cache=cache)[:, -1, :].float()
+        return logits, cache
+
+    def decoder(self, slots: int, max_seq_len: int) -> StaticDecoder:
+        """A (cached, when compiled) static decoder of this shape."""
+        if not self.compile:
+            return StaticDecoder(self.model, slots, max_seq_len)
+        key = (slots, max_seq_len)
+        if key not in self._decoders:
+            self._decoders[key] = StaticDecoder(self.model, slots, max_seq_len, compile=True)
+        return self._decoders[key]
+
+    def fit_max_tokens(self, tokens: list[int], max_tokens: int) -> int:
+        """`max_tokens` capped so prompt + generation fits the model's context; an empty prompt or
+        one that fills the context raises ValueError."""
+        if not tokens:
+            raise ValueError("the prompt is empty; start it with <|bos|> (render_for_completion does)")
+        room = self.config.sequence_len - len(tokens)
+        if room <= 0:
+            raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context is "
+                             f"{self.config.sequence_len}; shorten the conversation")
+        return max(0, min(max_tokens, room))
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, token_masks) per step, one entry per sample.
+
+        `max_tokens` is capped so prompt + generation fits the model's context. Rows that already
+        stopped repeat their stop token with mask 0 until every row has stopped.
+        """
+        max_tokens = self.fit_max_tokens(tokens, max_tokens)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if max_tokens == 0:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        rows = [RowState() for _ in range(num_samples)]
+        last = [0] * num_samples
+        logits, prompt_cache = self.prefill(tokens)
+        logits = logits.expand(num_samples, -1)
+        decoder = self.decoder(num_samples, len(tokens) + max_tokens)
+        decoder.load_prompt(list(range(num_samples)), prompt_cache)
+        del prompt_cache
+        for step in range(max_tokens):
+            sampled = sample_next(logits, generator, temperature, top_k, top_p).tolist()
+            column, masks = [], []
+            for i, row in enumerate(rows):
+                if row.done:
+                    column.append(last[i]), masks.append(0)
+                    continue
+                token, mask = self.tools.next_token(row, sampled[i])
+                last[i] = token
+                column.append(token), masks.append(mask)
+            yield column, masks
+            if all(row.done for row in rows) or step == max_tokens - 1:
+                break
+            decoder.tokens.copy_(torch.tensor(column, dtype=torch.long))
+            logits = decoder.step()
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1,
+                       **kw) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences (prompt + generated, without the stop token) and their masks
+        (prompt 0, forced tool output 0, sampled 1)."""
+        seqs = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kw):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if token in self.tools.stop_ids:
+                    done[i] = True
+                    continue
+                seqs[i].append(token)
+                masks[i].append(mask)
+        return seqs, masks

@@ -1,0 +1,90 @@
+"""The start and the checkpoints shared by the fine-tuning scripts (scripts/chat_sft.py, chat_rl.py).
+
+Both load a model of an earlier phase, keep its tag (so sft/d20 and rl/d20 descend from base/d20),
+train it with the pretraining LRs scaled down by --init_lr_frac, and resume from their own phase's
+checkpoints. `start_finetune` does those steps once for both; `FineTune.save` writes the checkpoint
+meta both phases share, plus each phase's own entries, and `FineTune.finish` their report section.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nanochat.checkpoint import run_checkpoint_dir, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import get_rank, log0
+from nanochat.optim import build_optimizer
+from nanochat.tokenizer import resolve_tokenizer_dir
+
+if TYPE_CHECKING:
+    from nanochat.gpt import GPT
+    from nanochat.optim import MuonAdamW
+    from nanochat.tokenizer import Tokenizer
+
+
+@dataclass
+class FineTune:
+    """A fine-tuning run's model, optimizer and where it saves; `step` > 0 when it resumed."""
+    cfg: Any                   # the script's flags: source, model_tag, step, *_lr, init_lr_frac, keep_last, ...
+    model: "GPT"               # in train mode; the uncompiled module (what checkpoints hold)
+    tokenizer: "Tokenizer"
+    source_meta: dict          # meta.json of the checkpoint fine-tuned from
+    tag: str                   # output tag, the source's unless --model_tag says otherwise
+    tokenizer_dir: str
+    optimizer: "MuonAdamW"
+    phase: str                 # what this run trains: "sft" or "rl"
+    step: int = 0              # the step resumed from, else 0
+    loader_state: dict | None = None  # the resumed checkpoint's data position, else None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return run_checkpoint_dir(self.phase, self.tag)
+
+    def save(self, step: int, rank: int = 0, world_size: int = 1, **meta) -> Path:
+        """Checkpoint `step` with the shared meta (model and train config, tokenizer, tag, source) + `meta`."""
+        full_meta = {"step": step, "model_config": asdict(self.model.config), "train_config": asdict(self.cfg),
+                     "tokenizer_dir": self.tokenizer_dir, "model_tag": self.tag,
+                     "source": {"phase": self.cfg.source, "step": self.source_meta["step"]}, **meta}
+        return save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
+                               full_meta, rank=rank, world_size=world_size, keep_last=self.cfg.keep_last)
+
+    def finish(self, section: str, summary: dict, device: torch.device, world_size: int) -> None:
+        """On rank 0: write report section `section` (the flags, and the GPU count for the report's
+        cost line: 0 on a CPU) and print `summary` as the last stdout line."""
+        if get_rank() != 0:
+            return
+        from nanochat.report import write_section
+        write_section(section, {"phase": self.phase, "config": asdict(self.cfg),
+                                "wall_time_s": summary["total_seconds"],
+                                "num_gpus": world_size if device.type == "cuda" else 0, **summary})
+        print(json.dumps(summary), flush=True)
+
+
+def output_tag(model_tag: str, source_meta: dict, n_layer: int) -> str:
+    """--model_tag, else the source run's tag (top-level, or base_train's in its train_config), else d<depth>."""
+    return model_tag or source_meta.get("model_tag") or source_meta.get("train_config", {}).get("model_tag") \
+        or f"d{n_layer}"
+
+
+def start_finetune(cfg: Any, phase: str, device: torch.device, rank: int = 0) -> FineTune:
+    """Load `cfg.source`'s checkpoint, build the scaled-LR optimizer, and resume from
+    checkpoints/<phase>/<tag>/step_<cfg.resume_from_step> when that flag is >= 0."""
+    model, tokenizer, source_meta = load_model(cfg.source, device, cfg.model_tag or None, cfg.step)
+    model.train()
+    tag = output_tag(cfg.model_tag, source_meta, model.config.n_layer)
+    tokenizer_dir = str(resolve_tokenizer_dir(source_meta.get("tokenizer_dir")))
+    frac = cfg.init_lr_frac
+    optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr * frac, embedding_lr=cfg.embedding_lr * frac,
+                                unembedding_lr=cfg.unembedding_lr * frac, scalar_lr=cfg.scalar_lr * frac,
+                                weight_decay=cfg.weight_decay)
+    run = FineTune(cfg, model, tokenizer, source_meta, tag, tokenizer_dir, optimizer, phase)
+    if cfg.resume_from_step >= 0:
+        model_state, optim_state, meta = load_checkpoint(run.checkpoint_dir, cfg.resume_from_step, device, rank=rank)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        run.step, run.loader_state = meta["step"], meta["loader_state"]
+        log0(f"resumed from {run.checkpoint_dir} step {run.step}")
+    return run

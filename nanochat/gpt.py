@@ -1,0 +1,338 @@
+"""The GPT: a decoder-only Transformer in the modern nanochat style.
+
+    cfg = config_from_depth(20, vocab_size=32768, sequence_len=2048)
+    with torch.device("meta"):
+        model = GPT(cfg)            # shapes only, no memory
+    model.to_empty(device="cuda")
+    model.init_weights()
+
+Per block: x = resid_lambda * x + x0_lambda * x0 (x0 = the normed embedding), then
+x += attn(norm(x)) and x += mlp(norm(x)). Attention: rotary positions, QK RMSNorm, grouped-query
+heads, a per-layer window (window_pattern) and optional value embeddings mixed into v. MLP: ReLU², 4x.
+All norms are parameter-free RMSNorm, no linear has a bias, embedding and lm_head are untied, the
+vocab is padded to a multiple of 64 (padding rows never reach logits or loss) and logits are
+softcapped with tanh. Mixed precision is the caller's business (torch.autocast on CUDA).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat import kernels
+from nanochat.kernels.attention import ATTENTION_BACKENDS, attention
+
+ROPE_BASE = 10000.0
+ROPE_LENGTH_FACTOR = 10  # rotary tables cover 10 x sequence_len positions, room for long generations
+VOCAB_MULTIPLE = 64      # pad the vocab so that the lm_head matmul tiles evenly
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    head_dim: int = 128
+    window_pattern: str = "L"        # per-layer chars, cycled: L = full, S = short_window; last layer always L
+    short_window: int | None = None  # default sequence_len // 2
+    value_embeds: bool = False
+    softcap: float = 15.0
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) "
+                             "for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern must be a non-empty string of 'S' (short) and 'L' (long/full), "
+                             f"e.g. 'SSSL'; got {self.window_pattern!r}")
+        if self.short_window is not None and self.short_window < 1:
+            raise ValueError(f"short_window must be >= 1 or None (sequence_len // 2), got {self.short_window}")
+        if self.attn_backend != "auto" and self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; "
+                             f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def layer_windows(self) -> list[int | None]:
+        """Attention window per layer (None = full causal), the pattern cycled, last layer full."""
+        short = self.short_window if self.short_window is not None else max(1, self.sequence_len // 2)
+        windows = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else None
+                   for i in range(self.n_layer)]
+        windows[-1] = None
+        return windows
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Value embeddings on alternating layers, the last layer always included."""
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+
+def config_from_depth(depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128,
+                      window_pattern: str = "L", **overrides) -> GPTConfig:
+    """Model shape from one knob: width = depth * aspect_ratio rounded up to a multiple of head_dim."""
+    if depth < 1 or aspect_ratio < 1:
+        raise ValueError(f"depth and aspect_ratio must be >= 1, got depth={depth}, aspect_ratio={aspect_ratio}")
+    unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
+    if unknown:
+        raise TypeError(f"unknown GPTConfig field(s) {sorted(unknown)}; valid: {[f.name for f in fields(GPTConfig)]}")
+    width = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = width // head_dim
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                    n_kv_head=n_head, n_embd=width, head_dim=head_dim, window_pattern=window_pattern)
+    return replace(cfg, **overrides)
+
+
+def rotary_angles(length: int, head_dim: int, device=None) -> torch.Tensor:
+    """Rotary angles [length, head_dim // 2] in fp32: position p times frequency ROPE_BASE^(-2i/head_dim).
+    Shared with gpt_te, so both models rotate by the same angles."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    return torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+
+
+def rotary_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [1, length, 1, head_dim // 2] in fp32, for positions 0..length-1."""
+    angles = rotary_angles(length, head_dim, device)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x [B, T, H, D] by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm that keeps x's dtype: CUDA autocast would return fp32, doubling the bytes
+    of every saved activation and adding casts; compiled, this is one bf16-in, bf16-out kernel."""
+    return kernels.rms_norm(x).to(x.dtype)
+
+
+def embed(wte: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """The normed token embedding x0 [B, T, C], in the autocast dtype when autocast is on (bf16 on CUDA):
+    the residual stream then has half the activation memory and elementwise traffic of fp32, while the
+    weights stay fp32 (the optimizer's master copy)."""
+    x = wte(idx)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return norm(x)
+
+
+def lm_head_output(x: torch.Tensor, lm_head: nn.Linear, cfg: GPTConfig, targets: torch.Tensor | None,
+                   loss_reduction: str) -> torch.Tensor:
+    """Final norm, then softcapped fp32 logits [B, T, vocab_size] (no targets) or the loss through the
+    selected loss kernel (scalar, or [B, T] for "none"). Only the real vocab rows of lm_head are used,
+    so padding rows never reach logits or loss."""
+    x = norm(x)
+    weight = lm_head.weight[:cfg.vocab_size]
+    if targets is None:
+        return kernels.apply_softcap(F.linear(x, weight).float(), cfg.softcap)
+    loss = kernels.fused_linear_cross_entropy(x, weight, targets, ignore_index=-1, softcap=cfg.softcap,
+                                              reduction=loss_reduction)
+    return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+
+def flops_per_token(cfg: GPTConfig, blocks: nn.Module) -> float:
+    """Training FLOPs per token (forward + backward), the MFU numerator:
+    6 * matmul params (the blocks' matrices and lm_head's real rows; embeddings and scalars excluded)
+    + sum over layers of 12 * n_head * head_dim * min(window, sequence_len)."""
+    matmul = sum(p.numel() for p in blocks.parameters() if p.ndim == 2) + cfg.vocab_size * cfg.n_embd
+    attn = sum(12 * cfg.n_head * cfg.head_dim * (cfg.sequence_len if w is None else min(w, cfg.sequence_len))
+               for w in cfg.layer_windows())
+    return float(6 * matmul + attn)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, window: int | None) -> None:
+        super().__init__()
+        self.layer_idx, self.window, self.backend = layer_idx, window, cfg.attn_backend
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        # per-kv-head gate on the value embedding (an AdamW "scalar"), only on layers that have one
+        self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head)) if cfg.has_value_embed(layer_idx) else None
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            ve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, H, D] and k, v [B, T, Hkv, D] of the normed input x [B, T, C]: rotary and QK-norm
+        applied, the gated value embedding ve (any shape of B*T*Hkv*D elements) mixed into v. A method
+        of its own so that a decoder with its own cache layout can reuse the exact math."""
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            v = v + self.ve_gate.to(v.dtype).view(1, 1, -1, 1) * ve.view_as(v).to(v.dtype)
+        # Rotary then QK-norm (as nanochat). The order does not matter: rotary rotates channel pairs,
+        # which leaves each head vector's RMS unchanged, so norm(rope(q)) == rope(norm(q)).
+        return norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin)), v
+
+    def forward(self, x, cos, sin, ve=None, kv_cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin, ve)
+        y = attention(q, k, v, window=self.window, backend=self.backend, kv_cache=kv_cache, layer_idx=self.layer_idx)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, window: int | None) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer_idx, window)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, ve=None, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, ve, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    lm_head_in_loss_kernel = True  # lm_head.weight goes to the fused loss kernel, never through lm_head(x)
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        vocab, kv_dim = cfg.padded_vocab_size, cfg.n_kv_head * cfg.head_dim
+        self.windows = cfg.layer_windows()
+        self.wte = nn.Embedding(vocab, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i, w) for i, w in enumerate(self.windows))
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(vocab, kv_dim) for i in range(cfg.n_layer) if cfg.has_value_embed(i)})
+        self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
+        self.rotary_len = cfg.sequence_len * ROPE_LENGTH_FACTOR
+        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim)
+        self.register_buffer("cos", cos, persistent=False)  # derived, so never saved in checkpoints
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer (after `to_empty`). Matrices: uniform with std 1/sqrt(fan_in);
+        output projections zero, so each block starts as the identity; embeddings std 1; lm_head tiny,
+        so the first logits are near-uniform; residual scalars 1, x0 scalars 0, value-embed gates 1."""
+        cfg = self.config
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        bound = math.sqrt(3.0 / cfg.n_embd)  # uniform(-b, b) has std b / sqrt(3)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.ones_(block.attn.ve_gate)
+        for table in self.value_embeds.values():  # a small perturbation of v at first
+            nn.init.uniform_(table.weight, -bound, bound)
+        nn.init.ones_(self.resid_lambdas)
+        nn.init.zeros_(self.x0_lambdas)
+        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """idx [B, T] -> loss (targets given; -1 = ignored) or softcapped fp32 logits [B, T, vocab_size]."""
+        T = idx.size(1)
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.rotary_len:
+            raise ValueError(f"positions up to {pos + T} exceed the rotary table ({self.rotary_len} = "
+                             f"{ROPE_LENGTH_FACTOR} x sequence_len); use a larger GPTConfig.sequence_len")
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        x = x0 = embed(self.wte, idx)
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, ve, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return lm_head_output(x, self.lm_head, self.config, targets, loss_reduction)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token (forward + backward), the MFU numerator: see `flops_per_token`."""
+        return flops_per_token(self.config, self.blocks)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Optimizer groups, every parameter exactly once: "matrix" (2-D weights in blocks, Muon);
+        "embedding", "lm_head", "scalar" (lambdas and value-embed gates) for AdamW."""
+        groups = {
+            "matrix": [p for p in self.blocks.parameters() if p.ndim == 2],
+            "embedding": [self.wte.weight, *(t.weight for t in self.value_embeds.values())],
+            "lm_head": [self.lm_head.weight],
+            "scalar": [self.resid_lambdas, self.x0_lambdas, *(p for p in self.blocks.parameters() if p.ndim < 2)],
+        }
+        assert sum(len(g) for g in groups.values()) == len(list(self.parameters())), "param_groups misses a parameter"
+        return groups
+
+
+class KVCache:
+    """Keys and values of every layer for inference: k, v [num_layers, B, max_seq_len, Hkv, D],
+    preallocated. `pos` positions are filled; GPT.forward writes its T new positions at
+    [pos, pos + T) in every layer and then advances pos by T."""
+
+    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (num_layers, batch_size, max_seq_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.size(2)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def prefill_from(self, other: "KVCache") -> None:
+        """Copy a batch-1 cache (one prefilled prompt) into every row, to sample n continuations."""
+        if other.k.size(1) != 1:
+            raise ValueError(f"prefill_from expects a batch-1 cache, got batch {other.k.size(1)}")
+        if (other.k.size(0), *other.k.shape[3:]) != (self.k.size(0), *self.k.shape[3:]):
+            raise ValueError(f"cache shapes differ: layers/heads/dim {tuple(other.k.shape)} vs {tuple(self.k.shape)}")
+        if other.pos > self.max_seq_len:
+            raise ValueError(f"source cache holds {other.pos} positions, more than max_seq_len {self.max_seq_len}")
+        self.k[:, :, :other.pos] = other.k[:, :, :other.pos]
+        self.v[:, :, :other.pos] = other.v[:, :, :other.pos]
+        self.pos = other.pos
+
+
+def model_class(arch: str = "gpt") -> type[nn.Module]:
+    """The model class for an architecture name: `gpt` (this file) or `te` (Transformer Engine layers)."""
+    if arch == "gpt":
+        return GPT
+    if arch == "te":
+        from nanochat.gpt_te import TEGPT
+        return TEGPT
+    raise ValueError(f"unknown arch {arch!r}; choose gpt or te")

@@ -1,0 +1,319 @@
+"""Causal (optionally sliding-window) attention behind one call, with swappable backends.
+
+    y = attention(q, k, v, window=512)             # q [B, T, H, D], k/v [B, T, Hkv, D] -> y [B, T, H, D]
+
+Semantics, identical on every backend: query i attends to key j iff j <= i and, when `window` is an
+int, i - j < window (the window counts the query's own position). `window=None` is full causal.
+Hkv must divide H (grouped-query attention). The softmax scale is 1/sqrt(D).
+
+A backend is one class with `is_available() -> (bool, reason)`, `supports(window, dtype, device)`
+(may it compute this layer correctly?) and `attend(q, k, v, window)`, plus one line in
+ATTENTION_BACKENDS. The registry order is auto's preference order: auto takes, per layer, the first
+backend that is available and supports the layer.
+
+With a KV cache (inference), this step's k/v are written at cache positions [pos, pos + T) and the
+queries attend over [0, pos + T) with the same mask, shifted by pos; the caller advances `pos`
+after its last layer.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nanochat.common import log0
+from nanochat.kernels import BackendUnavailable
+
+try:  # FlexAttention arrived in torch 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    _FLEX_REASON = "ok"
+except ImportError as _exc:
+    create_block_mask = flex_attention = None
+    _FLEX_REASON = f"torch {torch.__version__} has no FlexAttention ({_exc}); needs torch >= 2.5"
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def causal_window_mask(q_len: int, k_len: int, window: int | None, device, offset: int | None = None) -> torch.Tensor:
+    """Boolean [q_len, k_len] mask, True = attend. Query i sits at absolute position offset + i
+    (default k_len - q_len: the queries are the last q_len positions); key j sits at position j."""
+    offset = k_len - q_len if offset is None else offset
+    q_pos = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(k_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (q_pos - k_pos < window)
+    return mask
+
+
+def _eager_cached(cache: dict, key: tuple, build: Callable[[], Any]) -> Any:
+    """cache[key], built on first use. Inside a compiled graph nothing is stored: the value is built
+    in-graph there (the compiler folds it), and a tensor made while tracing must not outlive the trace."""
+    value = cache.get(key)
+    if value is None:
+        value = build()
+        if not torch.compiler.is_compiling():
+            cache[key] = value
+    return value
+
+
+_SDPA_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """The [T, T] sliding-window mask, built once per (T, window, device)."""
+    return _eager_cached(_SDPA_MASKS, (T, window, str(device)), lambda: causal_window_mask(T, T, window, device))
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand [B, Hkv, T, D] k/v to q's head count, for kernels whose GQA support is uncertain."""
+    groups = q.size(1) // k.size(1)
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _first(result: Any) -> torch.Tensor:
+    """flash-attn versions return either `out` or `(out, softmax_lse, ...)`."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+class SDPABackend:
+    """Portable PyTorch SDPA: is_causal for full windows, an explicit boolean mask for sliding ones."""
+
+    name = "sdpa"
+
+    def is_available(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def supports(self, window: int | None, dtype: torch.dtype, device: torch.device) -> bool:
+        return True
+
+    def attend(self, q, k, v, window):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        T = q.size(2)
+        if window is None or window >= T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        else:
+            # The memory-efficient kernel takes masks but (in older torch) not GQA: expand k/v.
+            k, v = _repeat_kv(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_window_mask(T, window, q.device))
+        return y.transpose(1, 2)
+
+
+class CudnnBackend:
+    """SDPA pinned to cuDNN's fused attention: the fastest full-causal kernel on Hopper in torch."""
+
+    name = "cudnn"
+
+    def is_available(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "needs a CUDA GPU"
+        if not torch.backends.cudnn.is_available():
+            return False, "cuDNN is not available in this torch build"
+        return True, "ok"
+
+    def supports(self, window, dtype, device) -> bool:
+        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES and window is None
+
+    def attend(self, q, k, v, window):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k, v = _repeat_kv(q, k, v)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2)
+
+
+_BLOCK_MASKS: dict[tuple, Any] = {}
+_COMPILED_FLEX: Any = None
+
+
+def _flex_block_mask(T: int, window: int | None, device: torch.device):
+    """Causal(+window) BlockMask, cached per (T, window, device): blocks outside the mask are skipped."""
+    if window is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+    return _eager_cached(_BLOCK_MASKS, (T, window, str(device)),
+                         lambda: create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device))
+
+
+def _flex_fn(device: torch.device):
+    """flex_attention is only fast compiled (a fused Triton kernel); compiled lazily, once. Elsewhere
+    it runs eagerly (unfused, materializes the scores, forward only): for tests. Inside a compiled
+    model the plain function is traced into the model's graph."""
+    global _COMPILED_FLEX
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+class FlexBackend:
+    """FlexAttention with a causal+sliding-window BlockMask: cost scales with the window, not T."""
+
+    name = "flex"
+
+    def is_available(self) -> tuple[bool, str]:
+        return flex_attention is not None, _FLEX_REASON
+
+    def supports(self, window, dtype, device) -> bool:
+        # On the CPU flex runs forward only and unfused (no backward): attend() works there for
+        # testing, but the model never routes a CPU layer to it.
+        return torch.device(device).type == "cuda" and dtype in (*HALF_DTYPES, torch.float32)
+
+    def attend(self, q, k, v, window):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        block_mask = _flex_block_mask(q.size(2), window, q.device)
+        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        return y.transpose(1, 2)
+
+
+def _import_fa3() -> tuple[Any, str]:
+    """(flash_attn_interface module or None, reason). Done once at import, so that availability
+    checks inside a compiled forward are plain attribute reads."""
+    try:
+        return importlib.import_module("flash_attn_interface"), "ok"
+    except Exception as exc:  # ImportError, or a CUDA/ABI mismatch raised while loading the extension
+        return None, (f"flash_attn_interface not importable ({type(exc).__name__}: {exc}); install "
+                      "FlashAttention-3 (the hopper/ build of flash-attn) or use --attn auto")
+
+
+_FA3, _FA3_REASON = _import_fa3()
+
+
+class FA3Backend:
+    """FlashAttention-3 (Hopper): native [B, T, H, D] layout, native GQA and sliding windows.
+
+    PyTorch's own FA3 route (torch.nn.attention.activate_flash_attention_impl("FA3")) loads this same
+    flash_attn_interface module and serves it through SDPA, which has no window argument, so calling
+    the module directly is both simpler and more capable.
+    """
+
+    name = "fa3"
+    _available: tuple[bool, str] | None = None
+
+    def is_available(self) -> tuple[bool, str]:
+        if self._available is None:
+            if _FA3 is None:
+                self._available = (False, _FA3_REASON)
+            elif not torch.cuda.is_available():
+                self._available = (False, "needs a CUDA GPU")
+            elif torch.cuda.get_device_capability()[0] != 9:
+                major, minor = torch.cuda.get_device_capability()
+                self._available = (False, f"FA3 needs a Hopper GPU (sm_90), found sm_{major}{minor}; use --attn auto")
+            else:
+                self._available = (True, "ok")
+        return self._available
+
+    def supports(self, window, dtype, device) -> bool:
+        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES
+
+    @staticmethod
+    def window_size(window: int | None) -> tuple[int, int]:
+        # flash-attn's window_size=(left, right): query i sees keys [i - left, i + right]; -1 = unbounded.
+        return (-1, 0) if window is None else (window - 1, 0)
+
+    def attend(self, q, k, v, window):
+        return _first(_FA3.flash_attn_func(q, k, v, causal=True, window_size=self.window_size(window)))
+
+    def attend_cached(self, q, k, v, window, kv_cache, layer_idx):
+        """flash_attn_with_kvcache writes k/v into the cache at cache_seqlens and attends in one kernel."""
+        seqlens = torch.full((q.size(0),), kv_cache.pos, dtype=torch.int32, device=q.device)
+        out = _FA3.flash_attn_with_kvcache(
+            q, kv_cache.k[layer_idx], kv_cache.v[layer_idx], k=k, v=v, cache_seqlens=seqlens,
+            causal=True, window_size=self.window_size(window),
+        )
+        return _first(out)
+
+
+# name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
+ATTENTION_BACKENDS: dict[str, Any] = {
+    "fa3": FA3Backend(),
+    "cudnn": CudnnBackend(),
+    "flex": FlexBackend(),
+    "sdpa": SDPABackend(),
+}
+
+_CHOICES: dict[tuple, str] = {}
+_LOGGED: set[tuple] = set()
+
+
+def select_backend(window: int | None, dtype: torch.dtype, device, backend: str = "auto") -> str:
+    """The backend name that computes a layer with this window/dtype/device.
+
+    auto: the first backend in ATTENTION_BACKENDS that is available and supports the layer. An
+    explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
+    compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
+    """
+    device = torch.device(device)
+    key = (backend, window, dtype, device.type)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    if backend != "auto":
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; "
+                             f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
+        ok, reason = ATTENTION_BACKENDS[backend].is_available()
+        if not ok:
+            raise BackendUnavailable(f"attention backend {backend!r} unavailable: {reason}")
+    if backend != "auto" and ATTENTION_BACKENDS[backend].supports(window, dtype, device):
+        choice = backend
+    else:
+        choice = next(
+            name for name, b in ATTENTION_BACKENDS.items()
+            if b.is_available()[0] and b.supports(window, dtype, device)
+        )
+    _CHOICES[key] = choice
+    return choice
+
+
+@torch.compiler.assume_constant_result
+def _layer_backend(backend: str, window: int | None, dtype: torch.dtype, device_type: str, layer_idx: int) -> str:
+    """select_backend plus the once-per-layer log line. Under torch.compile this runs eagerly at trace
+    time and its answer is baked into the graph: no graph break, no per-step Python."""
+    name = select_backend(window, dtype, device_type, backend)
+    if (layer_idx, window, name) not in _LOGGED:
+        _LOGGED.add((layer_idx, window, name))
+        note = "" if backend in ("auto", name) else f" ({backend} does not support this layer)"
+        log0(f"attention: layer {layer_idx} window {window or 'full'} -> {name}{note}")
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None, backend: str = "auto",
+              kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+    """Causal attention, q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; see the module docstring."""
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1 or None (full causal), got {window}")
+    if kv_cache is not None:
+        return _attend_cached(q, k, v, window, backend, kv_cache, layer_idx)
+    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx)
+    return ATTENTION_BACKENDS[name].attend(q, k, v, window)
+
+
+def _attend_cached(q, k, v, window, backend, kv_cache, layer_idx):
+    """Decode/prefill against a KV cache: FA3's fused kvcache kernel when auto/explicit picks fa3,
+    else SDPA with an explicit mask over the filled part of the cache (exact for any window)."""
+    T, pos = q.size(1), kv_cache.pos
+    end = pos + T
+    if end > kv_cache.k.size(2):
+        raise ValueError(f"KV cache overflow: {pos} cached + {T} new positions > max_seq_len {kv_cache.k.size(2)}; "
+                         "allocate the KVCache with a larger max_seq_len")
+    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx)
+    if name == "fa3" and kv_cache.k.dtype == q.dtype:
+        return ATTENTION_BACKENDS["fa3"].attend_cached(q, k, v, window, kv_cache, layer_idx)
+    kv_cache.k[layer_idx, :, pos:end] = k
+    kv_cache.v[layer_idx, :, pos:end] = v
+    keys = kv_cache.k[layer_idx, :, :end].to(q.dtype).transpose(1, 2)
+    values = kv_cache.v[layer_idx, :, :end].to(q.dtype).transpose(1, 2)
+    qt = q.transpose(1, 2)
+    keys, values = _repeat_kv(qt, keys, values)
+    mask = causal_window_mask(T, end, window, q.device, offset=pos)
+    return F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask).transpose(1, 2)

@@ -1,0 +1,107 @@
+"""Training precision: bf16 (autocast, fp32 master weights), fp8 (torchao float8), nvfp4 (Transformer Engine).
+
+fp8 swaps eligible nn.Linear layers for torchao's Float8Linear in place. Float8Linear keeps the very same
+weight Parameter (fp32, same name), so the state_dict is unchanged: checkpoints load into a plain GPT for
+bf16 inference and evaluation, and Muon sees the same 2-D matrices. The fp8 casts (amax, scale, clamp,
+cast, transpose) are plain PyTorch ops that torch.compile fuses into a few Triton kernels, so convert
+first and compile after. nvfp4 needs Blackwell and runs inside Transformer Engine layers (--arch te).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from nanochat.common import log0
+
+PRECISIONS = ("bf16", "fp8", "nvfp4")
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+def check_precision(precision: str, device: torch.device, fp8_recipe: str = "tensorwise") -> None:
+    """Fail early with the reason and the fix when `precision` cannot run on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8 recipe {fp8_recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
+    if precision == "bf16":
+        return
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"--precision {precision} needs an NVIDIA GPU (CUDA); this run is on {device.type}. "
+                           "Use --precision bf16 here.")
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if precision == "nvfp4" and major < 10:
+        raise RuntimeError(f"--precision nvfp4 needs a Blackwell GPU (compute capability >= 10.0); {name} has "
+                           f"compute capability {major}.{minor}. Use --precision fp8 on Hopper/Ada.")
+    if precision == "fp8" and (major, minor) < (8, 9):
+        raise RuntimeError(f"--precision fp8 needs fp8 tensor cores (compute capability >= 8.9, Ada/Hopper or "
+                           f"newer); {name} has compute capability {major}.{minor}. Use --precision bf16.")
+
+
+def fp8_filter(min_dim: int = 1024, include_lm_head: bool = False) -> Callable[[nn.Module, str], bool]:
+    """Which linears gain from fp8: both dims multiples of 16 (the fp8 GEMM needs it) and the smaller one at
+    least `min_dim`, so that the faster GEMM pays for the amax/cast kernels around it."""
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if fqn.split(".")[-1] == "lm_head" and not include_lm_head:
+            return False
+        dims = (module.in_features, module.out_features)
+        return all(d % 16 == 0 for d in dims) and min(dims) >= min_dim
+    return keep
+
+
+def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = False) -> list[str]:
+    """Names of the linear layers that `--precision fp8` would convert."""
+    keep = fp8_filter(min_dim, include_lm_head)
+    return [fqn for fqn, mod in model.named_modules() if keep(mod, fqn)]
+
+
+def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int = 1024,
+                   include_lm_head: bool = False) -> list[str]:
+    """Swap the eligible nn.Linear layers for torchao Float8Linear (no device check: CPU modules convert
+    too, but only CUDA sm89+ can run them). Returns the converted layer names."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8 recipe {recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
+    if include_lm_head and getattr(model, "lm_head_in_loss_kernel", False):
+        raise ValueError("--fp8_lm_head: this model hands lm_head.weight to the fused loss kernel "
+                         "(kernels.fused_linear_cross_entropy), so a Float8Linear lm_head would never run its fp8 "
+                         "GEMM; drop --fp8_lm_head (the lm_head stays bf16)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as exc:
+        raise RuntimeError("--precision fp8 needs torchao (>= 0.10): pip install torchao "
+                           "(or pip install 'nanochat[gpu]')") from exc
+    names = fp8_eligible(model, min_dim, include_lm_head)
+    if names:
+        keep = set(names)
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                                   module_filter_fn=lambda mod, fqn: fqn in keep)
+    return names
+
+
+def apply_precision(model: nn.Module, precision: str, device: torch.device, *, fp8_recipe: str = "tensorwise",
+                    fp8_min_dim: int = 1024, fp8_lm_head: bool = False) -> int:
+    """Prepare `model` for training at `precision` (before torch.compile); returns the number of layers
+    converted. bf16 changes nothing (the caller's autocast does it); nvfp4 goes to the model's own
+    `set_precision` (Transformer Engine layers)."""
+    check_precision(precision, device, fp8_recipe)
+    if precision == "bf16":
+        return 0
+    if precision == "nvfp4":
+        if not hasattr(model, "set_precision"):
+            raise ValueError("--precision nvfp4 runs through Transformer Engine layers: use --arch te --precision nvfp4")
+        model.set_precision("nvfp4")
+        return len(getattr(model, "blocks", []))
+    if hasattr(model, "set_precision"):  # Transformer Engine layers do fp8 themselves (te.autocast)
+        model.set_precision("fp8", fp8_recipe=fp8_recipe)
+        return len(getattr(model, "blocks", []))
+    names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head)
+    if not names:
+        log0(f"fp8 ({fp8_recipe}): no linear layer has both dims multiples of 16 and >= {fp8_min_dim}; nothing "
+             "converted (lower --fp8_min_dim or use a wider model)")
+    else:
+        log0(f"fp8 ({fp8_recipe}): {len(names)} linear layers converted (min dim {fp8_min_dim}), e.g. {names[0]}")
+    return len(names)

@@ -1,0 +1,174 @@
+"""Continuous batching: one thread per model replica steps every active sequence together.
+
+Each sequence (one of a request's n samples) owns a slot of a StaticDecoder: its own rows of the KV
+cache and its own position. The loop, once per decode step:
+  1. admits waiting requests into free slots (prefill at batch 1, then copy the cache into n slots),
+  2. samples the next token of every active slot (per request: its own temperature and RNG; the
+     calculator tool runs here too) and reports it,
+  3. frees finished slots, and runs ONE decode step for all slots at once.
+A request that arrives while others are decoding joins at the next step instead of waiting for them
+to finish, so 32 streaming clients share each step's weight reads instead of queuing behind each other.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.engine import Engine, RowState, StaticDecoder, sample_next
+
+log = logging.getLogger("nanochat")
+
+
+@dataclass
+class GenerationRequest:
+    """One completion call. `emit(event)` is called from the scheduler thread with
+    ("token", sample_index, token_id), ("done", sample_index, finish_reason) or ("error", -1, message)."""
+    prompt: list[int]
+    emit: Callable[[tuple], None]
+    num_samples: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    index: int                     # which of the request's samples
+    row: RowState = field(default_factory=RowState)
+    generated: int = 0
+
+
+class BatchScheduler:
+    """A model replica with a background thread that decodes all its active sequences together."""
+
+    _seeds = itertools.count(1)
+
+    def __init__(self, model, tokenizer, slots: int = 32, compile: bool = False, name: str = "worker0"):
+        self.engine = Engine(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.decoder = StaticDecoder(model, slots, model.config.sequence_len, compile=compile)
+        self.slots: list[_Sequence | None] = [None] * slots
+        self.logits = torch.zeros(slots, model.config.vocab_size, device=self.decoder.device)
+        self.generators: dict[int, torch.Generator] = {}
+        self.pending: queue.Queue[GenerationRequest] = queue.Queue()
+        self.waiting: list[GenerationRequest] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue `request`, its max_tokens capped to the context; ValueError (the app answers 400)
+        when it asks for more samples than there are slots or its prompt fills the context."""
+        if request.num_samples > len(self.slots):
+            raise ValueError(f"n={request.num_samples} exceeds this server's {len(self.slots)} slots per worker")
+        request.max_tokens = self.engine.fit_max_tokens(request.prompt, request.max_tokens)
+        self.pending.put(request)
+
+    def load(self) -> int:
+        """Sequences active or waiting: the app sends new requests to the least loaded worker."""
+        return sum(s is not None for s in self.slots) + self.pending.qsize() + len(self.waiting)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pending.put(None)  # type: ignore[arg-type]  # wake the loop
+        self.thread.join(timeout=10)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not any(self.slots))
+                if any(self.slots):
+                    self._step()
+            except Exception as exc:  # never let one bad batch kill the worker: fail its requests
+                log.exception("scheduler step failed")
+                for i, seq in enumerate(self.slots):
+                    if seq is not None:
+                        seq.request.emit(("error", -1, f"{type(exc).__name__}: {exc}"))
+                        self._free(i)
+
+    @torch.inference_mode()
+    def _admit(self, block: bool) -> None:
+        if block and not self.waiting:  # idle: sleep until a request arrives
+            try:
+                self.waiting.append(self.pending.get(timeout=0.5))
+            except queue.Empty:
+                return
+        while not self.pending.empty():
+            self.waiting.append(self.pending.get_nowait())
+        self.waiting = [r for r in self.waiting if r is not None]  # None only wakes the loop (close)
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        still_waiting = []
+        for req in self.waiting:
+            if req.cancelled.is_set():
+                continue
+            if len(free) < req.num_samples:
+                still_waiting.append(req)
+                continue
+            take, free = free[:req.num_samples], free[req.num_samples:]
+            try:
+                logits, cache = self.engine.prefill(req.prompt)
+            except Exception as exc:
+                req.emit(("error", -1, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.decoder.load_prompt(take, cache)
+            self.logits[take] = logits.to(self.logits.dtype)
+            seed = req.seed if req.seed is not None else next(self._seeds)
+            self.generators[id(req)] = torch.Generator(device=self.decoder.device).manual_seed(seed)
+            for j, slot in enumerate(take):
+                self.slots[slot] = _Sequence(req, j)
+        self.waiting = still_waiting
+
+    def _free(self, slot: int) -> None:
+        seq = self.slots[slot]
+        self.slots[slot] = None
+        self.decoder.pos[slot] = 0
+        if seq is not None and not any(s is not None and s.request is seq.request for s in self.slots):
+            self.generators.pop(id(seq.request), None)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        tools = self.engine.tools
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(self.slots):
+            if seq is not None:
+                groups.setdefault(id(seq.request), []).append(i)
+        next_tokens = [0] * len(self.slots)
+        for slots in groups.values():
+            req = self.slots[slots[0]].request
+            if req.cancelled.is_set():
+                for i in slots:
+                    self._free(i)
+                continue
+            sampled = sample_next(self.logits[slots], self.generators[id(req)], req.temperature,
+                                  req.top_k, req.top_p).tolist()
+            for i, token in zip(slots, sampled):
+                seq = self.slots[i]
+                token, _ = tools.next_token(seq.row, token)
+                seq.generated += 1
+                if seq.row.done:
+                    req.emit(("done", seq.index, "stop"))
+                    self._free(i)
+                    continue
+                req.emit(("token", seq.index, token))
+                if seq.generated >= req.max_tokens:
+                    req.emit(("done", seq.index, "length"))
+                    self._free(i)
+                    continue
+                next_tokens[i] = token
+        if any(self.slots):
+            self.decoder.tokens.copy_(torch.tensor(next_tokens, dtype=torch.long))
+            self.logits.copy_(self.decoder.step())

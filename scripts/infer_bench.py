@@ -1,0 +1,192 @@
+"""Inference speed on one GPU: prefill latency, time per output token, tokens/s, memory, bandwidth use.
+
+    python -m scripts.infer_bench                    # d20, random weights, prompt 1024, 256 new tokens
+
+Greedy decoding through the engine's StaticDecoder (static KV cache, per-row positions), with the
+decode step compiled and replayed as a CUDA graph. Each batch size gets its own random prompts
+(distinct rows, so nothing is shared between them). Decode bandwidth utilization = bytes one step must
+read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.common import compute_init, device_name, log0
+from nanochat.flags import parse_flags
+
+
+@dataclass
+class BenchConfig:
+    depth: int = 20
+    vocab_size: int = 32768
+    sequence_len: int = 2048
+    prompt_len: int = 1024
+    new_tokens: int = 256
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    compile: bool = True
+    cuda_graph: bool = True
+    prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
+    peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
+    seed: int = 0
+
+
+def build_model(cfg: BenchConfig, device):
+    from nanochat.gpt import GPT, config_from_depth
+
+    mcfg = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    with torch.no_grad():  # zero-initialized projections would make decode trivially cheap to predict
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.02)
+    from nanochat.engine import cast_params
+
+    return cast_params(model).eval()
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every block matrix and the lm_head's real rows
+    (embedding tables only contribute the looked-up rows, negligible)."""
+    cfg = model.config
+    blocks = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+    return blocks + cfg.vocab_size * cfg.n_embd * model.lm_head.weight.element_size()
+
+
+@torch.inference_mode()
+def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
+    from nanochat.engine import StaticDecoder
+    from nanochat.gpt import KVCache
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
+    prompts = torch.randint(0, cfg.vocab_size, (batch, cfg.prompt_len), generator=gen)
+    max_len = cfg.prompt_len + cfg.new_tokens
+    decoder = StaticDecoder(model, batch, max_len, compile=cfg.compile, cuda_graph=cfg.cuda_graph)
+    # warm-up: compile / capture the decode step before timing anything
+    t0 = time.perf_counter()
+    decoder.step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    decoder.pos.zero_()
+
+    def prefill() -> torch.Tensor:
+        first = []
+        mc = model.config
+        for start in range(0, batch, cfg.prefill_rows):
+            rows = list(range(start, min(batch, start + cfg.prefill_rows)))
+            cache = KVCache(len(rows), mc.n_layer, mc.n_kv_head, mc.head_dim, cfg.prompt_len, device, torch.bfloat16)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(prompts[rows].to(device), kv_cache=cache)[:, -1].float()
+            decoder.load_prompt(rows, cache)
+            first.append(logits.argmax(-1))
+        return torch.cat(first)
+
+    prefill()  # warm the prefill path (attention backend choice, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    tokens = prefill()
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    steps = cfg.new_tokens - 1
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        decoder.tokens.copy_(tokens)
+        tokens = decoder.step().argmax(-1)
+    torch.cuda.synchronize()
+    decode_s = time.perf_counter() - t1
+    tpot = decode_s / steps
+    mc = model.config
+    kv_bytes = 2 * mc.n_layer * batch * mc.n_kv_head * max_len * mc.head_dim * decoder.k[0].element_size()
+    step_bytes = weight_bytes_per_step(model) + kv_bytes
+    return {
+        "batch": batch,
+        "ttft_ms": round(ttft * 1e3, 2),
+        "tpot_ms": round(tpot * 1e3, 3),
+        "decode_tok_s": round(batch / tpot, 1),
+        "e2e_tok_s": round(batch * cfg.new_tokens / (ttft + decode_s), 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "step_gb": round(step_bytes / 1e9, 3),
+        "bw_util": round(step_bytes / tpot / (cfg.peak_bandwidth_tbs * 1e12), 3),
+        "warmup_s": round(warmup_s, 1),
+    }
+
+
+@torch.inference_mode()
+def engine_tpot(engine, cfg: BenchConfig) -> float:
+    """TPOT through Engine.generate at batch 1 (includes the per-step host sync and sampling)."""
+    prompt = list(range(1, cfg.prompt_len + 1))
+    for _ in engine.generate(prompt, max_tokens=cfg.new_tokens, temperature=0.0):  # compiles + captures
+        pass
+    times = []
+    last = None
+    for _ in engine.generate(prompt, max_tokens=cfg.new_tokens, temperature=0.0):
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    times = times[2:] or times
+    return sum(times) / len(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_flags(BenchConfig, argv, description=__doc__)
+    from nanochat.engine import Engine
+    from nanochat.runtime import setup_torch_env
+    from nanochat.tokenizer import SPECIAL_TOKENS
+
+    setup_torch_env()
+    _, _, _, _, device = compute_init("cuda")
+    model = build_model(cfg, device)
+
+    class _Tok:  # the engine only needs special ids and decode for tools; a random model never calls one
+        def encode_special(self, name):
+            return cfg.vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(name)
+
+        def get_bos_token_id(self):
+            return self.encode_special("<|bos|>")
+
+        def decode(self, ids):
+            return ""
+
+        def encode(self, text):
+            return []
+
+    engine = Engine(model, _Tok(), compile=cfg.compile)
+    log0(f"d{cfg.depth}: {model.num_params() / 1e6:.0f}M params on {device_name(device)}; "
+         f"prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, greedy")
+    rows = []
+    for batch in cfg.batch_sizes:
+        try:
+            rows.append(run_batch(model, cfg, batch, device))
+        except torch.cuda.OutOfMemoryError as exc:
+            rows.append({"batch": batch, "error": f"OOM: {exc}"[:200]})
+        torch.cuda.empty_cache()
+        log0(json.dumps(rows[-1]))
+    try:
+        eng_tpot = round(engine_tpot(engine, cfg) * 1e3, 3)
+    except Exception as exc:  # report, do not lose the table above
+        eng_tpot = f"{type(exc).__name__}: {exc}"[:200]
+    print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'decode tok/s':>13} {'e2e tok/s':>11} "
+          f"{'peak GiB':>9} {'step GB':>8} {'BW util':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['batch']:>6} {r['error']}")
+            continue
+        print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['tpot_ms']:>9} {r['decode_tok_s']:>13} {r['e2e_tok_s']:>11} "
+              f"{r['peak_mem_gib']:>9} {r['step_gb']:>8} {r['bw_util']:>8}")
+    print(f"engine.generate TPOT at batch 1 (host loop, sampling, sync): {eng_tpot} ms")
+    print(json.dumps({"device": device_name(device), "depth": cfg.depth, "prompt_len": cfg.prompt_len,
+                      "new_tokens": cfg.new_tokens, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+                      "engine_tpot_ms_b1": eng_tpot, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Kernel audit of a training step: which kernels ran, grouped, and whether the expected ones did.
+
+    python -m scripts.profile_kernels --depth=12 --kernel=liger --attn=cudnn \\
+        --expect attention=cudnn --expect loss=liger
+    python -m scripts.profile_kernels --device_type=cpu --depth=2 --max_seq_len=64 --steps=1   # smoke test
+
+Builds a GPT with random weights on random tokens (no tokenizer or data needed), runs `--warmup` steps
+(compilation, autotuning) and then `--steps` training steps (forward, backward, optimizer) under
+torch.profiler, or under Nsight Systems with `--profiler=nsys` (`auto`: nsys when it is on PATH). Prints
+the group shares and top kernels (nanochat.kernels.audit), and exits 1 when an `--expect group=backend`
+is not met, naming what ran instead. Last line: JSON {"groups", "top", "expect_failures", ...}.
+On the CPU the "kernels" are aten ops: good for a smoke test, not for the grouping.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from nanochat import kernels
+from nanochat.common import compute_init, device_name, peak_flops, peak_memory_gib, print0, synchronize
+from nanochat.flags import parse_flags
+from nanochat.gpt import config_from_depth, model_class
+from nanochat.kernels import attention as attention_backends
+from nanochat.kernels import audit
+from nanochat.optim import build_optimizer
+from nanochat.precision import apply_precision
+from nanochat.runtime import default_compile
+
+_CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
+
+
+@dataclass
+class ProfileConfig:
+    arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers)"})
+    depth: int = 12
+    device_batch_size: int = 16
+    max_seq_len: int = 2048
+    vocab_size: int = 32768
+    window_pattern: str = "L"
+    kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
+    attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
+    precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
+    fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
+    fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
+    steps: int = field(default=3, metadata={"help": "profiled training steps"})
+    top: int = 20
+    expect: list[str] = field(default_factory=list, metadata={"help": "group=backend, repeatable or comma list"})
+    profiler: str = field(default="torch", metadata={"help": "torch, nsys, or auto (nsys when on PATH)"})
+    device_type: str = "auto"
+    trace: str = field(default="", metadata={"help": "write a Chrome trace (torch profiler) to this path"})
+    timed_steps: int = field(default=0, metadata={"help": "time this many steps before profiling (bench mode)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    expect_auto: bool = field(default=False, metadata={"help": "also expect the kernels this config should run"})
+
+
+def build(cfg: ProfileConfig, device: torch.device):
+    """GPT with random weights + its optimizer, through the pinned interfaces only."""
+    model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
+                                     window_pattern=cfg.window_pattern, attn_backend=cfg.attn)
+    with torch.device("meta"):
+        model = model_class(cfg.arch)(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
+                    fp8_lm_head=cfg.fp8_lm_head)  # bf16: a no-op; before torch.compile
+    return model, build_optimizer(model)
+
+
+def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
+    """One training step on fixed random tokens (the data pipeline is not what is audited)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (cfg.device_batch_size, cfg.max_seq_len)
+    idx = torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        for _ in range(cfg.grad_accum):
+            with autocast:
+                loss = model(idx, targets)
+            (loss / cfg.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_steps(cfg: ProfileConfig, model, step, device: torch.device) -> dict:
+    """Warm up (the first step carries compilation), then time `timed_steps` steps: median tok/s, MFU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(cfg.warmup + cfg.timed_steps):
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    if cfg.timed_steps == 0:
+        return {}
+    median = statistics.median(times[cfg.warmup:])
+    tokens = cfg.device_batch_size * cfg.max_seq_len * cfg.grad_accum
+    flops_per_token = getattr(model, "_orig_mod", model).estimate_flops()
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    return {"tok_per_s": tokens / median, "step_ms": 1e3 * median, "peak_memory_gib": peak_memory_gib(device),
+            "mfu": flops_per_token * tokens / median / peak if peak else None,
+            "compile_seconds": max(0.0, times[0] - median), "flops_per_token": flops_per_token}
+
+
+def auto_expectations(cfg: ProfileConfig, model, device: torch.device) -> list[str]:
+    """What this configuration must run: the loss backend's kernels, each layer's attention backend (our
+    GPT's; TE picks its own) and, at fp8/nvfp4, low-precision GEMMs."""
+    if device.type != "cuda":  # on the CPU the "kernels" are aten ops: nothing to expect
+        return []
+    attention = []
+    if cfg.arch == "gpt":
+        windows = getattr(model, "_orig_mod", model).windows
+        names = sorted({attention_backends.select_backend(w, torch.bfloat16, device, cfg.attn) for w in windows})
+        attention = [f"attention={n}" for n in names]
+    matmul = [f"matmul={cfg.precision}"] if cfg.precision != "bf16" else []
+    return [f"loss={cfg.kernel}"] + attention + matmul
+
+
+def profile_torch(step, cfg: ProfileConfig, device: torch.device) -> list[tuple[str, float]]:
+    """(kernel name, device us) for every CUDA kernel/memcpy/memset; on CPU, (aten op, self CPU us)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(cfg.steps):
+            step()
+        synchronize(device)
+    if cfg.trace:
+        prof.export_chrome_trace(cfg.trace)
+    events = []
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            if "CUDA" not in str(getattr(e, "device_type", "")):
+                continue  # CPU-side ops: their device time is that of the kernels listed separately
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            events.extend([(e.key, us / e.count)] * e.count)
+    return events
+
+
+def profile_nsys(cfg: ProfileConfig, argv: list[str]) -> list[tuple[str, float]]:
+    """Re-run this script under `nsys profile` (capture limited to the profiled steps), then read
+    `nsys stats --report cuda_gpu_kern_sum` (and the memory reports) as CSV."""
+    nsys = shutil.which("nsys")
+    if nsys is None:
+        raise RuntimeError("--profiler=nsys: nsys is not on PATH; use --profiler=torch")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "audit")
+        cmd = [nsys, "profile", "--trace=cuda,nvtx", "--capture-range=cudaProfilerApi", "--force-overwrite=true",
+               "-o", out, sys.executable, "-m", "scripts.profile_kernels", *argv]
+        subprocess.run(cmd, check=True, env={**os.environ, _CHILD_ENV: "1"})
+        events = []
+        for report in ("cuda_gpu_kern_sum", "cuda_gpu_mem_time_sum"):
+            res = subprocess.run([nsys, "stats", "--report", report, "--format", "csv", "--force-export=true",
+                                  out + ".nsys-rep"], check=True, capture_output=True, text=True)
+            text = res.stdout[res.stdout.find('"Time'):] if '"Time' in res.stdout else res.stdout
+            for row in csv.DictReader(io.StringIO(text)):
+                name = row.get("Name") or row.get("Operation")
+                total_ns = row.get("Total Time (ns)")
+                if name and total_ns:
+                    count = max(int(float(row.get("Instances") or row.get("Count") or 1)), 1)
+                    events.extend([(name, float(total_ns) / 1e3 / count)] * count)
+    return events
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_flags(ProfileConfig, argv, description=__doc__.split("\n")[0])
+    expects = [e for spec in cfg.expect for e in spec.split(",") if e]
+    for spec in expects:
+        audit.parse_expect(spec)  # a typo fails now, not after the run
+    if cfg.profiler not in ("torch", "nsys", "auto"):
+        raise ValueError(f"--profiler must be torch, nsys or auto, got {cfg.profiler!r}")
+    use_nsys = cfg.profiler == "nsys" or (cfg.profiler == "auto" and shutil.which("nsys") is not None)
+    in_child = os.environ.get(_CHILD_ENV) == "1"
+
+    if use_nsys and not in_child:
+        events = profile_nsys(cfg, argv)
+        device_label = "cuda (nsys)"
+    else:
+        _, _, _, _, device = compute_init(cfg.device_type)
+        if cfg.compile is None:
+            cfg.compile = default_compile(device.type, cfg.arch)
+        kernels.set_kernel_backend(cfg.kernel)
+        model, optimizer = build(cfg, device)
+        if cfg.compile:
+            model = torch.compile(model, dynamic=False)
+        step = make_step(cfg, model, optimizer, device)
+        expects += auto_expectations(cfg, model, device) if cfg.expect_auto else []
+        timing = time_steps(cfg, model, step, device)
+        if in_child:  # nsys captures between cudaProfilerStart and Stop
+            torch.cuda.profiler.start()
+            for _ in range(cfg.steps):
+                step()
+            synchronize(device)
+            torch.cuda.profiler.stop()
+            return {}
+        events = profile_torch(step, cfg, device)
+        device_label = device_name(device)
+
+    summary = audit.summarize(events, top=cfg.top)
+    failures = audit.check_expectations(summary, expects)
+    print0(f"kernel audit: {cfg.steps} steps, depth {cfg.depth}, batch {cfg.device_batch_size}x{cfg.max_seq_len}, "
+           f"loss={cfg.kernel}, attn={cfg.attn}, compile={cfg.compile}, on {device_label}")
+    print0(audit.format_summary(summary))
+    for f in failures:
+        print0(f"EXPECTATION FAILED: {f}")
+    result = {
+        "groups": {g: round(s, 4) for g, s in summary["groups"].items()},
+        "top": [{"name": k["name"], "group": k["group"], "share": round(k["share"], 4),
+                 "ms_per_step": round(k["us"] / 1e3 / max(cfg.steps, 1), 3)} for k in summary["top"]],
+        "expect_failures": failures,
+        "total_ms_per_step": round(summary["total_us"] / 1e3 / max(cfg.steps, 1), 3),
+        "kernels_ran": audit.top_kernel_per_group(summary, ("attention", "loss", "matmul")),
+        "timing": timing if not use_nsys else {},
+        "config": asdict(cfg),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    out = main()
+    sys.exit(1 if out.get("expect_failures") else 0)

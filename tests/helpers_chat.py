@@ -1,0 +1,120 @@
+"""Shared pieces for the chat tests: tiny tokenizers, a tiny random GPT (built once per process), the shared
+eval data folder, and a live chat server."""
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.tasks.base import resolve_data_root
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
+TINY_VOCAB = 512
+
+
+try:
+    DATA = resolve_data_root()  # the shared eval/SFT data folder, or None where it is missing
+except FileNotFoundError:
+    DATA = None
+needs_data = pytest.mark.skipif(DATA is None, reason="shared data folder (../shared/data) not found")
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte and no merges: token ids are predictable from the text."""
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+def _training_text() -> str:
+    """~200 KB of text: tinyshakespeare when the shared data is there, else made-up words."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    rng = random.Random(0)
+    words = ["".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(1, 8))) for _ in range(800)]
+    return " ".join(rng.choice(words) for _ in range(40_000))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    from nanochat.tokenizer import Tokenizer
+
+    text = _training_text()
+    chunks = [text[i:i + 2000] for i in range(0, len(text), 2000)]
+    return Tokenizer.train_from_iterator(chunks, vocab_size=TINY_VOCAB)
+
+
+def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256, noise: float = 0.3):
+    """A 2-layer random GPT over the tiny tokenizer's vocabulary, in eval mode on the CPU.
+
+    `init_weights` zeroes some projections (so a fresh model predicts near-uniform logits, where
+    argmax ties would make greedy comparisons meaningless); we add noise to every weight matrix so
+    that the logits are spread out and each position really depends on the context.
+    """
+    from nanochat.gpt import GPT, config_from_depth
+
+    cfg = config_from_depth(2, vocab_size=tiny_tokenizer().get_vocab_size(), sequence_len=sequence_len,
+                            aspect_ratio=32, head_dim=32, window_pattern=window_pattern,
+                            n_embd=64, n_head=2, n_kv_head=2, attn_backend="auto",
+                            **({"short_window": 16} if "S" in window_pattern else {}))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * noise / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+@torch.inference_mode()
+def naive_generate(model, tokens: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Reference greedy decoding: full forward over the whole sequence at every step, no cache."""
+    seq = list(tokens)
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([seq], dtype=torch.long))[0, -1]
+        nxt = int(logits.argmax())
+        if nxt in stop_ids:
+            break
+        seq.append(nxt)
+    return seq
+
+
+class LiveServer:
+    """uvicorn serving the chat app (tiny model, CPU) on a free loopback port, in a thread."""
+
+    def __init__(self, slots: int = 8, **limits):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from nanochat.web.app import Limits, create_app
+        from nanochat.web.scheduler import BatchScheduler
+
+        self.worker = BatchScheduler(tiny_model(sequence_len=512), tiny_tokenizer(), slots=slots)
+        app = create_app([self.worker], limits=Limits(**limits))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.close()

@@ -1,0 +1,117 @@
+"""The kernel audit's grouping and expectations, on synthetic kernel-name lists (CPU, no profiler)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from nanochat.kernels import audit
+
+# Real-looking kernel names (as CUPTI reports them) and the group each must land in.
+NAMES = {
+    "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >(Flash_fwd_params)": "attention",
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...> > >(...)": "attention",
+    "triton_tem_fused_flex_attention_0": "attention",
+    "triton_tem_fused_flex_attention_backward_zeros_1": "attention",
+    "fmha_cutlassF_bf16_aligned_64x128_rf_sm80": "attention",
+    "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)": "matmul",
+    "triton_tem_fused_mm_3": "matmul",
+    "liger_cross_entropy_kernel": "loss",
+    "element_mul_kernel": "loss",
+    "_cce_lse_forward_kernel": "loss",
+    "_cce_backward_kernel": "loss",
+    "_indexed_neg_dot_forward_kernel": "loss",
+    "ce_rows_kernel": "loss",
+    "void (anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>(...)": "loss",
+    "void at::native::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>(...)": "loss",
+    "triton_red_fused__log_softmax_tanh_0": "loss",
+    "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_2": "norm/elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>(...)": "norm/elementwise",
+    "triton_poi_fused_add_mul_silu_4": "norm/elementwise",
+    "triton_red_fused_abs_amax_5": "quantize/transpose",
+    "triton_poi_fused__to_copy_clamp_float8_6": "quantize/transpose",
+    "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<4>, FusedAdamMathFunctor>(...)": "optimizer",
+    "triton_for_fused_7": "optimizer",
+    "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "Memcpy DtoD (Device -> Device)": "memory",
+    "Memset (Device)": "memory",
+    "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda(...)>(...)": "memory",
+    "some_unheard_of_kernel": "other",
+}
+
+
+@pytest.mark.parametrize("name,group", NAMES.items())
+def test_each_name_lands_in_its_group(name, group):
+    assert audit.classify(name) == group
+
+
+def test_summarize_shares_and_order():
+    rng = random.Random()
+    events = [(name, rng.uniform(1, 100)) for name in NAMES for _ in range(rng.randint(1, 3))]
+    rng.shuffle(events)
+    s = audit.summarize(events, top=5)
+    total = sum(us for _, us in events)
+    assert s["total_us"] == pytest.approx(total)
+    assert sum(s["groups"].values()) == pytest.approx(1.0)
+    assert set(s["groups"]) == set(audit.GROUPS)
+    for group in audit.GROUPS:
+        expected = sum(us for n, us in events if NAMES[n] == group)
+        assert s["group_us"][group] == pytest.approx(expected)
+    times = [k["us"] for k in s["kernels"]]
+    assert times == sorted(times, reverse=True) and len(s["kernels"]) == len(NAMES)
+    assert s["top"] == s["kernels"][:5]
+    counts = {k["name"]: k["count"] for k in s["kernels"]}
+    assert counts == {n: sum(1 for m, _ in events if m == n) for n in NAMES}
+    json.dumps(s)  # the script prints it as JSON
+
+
+def test_summarize_empty():
+    s = audit.summarize([])
+    assert s["total_us"] == 0 and all(v == 0 for v in s["groups"].values()) and s["top"] == []
+
+
+def _step(attention: str, loss: str) -> dict:
+    return audit.summarize([
+        (attention, 300.0), (loss, 120.0), ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", 900.0),
+        ("triton_poi_fused_add_mul_silu_4", 50.0),
+    ])
+
+
+def test_expectations_met():
+    s = _step("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "liger_cross_entropy_kernel")
+    assert audit.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet", "attention=sdpa"]) == []
+    assert audit.check_expectations(s, ["loss=re:liger_.*kernel"]) == []
+
+
+def test_expectations_name_what_ran_instead():
+    s = _step("triton_tem_fused_flex_attention_0", "void at::native::nll_loss_forward_reduce_cuda_kernel_2d<f>()")
+    failures = audit.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet"])
+    assert len(failures) == 2
+    assert "attention=cudnn" in failures[0] and "flex_attention" in failures[0]
+    assert "loss=liger" in failures[1] and "nll_loss" in failures[1]
+
+
+def test_expectation_with_nothing_in_the_group():
+    s = audit.summarize([("nvjet_x", 1.0)])
+    (failure,) = audit.check_expectations(s, ["communication=nccl"])
+    assert "no kernels at all" in failure
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("attention", "group=backend"),
+    ("atention=cudnn", "groups:"),
+    ("attention=cudann", "known: cudnn"),
+])
+def test_bad_expect_specs_say_how_to_fix(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        audit.check_expectations(audit.summarize([]), [spec])
+
+
+def test_format_summary_mentions_top_kernel():
+    s = _step("triton_tem_fused_flex_attention_0", "liger_cross_entropy_kernel")
+    text = audit.format_summary(s)
+    assert "nvjet_tst_192x192" in text and "| matmul |" in text

@@ -1,0 +1,216 @@
+"""scripts.base_train on the CPU: the documented command parses, a short run learns and prints its JSON
+line, a resume continues exactly (also past a torn save), bad input fails with a clear error.
+
+Runs call `main(argv)` in-process on a tiny model (2 layers, width 64) over a tiny real-text data dir;
+per-step losses come from <report>/train_log.jsonl, which base_train appends on rank 0.
+"""
+import dataclasses
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from helpers_base_train import isolate, make_assets, read_train_log, tiny_flags
+from safetensors.torch import load_file
+
+from nanochat.checkpoint import latest_step, load_checkpoint
+from nanochat.flags import parse_flags
+from scripts import base_train
+from scripts.base_train import TrainConfig, resolve_defaults
+
+RESULT_KEYS = {"val_bpb", "median_tok_per_s", "mfu", "peak_memory_gib", "compile_seconds", "total_seconds"}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("base_train_assets"))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A fresh base dir per test and one torch thread (fast and deterministic on a shared 2-core machine)."""
+    isolate(monkeypatch, tmp_path / "base")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def run(monkeypatch, report_dir, argv):
+    """main(argv) with its own report dir: (result dict, per-step log rows)."""
+    monkeypatch.setenv("NANOCHAT_REPORT_DIR", str(report_dir))
+    result = base_train.main(argv)
+    return result, read_train_log(report_dir)
+
+
+# ------------------------------------------------------------------------------------------------- flags
+
+def test_documented_command_parses_with_both_spellings():
+    snake = parse_flags(TrainConfig, ["--depth=20", "--num_iterations=10", "--warmup_steps=2"])
+    kebab = parse_flags(TrainConfig, ["--depth", "20", "--num-iterations", "10", "--warmup-steps=2"])
+    assert snake == kebab
+    assert (snake.depth, snake.num_iterations, snake.warmup_steps) == (20, 10, 2)
+    gpu = resolve_defaults(dataclasses.replace(snake), "cuda", world_size=1)
+    assert (gpu.max_seq_len, gpu.device_batch_size, gpu.total_batch_size, gpu.compile, gpu.model_tag) == \
+        (2048, 32, 524288, True, "d20")
+    cpu = resolve_defaults(dataclasses.replace(snake), "cpu", world_size=2)
+    assert (cpu.max_seq_len, cpu.device_batch_size, cpu.total_batch_size, cpu.compile) == (512, 1, 1024, False)
+    assert (gpu.eval_tokens, cpu.eval_tokens) == (10 * 524288, 8 * 512 * 2)  # a CPU evaluates 8 rows per rank
+    # every other flag too: a non-default value in each spelling gives the same config
+    argv_snake, argv_kebab = [], []
+    for f in dataclasses.fields(TrainConfig):
+        value = {"int": "7", "float": "0.25", "str": "x", "bool": "true"}.get(type(f.default).__name__)
+        if f.name in ("n_kv_head", "max_seq_len", "device_batch_size", "total_batch_size", "keep_last",
+                      "eval_tokens"):
+            value = "3"
+        if f.name == "compile":
+            value = "false"
+        assert value is not None, f"test does not know a value for --{f.name}"
+        argv_snake.append(f"--{f.name}={value}")
+        argv_kebab += [f"--{f.name.replace('_', '-')}", value]
+    assert parse_flags(TrainConfig, argv_snake) == parse_flags(TrainConfig, argv_kebab)
+
+
+def test_cpu_defaults_line_names_only_the_defaults_filled_in(monkeypatch):
+    logged: list[str] = []
+    monkeypatch.setattr(base_train, "log0", logged.append)
+    given = parse_flags(TrainConfig, ["--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=512",
+                                      "--eval_tokens=4096"])
+    resolve_defaults(given, "cpu", world_size=1)
+    assert not [m for m in logged if "defaults" in m]  # the user gave every one: nothing to report
+    cfg = resolve_defaults(parse_flags(TrainConfig, ["--max_seq_len=128"]), "cpu", world_size=1)
+    assert (cfg.max_seq_len, cfg.device_batch_size, cfg.total_batch_size) == (128, 1, 128)
+    assert logged == ["cpu defaults: device_batch_size=1 total_batch_size=128 eval_tokens=1024 "
+                      "(pass flags to override)"]
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+def test_short_run_lowers_loss_and_prints_json_last(assets, env, monkeypatch, capsys):
+    tok_dir, data_dir = assets
+    argv = tiny_flags(tok_dir, data_dir, num_iterations=30, eval_every=30, save_every=-1, sample_every=30)
+    result, rows = run(monkeypatch, env / "report", argv)
+    losses = [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
+    assert 5.5 < losses[0] < 6.8  # ~ln(512) = 6.24 at initialization
+    lines = capsys.readouterr().out.strip().splitlines()
+    printed = json.loads(lines[-1])
+    assert RESULT_KEYS <= set(printed)
+    assert printed["mfu"] is None and printed["peak_memory_gib"] == 0.0 and printed["steps"] == 30
+    assert 0 < printed["val_bpb"] < 10 and printed["median_tok_per_s"] > 0
+    assert printed["val_bpb"] == pytest.approx(result["val_bpb"])
+    assert any(line.startswith("step 00030/30 | loss") for line in lines)
+    assert sum(line.startswith("sample: '<|bos|>The capital of France is") for line in lines) == 1
+    # the end-of-run checkpoint loads back into the model that produced it
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    assert latest_step(ckpt_dir) == 30
+    _, _, meta = load_checkpoint(ckpt_dir, load_optimizer=False)
+    assert meta["val_bpb"] == pytest.approx(result["val_bpb"]) and meta["train_config"]["num_iterations"] == 30
+
+
+def test_resume_continues_exactly(assets, env, monkeypatch):
+    tok_dir, data_dir = assets
+    flags = dict(num_iterations=12, save_every=6, eval_every=6)
+    _, full = run(monkeypatch, env / "report_a", tiny_flags(tok_dir, data_dir, **flags))
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    assert latest_step(ckpt_dir) == 12 and (ckpt_dir / "step_000006").is_dir()
+    step12 = load_file(str(ckpt_dir / "step_000012" / "model.safetensors"))
+    _, resumed = run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, resume_from_step=6, **flags))
+    assert [r["step"] for r in resumed] == list(range(7, 13))
+    for a, b in zip(full[6:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, f"step {a['step']}: {a['loss']} vs {b['loss']} after resume"
+        assert a["lrm"] == b["lrm"]
+    again = load_file(str(ckpt_dir / "step_000012" / "model.safetensors"))
+    assert max((step12[k] - again[k]).abs().max().item() for k in step12) <= 1e-5
+
+
+def test_resume_after_a_torn_save(assets, env, monkeypatch):
+    """A save killed mid-write leaves a temporary dir and no step dir: the last complete step still
+    resumes exactly, and the next save sweeps the debris away."""
+    tok_dir, data_dir = assets
+    flags = dict(num_iterations=8, save_every=4)
+    _, full = run(monkeypatch, env / "report_a", tiny_flags(tok_dir, data_dir, **flags))
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    # turn the step-8 save into a torn one of a process that died (kill -9 before the rename)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = ckpt_dir / f".tmp_step_000008_{dead.pid}"
+    (ckpt_dir / "step_000008").rename(torn)
+    (torn / "meta.json").unlink()
+    data = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(data[:len(data) // 3])
+    assert latest_step(ckpt_dir) == 4
+    _, resumed = run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, resume_from_step=4, **flags))
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(full[4:], resumed)) <= 1e-5
+    assert latest_step(ckpt_dir) == 8 and not torn.exists()
+    load_checkpoint(ckpt_dir, 8)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+def test_missing_tokenizer_names_tok_train(assets, env):
+    _, data_dir = assets
+    with pytest.raises(FileNotFoundError, match="tok_train"):
+        base_train.main(tiny_flags(env / "nowhere", data_dir))
+
+
+def test_missing_data_dir_says_how_to_get_shards(assets, env):
+    tok_dir, _ = assets
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*nanochat\.dataset"):
+        base_train.main(tiny_flags(tok_dir, env / "no_data"))
+    (env / "one_shard").mkdir()
+    (env / "one_shard" / "a.txt").write_text("just one file\n")
+    with pytest.raises(ValueError, match="at least one more"):
+        base_train.main(tiny_flags(tok_dir, env / "one_shard"))
+
+
+def test_total_batch_size_must_be_a_multiple(assets, env):
+    tok_dir, data_dir = assets
+    with pytest.raises(ValueError, match=r"total_batch_size=300 must be a multiple of .* = 256"):
+        base_train.main(tiny_flags(tok_dir, data_dir, total_batch_size=300))
+
+
+def test_resume_of_a_missing_step_lists_the_saved_ones(assets, env, monkeypatch):
+    tok_dir, data_dir = assets
+    run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=1))
+    with pytest.raises(FileNotFoundError, match=r"step 5 .*available steps: \[1, 2\]"):
+        base_train.main(tiny_flags(tok_dir, data_dir, num_iterations=6, resume_from_step=5))
+
+
+# ------------------------------------------------------------------------------------------------- wandb
+
+def test_run_without_wandb_says_pip_install(assets, env, monkeypatch):
+    tok_dir, data_dir = assets
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(RuntimeError, match="pip install wandb"):
+        base_train.main(tiny_flags(tok_dir, data_dir, run="tiny"))
+
+
+def test_run_logs_to_wandb(assets, env, monkeypatch):
+    logged, runs = [], []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            runs.append("finished")
+
+    def init(project, name, config):
+        runs.append((project, name, config["depth"]))
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    tok_dir, data_dir = assets
+    run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=3, eval_every=3, run="tiny"))
+    assert runs == [("nanochat", "tiny", 2), "finished"]
+    assert [s for s, d in logged if "train/loss" in d] == [1, 2, 3]
+    assert [s for s, d in logged if "val/bpb" in d] == [0, 3]
+    assert FakeRun.summary["steps"] == 3

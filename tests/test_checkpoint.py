@@ -1,0 +1,295 @@
+"""Checkpoints: exact round trip, atomicity under exceptions and kill -9, no pickle code on load,
+clear errors, keep_last, per-rank optimizer files, and load_model."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanochat.checkpoint as ckpt
+from helpers_dist import spawn_gloo
+from nanochat.checkpoint import latest_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_gpt():
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, head_dim=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model, cfg
+
+
+def trained_state(steps: int = 3):
+    torch.manual_seed(0)
+    model, cfg = tiny_gpt()
+    opt = build_optimizer(model)
+    for _ in range(steps):
+        idx = torch.randint(0, cfg.vocab_size, (2, 8))
+        model(idx, idx.roll(-1, 1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, cfg, opt
+
+
+def meta_for(cfg, step=0, **extra):
+    return {"step": step, "model_config": asdict(cfg), "train_config": {"lr": 0.02},
+            "loader_state": {"shard": 1, "row": 5}, "tokenizer_dir": "", **extra}
+
+
+def assert_nested_equal(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_nested_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_round_trip(tmp_path):
+    model, cfg, opt = trained_state()
+    state = model.state_dict()
+    state["extra_bf16"] = torch.randn(3, 4).bfloat16()
+    state["shared_view"] = state["wte.weight"][:, :4]  # non-contiguous view sharing storage
+    path = save_checkpoint(tmp_path, 7, state, opt.state_dict(), meta_for(cfg, 7))
+    assert path == tmp_path / "step_000007"
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "optim_rank0.pt"]
+    m, o, meta = load_checkpoint(tmp_path)
+    assert set(m) == set(state)
+    for k, v in state.items():
+        assert m[k].dtype == v.dtype and torch.equal(m[k], v), k
+    assert_nested_equal(opt.state_dict(), o)
+    assert meta == meta_for(cfg, 7)
+    _, o2, _ = load_checkpoint(tmp_path, step=7, load_optimizer=False)
+    assert o2 is None
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    model, cfg, opt = trained_state()
+    save_checkpoint(tmp_path, 3, model.state_dict(), opt.state_dict(), meta_for(cfg, 3))
+    m, o, _ = load_checkpoint(tmp_path)
+    model_b, _ = tiny_gpt()
+    model_b.load_state_dict(m, strict=True)
+    opt_b = build_optimizer(model_b)
+    opt_b.load_state_dict(o)
+    torch.manual_seed(1)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 8)) for _ in range(3)]
+    for mdl, op in ((model, opt), (model_b, opt_b)):
+        for idx in batches:
+            mdl(idx, idx.roll(-1, 1)).backward()
+            op.step()
+            op.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_meta_must_be_json(tmp_path):
+    with pytest.raises(TypeError, match="meta.json"):
+        save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, None, {"bad": object()})
+    assert latest_step(tmp_path) is None and not any(tmp_path.iterdir())
+
+
+def test_optimizer_state_must_be_plain(tmp_path):
+    with pytest.raises(TypeError, match="optimizer_state"):
+        save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"x": object()}, {})
+
+
+def small(step):
+    return {"w": torch.full((4, 4), float(step))}, {"v": torch.full((3,), float(step)), "n": step}
+
+
+def test_latest_step_ignores_tmp_and_incomplete(tmp_path):
+    assert latest_step(tmp_path / "missing") is None
+    for s in (1, 5):
+        save_checkpoint(tmp_path, s, *small(s), {})
+    (tmp_path / ".tmp_step_000009_12345").mkdir()
+    (tmp_path / ".tmp_step_000009_12345" / "meta.json").write_text("{}")
+    (tmp_path / "step_000007").mkdir()  # no meta.json
+    (tmp_path / "step_000007" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    assert latest_step(tmp_path) == 5
+    assert load_checkpoint(tmp_path)[2]["step"] == 5
+    with pytest.raises(FileNotFoundError, match=r"available steps: \[1, 5\]"):
+        load_checkpoint(tmp_path, step=7)
+
+
+def test_missing_or_empty_dir_error(tmp_path):
+    for d in (tmp_path / "nope", tmp_path):
+        with pytest.raises(FileNotFoundError) as e:
+            load_checkpoint(d)
+        assert str(d) in str(e.value) and "scripts.base_train" in str(e.value)
+
+
+def test_exception_mid_save_keeps_previous(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, *small(1), {"x": 1})
+
+    def torn_write(tensors, filename, *a, **k):
+        Path(filename).write_bytes(b"\x00" * 100)  # half-written file, then the disk "fills up"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", torn_write)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, 2, *small(2), {"x": 2})
+    monkeypatch.undo()
+    assert latest_step(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]  # the temporary dir was removed
+    m, o, meta = load_checkpoint(tmp_path)
+    assert m["w"][0, 0] == 1 and o["n"] == 1 and meta["x"] == 1
+
+
+def test_failed_rename_of_same_step_restores_it(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 3, *small(3), {"x": "old"})
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append(Path(src).name)
+        if Path(src).name.startswith(".tmp_step_"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(tmp_path, 3, *small(4), {"x": "new"})
+    monkeypatch.undo()
+    assert any(c.startswith(".tmp_step_") for c in calls)
+    assert latest_step(tmp_path) == 3 and load_checkpoint(tmp_path)[2]["x"] == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000003"]
+
+
+def test_resave_same_step_replaces_it(tmp_path):
+    save_checkpoint(tmp_path, 3, *small(3), {"x": "old"})
+    save_checkpoint(tmp_path, 3, *small(4), {"x": "new"})
+    m, _, meta = load_checkpoint(tmp_path)
+    assert meta["x"] == "new" and m["w"][0, 0] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000003"]
+
+
+def test_keep_last(tmp_path):
+    for s in range(1, 6):
+        save_checkpoint(tmp_path, s * 10, *small(s), {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000040", "step_000050"]
+
+
+KILL_CHILD = """
+import sys, torch
+from nanochat.checkpoint import save_checkpoint
+out = sys.argv[1]
+step = 0
+while True:
+    step += 1
+    w = torch.full((50_000_000,), float(step))  # 200 MB
+    print(f"saving {step}", flush=True)
+    save_checkpoint(out, step, {"w": w}, {"v": torch.full((1000,), float(step))}, {"x": step}, keep_last=2)
+"""
+
+
+def test_kill_9_mid_save_leaves_previous_loadable(tmp_path):
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        for line in proc.stdout:  # "saving 2" = step 1 is complete and step 2 is being written
+            if line.strip() == "saving 2" or time.time() > deadline:
+                break
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stale = [p.name for p in out.iterdir() if p.name.startswith(".tmp_step_")]
+    assert stale, "the kill should land in the middle of a save (saves run back to back)"
+    last = latest_step(out)
+    assert last is not None and last >= 1
+    for step in ckpt._complete_steps(out):  # every visible step is whole, none torn
+        m, o, meta = load_checkpoint(out, step=step)
+        assert meta["x"] == step and m["w"].numel() == 50_000_000
+        assert bool((m["w"] == step).all()) and bool((o["v"] == step).all())
+    # the next save from a live process sweeps the dead process's temporary dir
+    save_checkpoint(out, 999, *small(9), {})
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    # the payload is real: plain pickle would run it
+    pickle.loads(pickle.dumps(Exploit(str(tmp_path / "proof")))).close()
+    assert (tmp_path / "proof").exists()
+
+    d = tmp_path / "ckpt"
+    save_checkpoint(d, 1, *small(1), {})
+    torch.save({"state": Exploit(str(marker))}, d / "step_000001" / "optim_rank0.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(d)
+    assert not marker.exists()
+
+
+def _save_worker(rank, world_size, out):
+    model_state = {"w": torch.arange(6.0)} if rank == 0 else {}
+    save_checkpoint(out, 4, model_state, {"rank": rank, "t": torch.full((2,), float(rank))}, {"ws": world_size},
+                    rank=rank, world_size=world_size)
+
+
+def test_two_ranks_save_their_optimizer_shards(tmp_path):
+    spawn_gloo(_save_worker, 2, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "step_000004").iterdir()) == \
+        ["meta.json", "model.safetensors", "optim_rank0.pt", "optim_rank1.pt"]
+    for r in (0, 1):
+        m, o, meta = load_checkpoint(tmp_path, rank=r)
+        assert o["rank"] == r and torch.equal(o["t"], torch.full((2,), float(r)))
+        assert torch.equal(m["w"], torch.arange(6.0)) and meta["ws"] == 2
+    with pytest.raises(FileNotFoundError, match="world size"):
+        load_checkpoint(tmp_path, rank=2)
+
+
+def test_load_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    from nanochat.tokenizer import Tokenizer
+    loaded_from = []
+    monkeypatch.setattr(Tokenizer, "load", classmethod(lambda cls, d: loaded_from.append(str(d)) or "TOK"))
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    model, cfg, _ = trained_state(2)
+    old_dir = tmp_path / "checkpoints" / "base" / "d1"
+    save_checkpoint(old_dir, 1, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, None,
+                    meta_for(cfg, 1, tokenizer_dir=str(tok_dir)))
+    os.utime(old_dir, (1, 1))  # make "d1" the older tag
+    new_dir = tmp_path / "checkpoints" / "base" / "d2"
+    save_checkpoint(new_dir, 2, model.state_dict(), None, meta_for(cfg, 2, tokenizer_dir=str(tok_dir)))
+
+    loaded, tok, meta = load_model("base")
+    assert tok == "TOK" and loaded_from == [str(tok_dir)] and meta["step"] == 2 and not loaded.training
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    idx = torch.randint(0, cfg.vocab_size, (1, 8))
+    assert torch.equal(model.eval()(idx), loaded(idx))  # rotary buffers were filled too
+    assert load_model("base", tag="d1")[2]["step"] == 1
+    with pytest.raises(FileNotFoundError, match="tags there"):
+        load_model("base", tag="d9")
+    with pytest.raises(FileNotFoundError, match="scripts.chat_sft"):
+        load_model("sft")

@@ -1,0 +1,174 @@
+"""Engine: greedy decoding equals full recomputation, sampling is seeded, stops, and the calculator tool."""
+import pytest
+import torch
+
+from nanochat import engine as engine_mod
+from nanochat.conversation import render_for_completion
+from nanochat.engine import Engine, StaticDecoder, sample_next
+from tests.helpers_chat import naive_generate, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["L", "SL"])
+def model(request):
+    return tiny_model(window_pattern=request.param)
+
+
+def prompts(tok):
+    return [
+        [tok.get_bos_token_id()],
+        tok.encode("To be, or not to be", prepend="<|bos|>"),
+        render_for_completion(tok, {"messages": [{"role": "user", "content": "Where is my lord?"}]}),
+        tok.encode("First Citizen: We are accounted poor citizens, the patricians good. " * 2, prepend="<|bos|>"),
+    ]
+
+
+def stops(tok):
+    return {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+
+
+def test_greedy_equals_naive(tok, model):
+    """At temperature 0 the cached engine must pick exactly the tokens of a no-cache recomputation
+    (with the sliding-window model, generations run past the 16-token window)."""
+    eng = Engine(model, tok)
+    longest = 0
+    for prompt in prompts(tok):
+        expected = naive_generate(model, prompt, max_tokens=40, stop_ids=stops(tok))
+        longest = max(longest, len(expected) - len(prompt))
+        seqs, masks = eng.generate_batch(prompt, num_samples=2, max_tokens=40, temperature=0.0)
+        assert seqs[0] == expected and seqs[1] == expected
+        assert masks[0] == [0] * len(prompt) + [1] * (len(expected) - len(prompt))
+    assert longest >= 20, "the random model stops at once: the comparison would be vacuous"
+
+
+def test_static_decoder_rows_at_different_positions(tok, model):
+    """Continuous batching: slots holding different prompts step together, each at its own position."""
+    eng = Engine(model, tok)
+    ps = prompts(tok)[1:]
+    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128)
+    logits = []
+    for slot, p in enumerate(ps):
+        lg, cache = eng.prefill(p)
+        dec.load_prompt([slot], cache)
+        logits.append(lg[0])
+    seqs = [list(p) for p in ps]
+    with torch.inference_mode():
+        for _ in range(12):
+            nxt = torch.stack(logits).argmax(-1)
+            for s, t in zip(seqs, nxt.tolist()):
+                s.append(t)
+            dec.tokens.copy_(nxt)
+            logits = list(dec.step())
+    for p, s in zip(ps, seqs):
+        assert s == naive_generate(model, p, max_tokens=12, stop_ids=set())
+
+
+def test_sampling_differs_across_samples_and_is_seeded(tok, model):
+    eng = Engine(model, tok)
+    prompt = prompts(tok)[1]
+    a, _ = eng.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=1)
+    b, _ = eng.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=1)
+    c, _ = eng.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=2)
+    assert a == b
+    assert len({tuple(s) for s in a}) > 1
+    assert a != c
+
+
+def test_sample_next_top_k_top_p():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0, 1.0]]).repeat(2000, 1)
+    picked = sample_next(logits, gen, temperature=1.0, top_k=2)
+    assert set(picked.tolist()) == {1, 2}
+    # top_p=0.5: token 1 alone holds < 0.5 of the mass, tokens 1+2 exceed it -> exactly {1, 2}
+    picked = sample_next(logits, gen, temperature=1.0, top_p=0.5)
+    assert set(picked.tolist()) == {1, 2}
+    picked = sample_next(logits, gen, temperature=1.0, top_p=0.01)
+    assert set(picked.tolist()) == {1}
+    assert sample_next(logits[:3], None, temperature=0.0).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, gen, temperature=-1.0)
+
+
+class ScriptedSampler:
+    """Replaces sample_next: row 0 'emits' the given script, then <|assistant_end|>."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), 0
+
+    def __call__(self, logits, generator, temperature, top_k, top_p):
+        tok = self.script[self.calls] if self.calls < len(self.script) else self.script[-1]
+        self.calls += 1
+        return torch.full((logits.size(0),), tok, dtype=torch.long)
+
+
+def test_stop_on_assistant_end(tok, model, monkeypatch):
+    end = tok.encode_special("<|assistant_end|>")
+    word = tok.encode("hi")
+    monkeypatch.setattr(engine_mod, "sample_next", ScriptedSampler(word + [end]))
+    steps = list(Engine(model, tok).generate(prompts(tok)[1], num_samples=2, max_tokens=30))
+    assert [col[0] for col, _ in steps] == word + [end]
+
+
+def test_tool_call_forces_calculator_output(tok, model, monkeypatch):
+    sp = tok.encode_special
+    expr = tok.encode("2+2")
+    tail = tok.encode(" so")
+    script = [sp("<|python_start|>"), *expr, sp("<|python_end|>")]
+    # while the engine forces the output, the sampler keeps proposing junk that must be ignored
+    junk = tok.encode("zzzz")[:1] * 3
+    monkeypatch.setattr(engine_mod, "sample_next",
+                        ScriptedSampler(script + junk + tail + [sp("<|assistant_end|>")]))
+    prompt = prompts(tok)[2]
+    seqs, masks = Engine(model, tok).generate_batch(prompt, max_tokens=40)
+    gen, gmask = seqs[0][len(prompt):], masks[0][len(prompt):]
+    forced = [sp("<|output_start|>"), *tok.encode("4"), sp("<|output_end|>")]
+    assert len(forced) == 3
+    assert gen == script + forced + tail
+    assert gmask == [1] * len(script) + [0] * len(forced) + [1] * len(tail)
+
+
+def test_refused_tool_call_forces_nothing(tok, model, monkeypatch):
+    sp = tok.encode_special
+    script = [sp("<|python_start|>"), *tok.encode("__import__('os')"), sp("<|python_end|>")]
+    monkeypatch.setattr(engine_mod, "sample_next", ScriptedSampler(script + [sp("<|assistant_end|>")]))
+    seqs, masks = Engine(model, tok).generate_batch(prompts(tok)[2], max_tokens=40)
+    assert seqs[0][len(prompts(tok)[2]):] == script
+
+
+def test_bad_arguments(tok, model):
+    eng = Engine(model, tok)
+    with pytest.raises(ValueError, match="empty"):
+        list(eng.generate([], max_tokens=3))
+    with pytest.raises(ValueError, match="context"):
+        list(eng.generate([1] * 300, max_tokens=3))
+    # the cap keeps prompt + generation inside the context
+    seqs, _ = eng.generate_batch([tok.get_bos_token_id()] * 250, max_tokens=50, temperature=0.0)
+    assert len(seqs[0]) <= 256
+
+
+def test_load_prompt_row_by_row(tok, model):
+    """A batch-2 prefill copied into two slots decodes like each prompt alone."""
+    from nanochat.gpt import KVCache
+
+    ps = [tok.encode("O Romeo, Romeo", prepend="<|bos|>"), tok.encode("Now is the winter", prepend="<|bos|>")]
+    n = min(map(len, ps))
+    ps = [p[:n] for p in ps]
+    cfg = model.config
+    cache = KVCache(2, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n)
+    with torch.inference_mode():
+        logits = model(torch.tensor(ps), kv_cache=cache)[:, -1]
+        dec = StaticDecoder(model, slots=2, max_seq_len=n + 8)
+        dec.load_prompt([0, 1], cache)
+        seqs = [list(p) for p in ps]
+        for _ in range(6):
+            nxt = logits.argmax(-1)
+            for s, t in zip(seqs, nxt.tolist()):
+                s.append(t)
+            dec.tokens.copy_(nxt)
+            logits = dec.step()
+    for p, s in zip(ps, seqs):
+        assert s == naive_generate(model, p, max_tokens=6, stop_ids=set())

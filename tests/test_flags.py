@@ -1,0 +1,76 @@
+"""Every script parses flags through nanochat.flags: both spellings, bools, lists, optionals."""
+from dataclasses import dataclass
+
+import pytest
+
+from nanochat.flags import parse_flags
+
+
+@dataclass
+class Config:
+    depth: int = 20
+    max_seq_len: int | None = None
+    warmup_steps: int = 0
+    compile: bool | None = None
+    value_embeds: bool = False
+    kernel: list[str] = None  # type: ignore[assignment]
+    batch_sizes: list[int] | None = None
+    lr: float = 0.02
+
+
+@pytest.mark.parametrize("argv", [
+    ["--depth=4", "--max_seq_len=256", "--warmup_steps", "2"],
+    ["--depth", "4", "--max-seq-len=256", "--warmup-steps=2"],
+])
+def test_both_spellings(argv):
+    cfg = parse_flags(Config, argv)
+    assert (cfg.depth, cfg.max_seq_len, cfg.warmup_steps) == (4, 256, 2)
+
+
+def test_defaults_and_types():
+    cfg = parse_flags(Config, [])
+    assert cfg.depth == 20 and cfg.max_seq_len is None and cfg.compile is None and cfg.lr == 0.02
+    assert parse_flags(Config, ["--lr=3e-4"]).lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--compile"], True), (["--compile=false"], False), (["--no-compile"], False),
+    (["--compile", "0"], False), (["--compile=true"], True),
+])
+def test_bools(argv, expected):
+    assert parse_flags(Config, argv).compile is expected
+
+
+def test_bool_with_underscore_negation():
+    assert parse_flags(Config, ["--value_embeds"]).value_embeds is True
+    assert parse_flags(Config, ["--no-value-embeds"]).value_embeds is False
+    assert parse_flags(Config, ["--no_value_embeds"]).value_embeds is False
+
+
+def test_lists_and_none():
+    cfg = parse_flags(Config, ["--kernel=current,liger", "--batch-sizes=8,32"])
+    assert cfg.kernel == ["current", "liger"] and cfg.batch_sizes == [8, 32]
+    assert parse_flags(Config, ["--max_seq_len=none"]).max_seq_len is None
+
+
+def test_bad_values_exit_with_message(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(Config, ["--depth=four"])
+    err = capsys.readouterr().err
+    assert "--depth" in err and "invalid int value: 'four'" in err  # names the flag and the expected type
+    with pytest.raises(SystemExit):
+        parse_flags(Config, ["--batch_sizes=8,x"])
+    assert "invalid comma-separated int list value: '8,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_flags(Config, ["--compile=maybe"])
+    with pytest.raises(SystemExit):
+        parse_flags(Config, ["--no-such-flag=1"])
+
+
+def test_short_flags():
+    short = {"-i": "depth", "-t": "lr"}
+    for argv in (["-i", "4", "-t", "0.5"], ["-i=4", "-t=0.5"], ["-i4", "--lr", "0.5"]):
+        cfg = parse_flags(Config, argv, short=short)
+        assert (cfg.depth, cfg.lr) == (4, 0.5)
+    with pytest.raises(ValueError, match="nosuch"):
+        parse_flags(Config, [], short={"-x": "nosuch"})

@@ -1,0 +1,318 @@
+"""The GPT on the CPU in fp32: shapes, loss, causality, padding, windows, KV cache, FLOPs, groups."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanochat.gpt as gpt_mod
+from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
+
+V, T = 300, 32
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(sequence_len=T, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=32)
+    return GPTConfig(**{**base, **kw})
+
+
+def build(cfg: GPTConfig, seed: int = 0, perturb: bool = True) -> GPT:
+    """Meta build + init, then (perturb) random output projections and scalars: at init those are
+    zero/one, which would hide bugs in the attention and MLP paths behind an identity network."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    if perturb:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.c_proj.weight.normal_(std=0.05)
+                block.mlp.c_proj.weight.normal_(std=0.02)
+                if block.attn.ve_gate is not None:
+                    block.attn.ve_gate.uniform_(0.5, 1.5)
+            model.lm_head.weight.normal_(std=0.05)
+            model.x0_lambdas.uniform_(0.1, 0.5)
+            model.resid_lambdas.uniform_(0.8, 1.2)
+    return model.eval()
+
+
+def tokens(B=2, T_=T, seed=1):
+    return torch.randint(0, V, (B, T_), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_reductions():
+    model = build(tiny(value_embeds=True, window_pattern="SL", short_window=8))
+    idx, tgt = tokens(), tokens(seed=2)
+    logits = model(idx)
+    assert logits.shape == (2, T, V) and logits.dtype == torch.float32
+    assert model(idx, tgt).shape == ()
+    assert model(idx, tgt, loss_reduction="none").shape == (2, T)
+    assert model.config.padded_vocab_size == 320 and model.lm_head.weight.shape == (320, 64)
+
+
+def test_loss_equals_manual_cross_entropy_on_softcapped_logits():
+    cfg = tiny(window_pattern="SL", short_window=8)
+    model = build(cfg)
+    idx, tgt = tokens(), tokens(seed=2)
+    tgt[0, :5] = -1
+    logits = model(idx)
+    assert logits.abs().max() <= cfg.softcap
+    raw = F.linear(gpt_mod.norm(model_hidden(model, idx)), model.lm_head.weight[:V])
+    torch.testing.assert_close(logits, cfg.softcap * torch.tanh(raw / cfg.softcap), atol=1e-5, rtol=0)
+    manual = F.cross_entropy(logits.view(-1, V), tgt.view(-1), ignore_index=-1)
+    assert abs(model(idx, tgt).item() - manual.item()) < 1e-5
+    per_token = model(idx, tgt, loss_reduction="none")
+    assert (per_token[0, :5] == 0).all()
+    assert abs(per_token.sum().item() - model(idx, tgt, loss_reduction="sum").item()) < 1e-3
+
+
+def model_hidden(model: GPT, idx):
+    """The residual stream before the final norm, by hooking the last block."""
+    out = {}
+    handle = model.blocks[-1].register_forward_hook(lambda m, i, o: out.setdefault("h", o))
+    model(idx)
+    handle.remove()
+    return out["h"]
+
+
+@pytest.mark.parametrize("pattern,ve", [("L", False), ("SL", True)])
+def test_causality(pattern, ve):
+    model = build(tiny(window_pattern=pattern, short_window=5, value_embeds=ve))
+    idx = tokens()
+    base = model(idx)
+    for t in (0, 10, T - 2):
+        changed = idx.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 17) % V
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], atol=1e-6, rtol=0)
+        assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3  # the change does reach later positions
+
+
+def test_padded_vocab_rows_never_count():
+    model = build(tiny(value_embeds=True))
+    idx, tgt = tokens(), tokens(seed=2)
+    logits, loss = model(idx), model(idx, tgt)
+    with torch.no_grad():
+        model.lm_head.weight[V:] = float("nan")
+        model.wte.weight[V:] = float("nan")
+        for table in model.value_embeds.values():
+            table.weight[V:] = float("nan")
+    assert torch.equal(model(idx), logits)
+    assert torch.equal(model(idx, tgt), loss)
+
+
+def reference_attention(q, k, v, *, window, backend="auto", kv_cache=None, layer_idx=0):
+    """Explicit-mask softmax attention in float64 (no backend involved)."""
+    Tq, H, D = q.size(1), q.size(2), q.size(3)
+    g = H // k.size(2)
+    qd, kd, vd = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
+    scores = torch.einsum("bihd,bjhd->bhij", qd, kd) / math.sqrt(D)
+    i, j = torch.arange(Tq).view(-1, 1), torch.arange(Tq).view(1, -1)
+    allowed = (j <= i) & ((i - j < window) if window is not None else True)
+    return torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~allowed, -math.inf).softmax(-1), vd).to(q.dtype)
+
+
+def test_sliding_window_model_equals_explicit_mask_reference(monkeypatch):
+    cfg = tiny(n_layer=3, window_pattern="S", short_window=6, value_embeds=True)
+    assert cfg.layer_windows() == [6, 6, None]
+    model = build(cfg)
+    idx = tokens()
+    out = model(idx)
+    monkeypatch.setattr(gpt_mod, "attention", reference_attention)
+    torch.testing.assert_close(out, model(idx), atol=1e-5, rtol=0)
+    full = build(tiny(n_layer=3, window_pattern="L", value_embeds=True))  # same seed -> same weights
+    assert (full(idx) - out).abs().max() > 1e-3  # the window changes the result
+
+
+def test_layer_windows_cycle_and_last_is_full():
+    cfg = tiny(n_layer=6, window_pattern="SSSL", sequence_len=64)
+    assert cfg.layer_windows() == [32, 32, 32, None, 32, None]
+    assert tiny(n_layer=3, window_pattern="SL", short_window=4).layer_windows() == [4, None, None]
+
+
+@pytest.mark.parametrize("pattern,n_kv_head,ve", [("L", 4, False), ("SL", 2, True), ("SSL", 1, True)])
+def test_kv_cache_decoding_equals_full_forward(pattern, n_kv_head, ve):
+    cfg = tiny(n_layer=3, window_pattern=pattern, short_window=5, n_kv_head=n_kv_head, value_embeds=ve)
+    model = build(cfg)
+    idx = tokens(T_=24)
+    full = model(idx)
+    cache = KVCache(2, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, max_seq_len=40, device="cpu", dtype=torch.float32)
+    steps = [model(idx[:, :10], kv_cache=cache)]
+    assert cache.pos == 10
+    for t in range(10, 24):
+        steps.append(model(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.pos == 24
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+    cache.reset()
+    assert cache.pos == 0
+    torch.testing.assert_close(model(idx[:, :7], kv_cache=cache), full[:, :7], atol=1e-4, rtol=0)
+
+
+def test_kv_cache_prefill_from_fans_out_one_prompt():
+    cfg = tiny(window_pattern="SL", short_window=6, value_embeds=True)
+    model = build(cfg)
+    prompt = tokens(B=1, T_=9)
+    one = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 9, "cpu", torch.float32)
+    model(prompt, kv_cache=one)
+    many = KVCache(3, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 20, "cpu", torch.float32)
+    many.prefill_from(one)
+    assert many.pos == 9
+    nxt = torch.tensor([[5], [77], [299]])
+    out = model(nxt, kv_cache=many)
+    full = model(torch.cat([prompt.expand(3, -1), nxt], 1))
+    torch.testing.assert_close(out[:, 0], full[:, -1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="batch-1"):
+        many.prefill_from(many)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(B=3, T_=12), kv_cache=many)
+
+
+def test_estimate_flops_hand_count():
+    cfg = tiny(n_head=2, n_kv_head=1, window_pattern="SL", short_window=8, value_embeds=True)
+    model = build(cfg, perturb=False)
+    # per layer: c_q 64x64, c_k 64x32, c_v 64x32, c_proj 64x64, c_fc 64x256, mlp c_proj 256x64
+    per_layer = 4096 + 2048 + 2048 + 4096 + 16384 + 16384
+    matmul = 2 * per_layer + V * 64  # lm_head: the 300 real rows; embeddings and scalars excluded
+    attn = 12 * 2 * 32 * (8 + T)     # layer 0: window 8, layer 1: full (sequence_len)
+    assert model.estimate_flops() == 6 * matmul + attn == 686592
+    # a window longer than the sequence counts as the sequence
+    assert build(tiny(window_pattern="SL", short_window=1000), perturb=False).estimate_flops() == \
+        build(tiny(window_pattern="L"), perturb=False).estimate_flops()
+
+
+@pytest.mark.parametrize("ve", [False, True])
+def test_param_groups_partition_parameters(ve):
+    model = build(tiny(n_layer=3, value_embeds=ve), perturb=False)
+    groups = model.param_groups()
+    assert set(groups) == {"matrix", "embedding", "lm_head", "scalar"}
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert sum(p.numel() for g in groups.values() for p in g) == model.num_params()
+    assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 3 * 6
+    assert groups["lm_head"] == [model.lm_head.weight]
+    assert len(groups["embedding"]) == (1 + 2 if ve else 1)  # layers 0 and 2 of 3 carry value embeds
+    assert all(p.ndim <= 1 for p in groups["scalar"]) and len(groups["scalar"]) == (2 + 2 if ve else 2)
+
+
+def test_meta_build_init_is_finite_and_as_documented():
+    cfg = tiny(value_embeds=True, window_pattern="SL")
+    model = build(cfg, perturb=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model.cos).all() and model.cos.shape == (1, 10 * T, 1, 16)
+    torch.testing.assert_close(model.cos[0, 5, 0, 0], torch.tensor(math.cos(5.0)))
+    assert all((b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.blocks)
+    assert (model.resid_lambdas == 1).all() and (model.x0_lambdas == 0).all()
+    assert abs(model.wte.weight.std().item() - 1) < 0.05 and model.lm_head.weight.std().item() < 0.01
+    loss = model(tokens(), tokens(seed=2))
+    assert abs(loss.item() - math.log(V)) < 0.05  # near-uniform predictions at init
+    assert "cos" not in model.state_dict()  # derived buffers are not checkpointed
+
+
+@pytest.mark.parametrize("ve", [False, True])
+def test_gradients_reach_every_parameter(ve):
+    model = build(tiny(value_embeds=ve, window_pattern="SL", short_window=4)).train()
+    model(tokens(), tokens(seed=2)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_activations_stay_in_autocast_dtype(monkeypatch):
+    """CUDA autocast runs rms_norm in fp32 while linears give bf16; emulate that on the CPU: norm must
+    hand back bf16 (so saved activations are half-size) and attention must see one dtype."""
+    model = build(tiny(value_embeds=True, window_pattern="SL", short_window=8))
+    monkeypatch.setattr(gpt_mod.kernels, "rms_norm", lambda x: F.rms_norm(x.float(), (x.size(-1),)))
+    seen = []
+
+    def checked_attention(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return gpt_mod.kernels.attention.attention(q, k, v, **kw)
+
+    monkeypatch.setattr(gpt_mod, "attention", checked_attention)
+    block_out = []
+    model.blocks[0].register_forward_hook(lambda mod, inp, out: block_out.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens(), tokens(seed=2))
+    assert seen == [(torch.bfloat16,) * 3] * 2
+    assert block_out == [torch.bfloat16]  # the residual stream runs in bf16
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(V)) < 1.0
+
+
+def test_value_embeds_change_the_output():
+    idx = tokens()
+    with_ve = build(tiny(value_embeds=True))
+    without = build(tiny(value_embeds=False))
+    assert (with_ve(idx) - without(idx)).abs().max() > 1e-4
+
+
+def test_config_from_depth():
+    cfg = config_from_depth(20, vocab_size=32768, sequence_len=2048)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (20, 1280, 10, 10, 128)
+    cfg = config_from_depth(3, 1000, 256)  # 192 rounds up to 256
+    assert (cfg.n_embd, cfg.n_head) == (256, 2)
+    cfg = config_from_depth(4, 1000, 256, head_dim=64, window_pattern="SSL", n_kv_head=2, value_embeds=True)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.window_pattern, cfg.value_embeds) == (256, 4, 2, "SSL", True)
+    with pytest.raises(TypeError, match="n_layers"):
+        config_from_depth(4, 1000, 256, n_layers=3)
+
+
+def test_config_round_trips_through_a_dict():
+    from dataclasses import asdict
+
+    cfg = tiny(window_pattern="SSL", short_window=7, value_embeds=True)
+    assert GPTConfig(**asdict(cfg)) == cfg  # checkpoints store asdict(config) in meta.json
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(window_pattern="SX"), "window_pattern"),
+    (dict(n_kv_head=3), "n_kv_head"),
+    (dict(head_dim=31), "head_dim"),
+    (dict(attn_backend="fast"), "auto, fa3"),
+])
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_forward_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break (a .item(), a data-dependent branch, a log call)."""
+    model = build(tiny(window_pattern="SL", short_window=8, value_embeds=True))
+    idx, tgt = tokens(), tokens(seed=2)
+    expected = model(idx, tgt)  # eager first: the backend choice and its log line happen here
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx, tgt), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_backends_match_sdpa_in_the_model():
+    """bf16 autocast on the GPU: auto's per-layer picks (fa3/cudnn/flex) give sdpa's loss and gradients,
+    and KV-cache decoding (fa3's kvcache kernel when present) matches the full forward."""
+    cfg = tiny(sequence_len=256, n_layer=4, window_pattern="SSL", short_window=64, value_embeds=True)
+    model = build(cfg).cuda().train()
+    idx = torch.randint(0, V, (2, 256), device="cuda")
+    tgt = torch.randint(0, V, (2, 256), device="cuda")
+
+    def loss_and_grads(backend):
+        for block in model.blocks:
+            block.attn.backend = backend
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, tgt)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+    loss_auto, grads_auto = loss_and_grads("auto")
+    loss_sdpa, grads_sdpa = loss_and_grads("sdpa")
+    assert abs(loss_auto - loss_sdpa) < 1e-2 * abs(loss_sdpa)
+    assert (grads_auto - grads_sdpa).norm() < 3e-2 * grads_sdpa.norm()
+
+    model.eval()
+    for block in model.blocks:
+        block.attn.backend = "auto"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(idx[:, :80])
+        cache = KVCache(2, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 128, "cuda", torch.bfloat16)
+        steps = [model(idx[:, :50], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(50, 80)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 0.1  # bf16 logits, softcap 15

@@ -1,0 +1,118 @@
+"""The OpenAI-compatible server, driven over real HTTP by the official `openai` client."""
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+
+from tests.helpers_chat import LiveServer
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = LiveServer(slots=8, max_messages=6, max_chars_per_message=200, max_tokens=64)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+MESSAGES = [{"role": "user", "content": "Hello there, who are you?"}]
+
+
+def test_non_streaming(client):
+    r = client.chat.completions.create(model="nanochat", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_matches_non_streaming_at_temperature_0(client):
+    full = client.chat.completions.create(model="nanochat", messages=MESSAGES, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="nanochat", messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True)
+    parts, finish = [], None
+    chunks = 0
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        chunks += 1
+        delta = chunk.choices[0].delta
+        if delta.content:
+            parts.append(delta.content)
+        finish = chunk.choices[0].finish_reason or finish
+    assert chunks >= 3
+    assert "".join(parts) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": "nanochat", "messages": MESSAGES, "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "chat.completion.chunk" for line in lines[:-1])
+
+
+def test_n_samples_and_multi_turn(client):
+    msgs = [{"role": "system", "content": "Be kind."}, *MESSAGES, {"role": "assistant", "content": "A friend."},
+            {"role": "user", "content": "Tell me more"}]
+    r = client.chat.completions.create(model="nanochat", messages=msgs, max_tokens=10, temperature=1.0, n=2,
+                                       seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
+def test_concurrent_requests_are_batched(client, server):
+    """Several clients at once: all complete; greedy answers equal the ones computed alone."""
+    prompts = [f"Question number {i}: what say you?" for i in range(4)]
+
+    def ask(p):
+        r = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": p}],
+                                           max_tokens=10, temperature=0)
+        return r.choices[0].message.content
+
+    alone = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["nanochat"]
+    h = httpx.get(f"{server.url}/health").json()
+    assert h["status"] == "ok" and h["workers"] == 1
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text and "<script src" not in page.text
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}] * 7}).encode(), "too many messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 201}]}).encode(), "too long"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}).encode(), "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), "message 0"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}).encode(), "unknown role"),
+    (json.dumps([1, 2]).encode(), "JSON object"),
+])
+def test_bad_requests_get_400_json(server, payload, needle):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=payload,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_on_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "y" * 500}])
