@@ -50,6 +50,9 @@ TRITON_VARIANTS: dict[str, tuple[dict, float]] = {
     "split": ({"mode": "split"}, 57.2),
     "split/c4096-overmem": ({"mode": "split", "chunk_rows": 4096}, 56.3),
     "split/ce-warps32": ({"mode": "split", "num_warps": 32, "block_v": 8192}, 56.0),
+    "onepass": ({"mode": "onepass"}, 55.5),
+    "onepass/ce-warps32": ({"mode": "onepass", "num_warps": 32, "block_v": 8192}, 55.3),
+    "onepass/c4096-overmem": ({"mode": "onepass", "chunk_rows": 4096}, 54.7),
     "fused": ({"mode": "fused"}, 55.0),
     "fused/c2560": ({"mode": "fused", "chunk_rows": 2560}, 54.7),
     "fused/128x128x64w8s4": ({"mode": "fused", "gemm_block_n": 128, "gemm_stages": 4}, 55.5),
@@ -206,6 +209,11 @@ def components(n, c, v, softcap, gen) -> list[dict]:
     add("split CE kernel, warps32 block8192", lambda: k.ce_rows_kernel[(rows,)](
         buf, buf.stride(0), t, loss, scale, 0, v, IGNORE, softcap, HAS_SOFTCAP=True, WRITE_GRAD=True,
         FAST_TANH=True, BLOCK_V=8192, num_warps=32))
+    psum1 = torch.empty(rows, 1, device="cuda")
+    xt1 = torch.empty(rows, device="cuda")
+    add("onepass exp kernel (1 read + 1 write)", lambda: k.exp_rows_kernel[(rows,)](
+        buf, buf.stride(0), t, psum1, xt1, v, softcap, WRITE_E=True, FAST_TANH=True,
+        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps))
     buf.normal_(generator=gen).mul_(1e-3)  # gradient-sized values for the GEMMs that read it
     add("dh mm (n_c x C out, K = V)", lambda: torch.mm(buf, w, out=dh), gemm)
     add("dh mm, fp32 out", lambda: torch.mm(buf, w, out_dtype=torch.float32), gemm)

@@ -86,9 +86,17 @@ def run_row(cfg: BenchConfig, combo: dict, log_path: Path) -> dict:
             "kernels_ran": result.get("kernels_ran", {}), "status": status, "wall_s": wall}
 
 
+def state_and_rest(mem: dict | None) -> str:
+    """Peak memory split into what training state holds (weights, grads, optimizer) and the rest."""
+    if not mem:
+        return "-"
+    return f"{mem['weights'] + mem['grads'] + mem['optimizer']:.1f} / {mem['rest']:.1f}"
+
+
 def format_table(rows: list[dict], baseline: int) -> str:
     base = rows[baseline].get("tok_per_s") if 0 <= baseline < len(rows) else None
-    head = ("| arch | kernel | attn | prec | depth | B | T | win | tok/s | step ms | peak GiB | MFU | vs base "
+    head = ("| arch | kernel | attn | prec | depth | B | T | win | tok/s | step ms | peak GiB | state / rest GiB "
+            "| MFU | vs base "
             "| compile s | attention ran | loss ran | matmul ran | quant % | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -97,7 +105,7 @@ def format_table(rows: list[dict], baseline: int) -> str:
         cells = [r["arch"], r["kernel"], r["attn"], r["precision"], r["depth"], r["device_batch_size"],
                  r["max_seq_len"], r["window_pattern"],
                  f"{tps:,.0f}" if tps else "-", f"{r['step_ms']:.1f}" if tps else "-",
-                 f"{r['peak_memory_gib']:.2f}" if tps else "-",
+                 f"{r['peak_memory_gib']:.2f}" if tps else "-", state_and_rest(r.get("memory_gib")),
                  f"{100 * r['mfu']:.1f}%" if tps and r.get("mfu") else "n/a",
                  f"{tps / base:.2f}x" if tps and base else "-",
                  f"{r['compile_seconds']:.0f}" if tps else "-",

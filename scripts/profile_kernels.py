@@ -98,8 +98,37 @@ def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
     return step
 
 
-def time_steps(cfg: ProfileConfig, model, step, device: torch.device) -> dict:
-    """Warm up (the first step carries compilation), then time `timed_steps` steps: median tok/s, MFU."""
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of the distinct tensors (by storage) inside nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def memory_breakdown(model, optimizer, peak_gib: float) -> dict:
+    """Where the peak goes, GiB: weights, their gradients (alive at the end of backward), optimizer state,
+    and the rest (activations, autocast weight copies, loss buffers, allocator workspace)."""
+    params = list(model.parameters())
+    weights = _tensor_bytes(params, set()) / 2**30
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**30
+    parts = [getattr(optimizer, name, None) for name in ("muon", "adamw")]  # MuonAdamW; else a torch optimizer
+    parts = [o for o in parts if o is not None] or [optimizer]
+    state = _tensor_bytes([list(o.state.values()) for o in parts], set()) / 2**30
+    return {"weights": round(weights, 3), "grads": round(grads, 3), "optimizer": round(state, 3),
+            "rest": round(peak_gib - weights - grads - state, 3)}
+
+
+def time_steps(cfg: ProfileConfig, model, optimizer, step, device: torch.device) -> dict:
+    """Warm up (the first step carries compilation), then time `timed_steps` steps: median tok/s, MFU,
+    peak memory and its breakdown."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -114,7 +143,9 @@ def time_steps(cfg: ProfileConfig, model, step, device: torch.device) -> dict:
     tokens = cfg.device_batch_size * cfg.max_seq_len * cfg.grad_accum
     flops_per_token = getattr(model, "_orig_mod", model).estimate_flops()
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    return {"tok_per_s": tokens / median, "step_ms": 1e3 * median, "peak_memory_gib": peak_memory_gib(device),
+    peak_gib = peak_memory_gib(device)
+    return {"tok_per_s": tokens / median, "step_ms": 1e3 * median, "peak_memory_gib": peak_gib,
+            "memory_gib": memory_breakdown(model, optimizer, peak_gib) if device.type == "cuda" else {},
             "mfu": flops_per_token * tokens / median / peak if peak else None,
             "compile_seconds": max(0.0, times[0] - median), "flops_per_token": flops_per_token}
 
@@ -205,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = torch.compile(model, dynamic=False)
         step = make_step(cfg, model, optimizer, device)
         expects += auto_expectations(cfg, model, device) if cfg.expect_auto else []
-        timing = time_steps(cfg, model, step, device)
+        timing = time_steps(cfg, model, optimizer, step, device)
         if in_child:  # nsys captures between cudaProfilerStart and Stop
             torch.cuda.profiler.start()
             for _ in range(cfg.steps):

@@ -31,11 +31,12 @@ def small_chunks():
     loss_triton.CONFIG = old
 
 
-@pytest.fixture
-def fused():
-    """The fused path with tiles small enough that a tiny shape spans several of them in M, N and K."""
-    loss_triton.CONFIG = replace(loss_triton.CONFIG, mode="fused", gemm_block_m=16, gemm_block_n=32,
-                                 gemm_block_k=16, gemm_warps=4, gemm_stages=2)
+@pytest.fixture(params=["fused", "onepass"])
+def fused(request):
+    """The row-factor modes: fused with tiles small enough that a tiny shape spans several of them in M, N
+    and K; onepass with row-kernel steps shorter than a row."""
+    loss_triton.CONFIG = replace(loss_triton.CONFIG, mode=request.param, gemm_block_m=16, gemm_block_n=32,
+                                 gemm_block_k=16, gemm_warps=4, gemm_stages=2, block_v=64)
 
 
 def make(n, c, v, dtype, ignore_every=5):
@@ -150,7 +151,7 @@ def test_is_available_under_interpreter():
     assert ok, reason
 
 
-# ---- the fused path (logits GEMM with exp-sum epilogue, row factor r) ----
+# ---- the row-factor modes (fused: logits GEMM with an exp-sum epilogue; onepass: one exp pass) ----
 
 @pytest.mark.parametrize("softcap", [15.0, 2.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -215,13 +216,36 @@ def test_logits_exp_kernel_epilogue(seed):
     assert torch.allclose(xt[valid].double(), x[valid, targets[valid]], rtol=1e-5, atol=1e-5), f"seed={seed}"
 
 
+def test_exp_rows_kernel(seed):
+    """The onepass row kernel alone, on bf16 logits: the row sum of exp(z - s), the raw target logit, and
+    E = exp(z - s)(1 - t^2) with 0 at the target written over the logits, against float64."""
+    k = loss_triton._kernels()
+    m, v, s = 9, 300, 4.0
+    logits = (torch.randn(m, v, device=DEVICE) * 3).to(torch.bfloat16)
+    x = logits.double()
+    targets = torch.randint(0, v, (m,), device=DEVICE)
+    targets[::4] = -1
+    psum = torch.full((m, 1), float("nan"), device=DEVICE)
+    xt = torch.full((m,), float("nan"), device=DEVICE)
+    k.exp_rows_kernel[(m,)](logits, logits.stride(0), targets, psum, xt, v, s, WRITE_E=True, FAST_TANH=False,
+                            BLOCK_V=128)
+    t = torch.tanh(x / s)
+    ex = torch.exp(s * t - s)
+    ref_e = ex * (1 - t * t)
+    valid = targets >= 0
+    ref_e[valid, targets[valid]] = 0.0
+    assert torch.allclose(psum[:, 0].double(), ex.sum(1), rtol=1e-5), f"seed={seed}"
+    assert torch.allclose(logits.double(), ref_e, rtol=8e-3, atol=1e-6), f"seed={seed}"  # E in bf16
+    assert torch.equal(xt[valid].double(), x[valid, targets[valid]]), f"seed={seed}"
+
+
 def test_chunk_rows_from_memory_budget():
     cfg = loss_triton.TritonCEConfig(extra_memory_gib=0.28)
     bf16 = torch.bfloat16
     for v, c in [(65536, 1280), (32768, 1280), (32768, 2048), (50257, 768)]:
-        for fused_mode in (False, True):
-            rows = loss_triton.chunk_rows_for(65536, v, c, bf16, bf16, cfg, fused_mode)
-            assert rows % 256 == 0 and rows * v * 2 <= 0.28 * 2**30, (v, c, fused_mode, rows)
-            assert (rows + 256) * v * 2 > 0.2 * 2**30, (v, c, fused_mode, rows)  # not needlessly small
+        for mode in loss_triton.MODES:
+            rows = loss_triton.chunk_rows_for(65536, v, c, bf16, bf16, cfg, mode)
+            assert rows % 256 == 0 and rows * v * 2 <= 0.28 * 2**30, (v, c, mode, rows)
+            assert (rows + 256) * v * 2 > 0.2 * 2**30, (v, c, mode, rows)  # not needlessly small
     assert loss_triton.chunk_rows_for(65536, 65536, 1280, bf16, bf16, cfg) == 2048
     assert loss_triton.chunk_rows_for(1000, 65536, 1280, bf16, bf16, cfg) == 1000

@@ -3,6 +3,7 @@ runs issue parses through its script's flags (a shim `python`/`torchrun` records
 training happens)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ import pytest
 from nanochat.flags import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["runs/lib.sh", "runs/cpu.sh", "runs/speedrun.sh", "benchmarks/h200_speedrun.sh"]
+SCRIPTS = ["runs/lib.sh", "runs/cpu.sh", "runs/speedrun.sh", "benchmarks/h200_speedrun.sh", "benchmarks/h200.sh",
+           "benchmarks/prepare_carry.sh"]
 BASH = shutil.which("bash")
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
 
@@ -117,22 +119,24 @@ exit 0
 """
 
 
+CONFIG_CLASSES = {
+    "scripts.tok_train": "TrainConfig", "scripts.base_train": "TrainConfig", "scripts.base_eval": "BaseEvalConfig",
+    "scripts.chat_sft": "SFTConfig", "scripts.chat_eval": "ChatEvalConfig", "scripts.chat_rl": "RLConfig",
+    "scripts.bench": "BenchConfig", "scripts.infer_bench": "BenchConfig", "scripts.chat_web": "WebConfig",
+    "benchmarks.bench_loss": "BenchConfig", "benchmarks.bench_attention": "BenchConfig",
+    "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
+}
+NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
+
+
 def config_class(module: str):
-    import scripts.base_eval
-    import scripts.base_train
-    import scripts.chat_eval
-    import scripts.chat_rl
-    import scripts.chat_sft
-    import scripts.tok_train
-    return {"scripts.tok_train": scripts.tok_train.TrainConfig, "scripts.base_train": scripts.base_train.TrainConfig,
-            "scripts.base_eval": scripts.base_eval.BaseEvalConfig, "scripts.chat_sft": scripts.chat_sft.SFTConfig,
-            "scripts.chat_eval": scripts.chat_eval.ChatEvalConfig, "scripts.chat_rl": scripts.chat_rl.RLConfig}[module]
+    return getattr(importlib.import_module(module), CONFIG_CLASSES[module])
 
 
-def record_commands(tmp_path: Path, script: str, env: dict) -> list[list[str]]:
+def record_commands(tmp_path: Path, script: str, env: dict, args: tuple[str, ...] = ()) -> list[list[str]]:
     shims = tmp_path / "shims"
     shims.mkdir()
-    for name in ("python", "torchrun"):
+    for name in ("python", "python3", "torchrun", "curl", "nvidia-smi"):
         (shims / name).write_text(SHIM.format(real=sys.executable))
         (shims / name).chmod(0o755)
     (tmp_path / "data").mkdir()
@@ -145,7 +149,7 @@ def record_commands(tmp_path: Path, script: str, env: dict) -> list[list[str]]:
     for key in ("PYTHON", "NANOCHAT_REPORT_DIR", "TAG", "NPROC", "STOP_AFTER", "LOG_DIR"):
         if key not in env:
             full_env.pop(key, None)  # the caller's own settings would change what the run does
-    out = subprocess.run([BASH, script], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=60)
+    out = subprocess.run([BASH, script, *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=60)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -155,12 +159,14 @@ def check_commands(commands: list[list[str]]) -> set[str]:
     from scripts.chat_eval import SHORT_FLAGS
     seen = set()
     for argv in commands:
+        if "-m" not in argv:  # `python3 -c ...` and heredoc snippets
+            continue
         i = argv.index("-m")
         module, args = argv[i + 1], argv[i + 2:]
         seen.add(module)
-        if module in ("nanochat.report", "nanochat.dataset"):
+        if module in NOT_OURS:
             continue
-        short = SHORT_FLAGS if module == "scripts.chat_eval" else None
+        short = {"scripts.chat_eval": SHORT_FLAGS, "scripts.chat_web": {"-i": "source"}}.get(module)
         try:
             build_parser(config_class(module), short=short).parse_args(args)
         except SystemExit as e:  # argparse reports the bad flag on stderr and exits
@@ -187,6 +193,22 @@ def test_speedrun_commands_parse(tmp_path, preset):
     assert train[0] == "torchrun" and "--nproc_per_node=8" in train
     if preset == "h200_10min":
         assert "--max_seconds" in train and "12" == train[train.index("--depth") + 1]
+
+
+H200_PARTS = {
+    "kernels": {"pytest", "benchmarks.check_kernels", "benchmarks.bench_attention", "benchmarks.bench_loss"},
+    "step": {"scripts.bench"},
+    "fp8": {"scripts.bench", "scripts.base_train"},
+    "fp8_loss24": {"scripts.base_train"},
+    "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
+}
+
+
+@pytest.mark.parametrize("part", H200_PARTS)
+def test_h200_parts_commands_parse(tmp_path, part):
+    """Every command a GPU call would run parses through its script's flags: a typo costs no device time."""
+    commands = record_commands(tmp_path, "benchmarks/h200.sh", {"OUT": str(tmp_path / "out")}, (part,))
+    assert check_commands(commands) - {"pip"} == H200_PARTS[part]
 
 
 def test_speedrun_rejects_unknown_preset(tmp_path):

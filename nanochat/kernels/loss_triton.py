@@ -8,6 +8,10 @@ mode "fused" (needs a softcap: it bounds the logits, so no running max):
     dh[c]  = r * (E_c @ W)               cuBLAS (fp32 out) + row scale
     dW    += E_c.T @ (r * h_c)           cuBLAS addmm into the dW accumulator
   so dlogits = r * E is never formed: the logits are written once and read by the two GEMMs only.
+mode "onepass" (needs a softcap): the fused mode's row-factor math on cuBLAS logits:
+    logits_c = h_c @ W.T                 cuBLAS, bf16 out
+    E_c, psum = exp pass(logits_c)       Triton: one read and one write per logit (split reads twice)
+    then row_stats, dh and dW exactly as in "fused".
 mode "split" (any softcap, any dtype):
     logits_c = h_c @ W.T                 cuBLAS, bf16 out, fp32 accumulate
     in place : softcap, logsumexp, loss, dloss/dlogits       one Triton kernel (reads twice, writes once)
@@ -36,19 +40,19 @@ GIB = 1024**3
 @dataclass
 class TritonCEConfig:
     """Tuning knobs (module-level CONFIG; benchmarks/bench_loss.py --variants sweeps them)."""
-    mode: str = "split"                 # "fused" | "split" (fused falls back to split without a softcap)
+    mode: str = "split"                 # "split" | "onepass" | "fused" (the last two need a softcap, else split)
     chunk_rows: int | None = None       # rows per chunk; None = the most (multiple of 256) that fits the budget
     extra_memory_gib: float = 0.28      # chunk buffers (+ fp32 accumulator); ~64 MiB more (cuBLAS) was seen
     dw_accum: str = "native"            # "native": dW accumulated in the weight dtype; "fp32": + 2x V*C bytes
     fast_tanh: bool = True              # tanh.approx.f32 on the GPU (the interpreter always uses exp)
-    block_v: int = 4096                 # split: columns per CE-kernel step
-    num_warps: int = 16                 # split: CE-kernel warps
+    block_v: int = 4096                 # split, onepass: columns per row-kernel step
+    num_warps: int = 16                 # split, onepass: row-kernel warps
     gemm_block_m: int = 128             # fused: logits-GEMM tile and launch shape
     gemm_block_n: int = 256
     gemm_block_k: int = 64
     gemm_warps: int = 8
     gemm_stages: int = 3
-    dh_fp32: bool = True                # fused: E @ W in fp32 before the row scale (one bf16 rounding of dh)
+    dh_fp32: bool = True                # fused, onepass: E @ W in fp32 before the row scale (one bf16 rounding of dh)
 
 
 CONFIG = TritonCEConfig()
@@ -83,28 +87,33 @@ def _accum_dtype(weight_dtype: torch.dtype, cfg: TritonCEConfig) -> torch.dtype:
     return torch.float32 if cfg.dw_accum == "fp32" else weight_dtype
 
 
-def _uses_fused(hidden: torch.Tensor, softcap: float | None, cfg: TritonCEConfig) -> bool:
-    if cfg.mode not in ("fused", "split"):
-        raise ValueError(f"mode must be 'fused' or 'split', got {cfg.mode!r}")
-    # fp32 on the GPU stays on cuBLAS (the Triton GEMM would need slow ieee-fp32 dots)
-    return cfg.mode == "fused" and softcap is not None and not (
-        hidden.device.type == "cuda" and hidden.dtype == torch.float32)
+MODES = ("split", "onepass", "fused")
+
+
+def _effective_mode(hidden: torch.Tensor, softcap: float | None, cfg: TritonCEConfig) -> str:
+    """cfg.mode, or "split" where the row-factor modes cannot run: without a softcap (no bound on the
+    logits, so no max-free exp sum) and, for "fused", in fp32 on the GPU (slow ieee-fp32 Triton dots)."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {cfg.mode!r}")
+    if softcap is None or (cfg.mode == "fused" and hidden.device.type == "cuda" and hidden.dtype == torch.float32):
+        return "split"
+    return cfg.mode
 
 
 def chunk_rows_for(n: int, v: int, c: int, dtype: torch.dtype, weight_dtype: torch.dtype,
-                   cfg: TritonCEConfig = CONFIG, fused: bool = False, write_grad: bool = True) -> int:
+                   cfg: TritonCEConfig = CONFIG, mode: str = "split", write_grad: bool = True) -> int:
     """Rows per chunk: cfg.chunk_rows, or the most whose buffers fit cfg.extra_memory_gib, in multiples of
     256 and equal-sized chunks (65536 x 65536 bf16, 0.28 GiB: 2048 rows). Buffers per row: the chunk's
-    logits (V elements); fused adds its row sums and the [n_c, C] scaled-hidden and fp32 dh scratch. An fp32
-    dW accumulator takes 4*V*C of the budget (it exists beside the final dW at the cast)."""
+    logits (V elements); the row-factor modes add row sums and the [n_c, C] scaled-hidden and fp32 dh
+    scratch. An fp32 dW accumulator takes 4*V*C of the budget (it exists beside the final dW at the cast)."""
     if cfg.chunk_rows is not None:
         return max(1, min(cfg.chunk_rows, n))
     elt = torch.finfo(dtype).bits // 8
-    n_tiles = -(-v // cfg.gemm_block_n)
-    if not write_grad:  # no logits buffer at all when fused; split still needs one for the loss
-        per_row = n_tiles * 4 + 8 if fused else v * elt
+    n_sums = -(-v // cfg.gemm_block_n) if mode == "fused" else 1
+    if not write_grad:  # no logits buffer at all when fused; the others still need one for the loss
+        per_row = n_sums * 4 + 8 if mode == "fused" else v * elt
     else:
-        per_row = v * elt + ((n_tiles * 4 + c * (elt + 4) + 16) if fused else 0)
+        per_row = v * elt + ((n_sums * 4 + c * (elt + 4) + 16) if mode != "split" else 0)
     budget = cfg.extra_memory_gib * GIB
     if write_grad and _accum_dtype(weight_dtype, cfg) == torch.float32:
         budget -= v * c * 4
@@ -137,37 +146,50 @@ def _split_loop(hidden, w, targets, scale, scale_stride, ignore_index, softcap, 
             _accumulate(acc, out, hidden[s:e])
 
 
-def _fused_loop(hidden, w, targets, scale, scale_stride, ignore_index, softcap, rows, loss_rows, dh, acc, cfg):
+def _row_factor_loop(hidden, w, targets, scale, scale_stride, ignore_index, softcap, rows, loss_rows, dh, acc,
+                     cfg, mode):
+    """Modes "fused" and "onepass": E and its row sums come from the fused GEMM's epilogue or from one
+    pass over cuBLAS logits; then the per-row factor r and the two gradient GEMMs."""
     k = _kernels()
     n, c = hidden.shape
     v = w.size(0)
     dev, dtype = hidden.device, hidden.dtype
     on_gpu = dev.type == "cuda"
     write_grad = dh is not None or acc is not None
+    fused = mode == "fused"
     bm, bn = cfg.gemm_block_m, cfg.gemm_block_n
-    n_tiles = -(-v // bn)
+    n_sums = -(-v // bn) if fused else 1
     m_max = min(rows, n)
-    psum = torch.empty(m_max, n_tiles, dtype=torch.float32, device=dev)
+    psum = torch.empty(m_max, n_sums, dtype=torch.float32, device=dev)
     xt = torch.empty(m_max, dtype=torch.float32, device=dev)
     r = torch.empty(m_max, dtype=torch.float32, device=dev)
-    big = torch.empty(m_max, v, dtype=dtype, device=dev) if write_grad else psum  # E (psum: unused pointer)
+    has_big = write_grad or not fused  # onepass always needs the logits; fused only E, for the gradients
+    big = torch.empty(m_max, v, dtype=dtype, device=dev) if has_big else psum  # (psum: an unused pointer)
     hs = torch.empty(m_max, c, dtype=dtype, device=dev) if acc is not None else None
     block_c = min(2048, 1 << (c - 1).bit_length())
     for s in range(0, n, rows):
         e = min(n, s + rows)
         m = e - s
-        k.logits_exp_kernel[(-(-m // bm) * n_tiles,)](
-            hidden[s:e], w, big, psum, xt, targets[s:e], m, v, c, hidden.stride(0), w.stride(0),
-            big.stride(0), n_tiles, float(softcap),
-            WRITE_E=write_grad, FAST_TANH=cfg.fast_tanh and on_gpu, EVEN_K=c % cfg.gemm_block_k == 0,
-            PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=not on_gpu,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.gemm_block_k, num_warps=cfg.gemm_warps,
-            num_stages=cfg.gemm_stages,
-        )
+        if fused:
+            k.logits_exp_kernel[(-(-m // bm) * n_sums,)](
+                hidden[s:e], w, big, psum, xt, targets[s:e], m, v, c, hidden.stride(0), w.stride(0),
+                big.stride(0), n_sums, float(softcap),
+                WRITE_E=write_grad, FAST_TANH=cfg.fast_tanh and on_gpu, EVEN_K=c % cfg.gemm_block_k == 0,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=not on_gpu,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.gemm_block_k, num_warps=cfg.gemm_warps,
+                num_stages=cfg.gemm_stages,
+            )
+        else:
+            torch.mm(hidden[s:e], w.t(), out=big[:m])
+            k.exp_rows_kernel[(m,)](
+                big, big.stride(0), targets[s:e], psum, xt, v, float(softcap),
+                WRITE_E=write_grad, FAST_TANH=cfg.fast_tanh and on_gpu,
+                BLOCK_V=min(cfg.block_v, 1 << (v - 1).bit_length()), num_warps=cfg.num_warps,
+            )
         k.row_stats_kernel[(m,)](
-            psum, n_tiles, xt, targets[s:e], loss_rows[s:e], r, big, big.stride(0),
+            psum, n_sums, xt, targets[s:e], loss_rows[s:e], r, big, big.stride(0),
             scale[s * scale_stride:], scale_stride, v, ignore_index, float(softcap),
-            WRITE_E=write_grad, BLOCK_T=1 << (n_tiles - 1).bit_length(),
+            WRITE_E=write_grad, BLOCK_T=max(2, 1 << (n_sums - 1).bit_length()),
         )
         if not write_grad:
             continue
@@ -200,13 +222,16 @@ def _chunked(hidden, weight, targets, scale, scale_stride, ignore_index, softcap
     n, c = hidden.shape
     v = weight.shape[0]
     w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-    fused = _uses_fused(hidden, softcap, cfg)
-    rows = chunk_rows_for(n, v, c, hidden.dtype, weight.dtype, cfg, fused, need_dh or need_dw)
+    mode = _effective_mode(hidden, softcap, cfg)
+    rows = chunk_rows_for(n, v, c, hidden.dtype, weight.dtype, cfg, mode, need_dh or need_dw)
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
     acc = torch.zeros(v, c, dtype=_accum_dtype(weight.dtype, cfg), device=hidden.device) if need_dw else None
-    loop = _fused_loop if fused else _split_loop
-    loop(hidden, w, targets, scale, scale_stride, ignore_index, softcap, rows, loss_rows, dh, acc, cfg)
+    args = (hidden, w, targets, scale, scale_stride, ignore_index, softcap, rows, loss_rows, dh, acc, cfg)
+    if mode == "split":
+        _split_loop(*args)
+    else:
+        _row_factor_loop(*args, mode)
     dw = None
     if need_dw:  # the loop's buffers are freed by now: the cast's copy is the only extra
         dw = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)

@@ -1,6 +1,7 @@
-"""Triton kernel of the `triton` loss backend: softcap + logsumexp + loss + dlogits, one pass per chunk.
+"""Triton kernels of the `triton` loss backend (modes: see loss_triton.py).
 
-The chunk's logits come from a cuBLAS GEMM (bf16 out, fp32 accumulate). This kernel reads each row twice
+Split mode: softcap + logsumexp + loss + dlogits, one kernel per chunk. The chunk's logits come from a
+cuBLAS GEMM (bf16 out, fp32 accumulate). ce_rows_kernel reads each row twice
 (the second read is meant to hit L2: a row of 64K bf16 logits is 128 KiB) and overwrites it in place with
 the gradient of the loss w.r.t. the raw logits, so the next two GEMMs (dhidden, dW) read it straight away.
 
@@ -98,7 +99,7 @@ def scale_kernel(x_ptr, n, scale_ptr, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, (x * tl.load(scale_ptr)).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- the fused path: logits GEMM with an exp-sum epilogue, no separate pass over the logits ----
+# ---- the row-factor modes: fused (logits GEMM with an exp-sum epilogue) and onepass (one exp pass) ----
 #
 # With a softcap s, z = s*tanh(x/s) <= s, so e = exp(z - s) is in (0, 1] and needs no running max. The GEMM
 # epilogue writes E = e * (1 - t^2) (t = tanh(x/s)) in place of the logits, and per (row, column tile) the
@@ -160,6 +161,35 @@ def logits_exp_kernel(
         g = tl.where(is_target, 0.0, e * (1.0 - t * t))
         e_ptrs = e_ptr + row0.to(tl.int64) * stride_em + col0 + rm[:, None] * stride_em + rn[None, :]
         tl.store(e_ptrs, g.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def exp_rows_kernel(
+    logits_ptr, stride_row, targets_ptr, psum_ptr, xt_ptr, V, softcap,
+    WRITE_E: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The onepass mode's row pass over cuBLAS logits, one read per logit: psum[row] = sum of exp(z - s),
+    xt[row] = the raw target logit; if WRITE_E, E = exp(z - s)(1 - t^2) over the logits, 0 at the target
+    (row_stats_kernel patches it). The same outputs as logits_exp_kernel's epilogue with one column tile."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    safe_target = tl.minimum(tl.maximum(target, 0), V - 1)  # ignored rows: read, never used
+    tl.store(xt_ptr + row, tl.load(row_ptr + safe_target).to(tl.float32))  # before E overwrites it
+    cols = tl.arange(0, BLOCK_V)
+    inv_softcap = 1.0 / softcap
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t = _tanh(x * inv_softcap, FAST_TANH)
+        e = tl.where(mask, tl.exp2((t - 1.0) * (softcap * LOG2E)), 0.0)
+        acc += e
+        if WRITE_E:
+            g = tl.where(offs == target, 0.0, e * (1.0 - t * t))
+            tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+    tl.store(psum_ptr + row, tl.sum(acc, axis=0))
 
 
 @triton.jit

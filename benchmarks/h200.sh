@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Every H200 measurement, in parts that each fit one 600 s device call; each part ends with a short table.
+#
+#   bash benchmarks/h200.sh kernels    # carry [".whl"]: GPU tests, kernel check, attention + loss benchmarks (issues 4, 5)
+#   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, B=8 T=1024,
+#                                      #   a repeated row for the compile cache (issues 5, 6)
+#   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit; d20 200-step loss (issue 7)
+#   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step loss, bf16 vs fp8 (issue 7)
+#   bash benchmarks/h200.sh infer      # carry [".whl", ".carry"]: infer_bench; the web server under 1 and 32 clients (issue 8)
+#   bash benchmarks/h200.sh speedrun   # carry [".whl", ".carry"]: benchmarks/h200_speedrun.sh (issue 10)
+#
+# Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART="${1:?usage: bash benchmarks/h200.sh kernels|step|fp8|fp8_loss24|infer|speedrun}"
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
+if [ -d .carry/tokenizer ]; then rm -rf "$NANOCHAT_BASE_DIR/tokenizer"; cp -r .carry/tokenizer "$NANOCHAT_BASE_DIR/"; fi
+source benchmarks/gpu_env.sh
+# run NAME LIMIT CMD...: full log to $OUT/NAME.txt, its tail here (TAIL lines, per-layer attention lines dropped)
+run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+        echo "rc=$? ($name)"; grep -v "^\[nanochat\] attention: layer" "$OUT/$name.txt" | tail -n "${TAIL:-4}" | cut -c1-1200; }
+TRAIN="python3 -m scripts.base_train --data_dir .carry/data --save_every 0 --sample_every 0"
+
+case "$PART" in
+kernels)
+  python3 -c "import torch; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  TAIL=3 run gpu_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+      tests/test_attention.py tests/test_kernels_loss.py
+  TAIL=8 run check_kernels 140 python3 -m benchmarks.check_kernels
+  TAIL=14 run bench_attention 100 python3 -m benchmarks.bench_attention
+  TAIL=40 run bench_loss 250 python3 -m benchmarks.bench_loss \
+      --shapes 65536x1280x65536,65536x1280x32768,65536x2048x32768 --variants split,onepass,onepass/ce-warps32 --repeats 8
+  ;;
+step)
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 4 --timeout 150"
+  TAIL=8 run bench_kernels 330 $BENCH --kernel triton,liger,cce,current --device_batch_size 32 --max_seq_len 2048 \
+      --out_dir "$OUT/bench_kernels"
+  TAIL=6 run bench_shapes 240 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
+      --out_dir "$OUT/bench_shapes"   # the L row repeats bench_kernels' first row: compile time from the warm cache
+  TAIL=4 run bench_b8 100 $BENCH --kernel triton,current --device_batch_size 8 --max_seq_len 1024 --out_dir "$OUT/bench_b8"
+  ;;
+fp8)
+  TAIL=5 run bench_fp8 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 262144 --kernel triton --precision bf16,fp8 --warmup 2 --steps 4 --timeout 280 --out_dir "$OUT/fp8"
+  LOSS="$TRAIN --depth 20 --kernel triton --num_iterations 200 --device_batch_size 16 --max_seq_len 1024 \
+      --total_batch_size 16384 --eval_every 200 --eval_tokens 1048576"
+  run loss200_d20_bf16 120 $LOSS --precision bf16
+  run loss200_d20_fp8 140 $LOSS --precision fp8
+  ;;
+fp8_loss24)
+  LOSS="$TRAIN --depth 24 --kernel triton --num_iterations 200 --device_batch_size 16 --max_seq_len 1024 \
+      --total_batch_size 16384 --eval_every 200 --eval_tokens 1048576"
+  run loss200_d24_bf16 250 $LOSS --precision bf16
+  run loss200_d24_fp8 300 $LOSS --precision fp8
+  ;;
+infer)
+  TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+  # a d20 checkpoint to serve (one uncompiled step: the server's speed does not depend on the weights)
+  run ckpt_d20 90 $TRAIN --depth 20 --num_iterations 1 --device_batch_size 4 --max_seq_len 1024 \
+      --total_batch_size 4096 --eval_every 0 --compile false --model_tag web
+  python3 -m scripts.chat_web -i base --tag web --port 8011 --host 127.0.0.1 > "$OUT/chat_web.txt" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 90); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
+  TAIL=6 run web_load 120 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 1,32 --duration_s 25
+  kill $SERVER
+  ;;
+speedrun)
+  bash benchmarks/h200_speedrun.sh
+  exit $?
+  ;;
+*) echo "unknown part $PART"; exit 2 ;;
+esac
+
+# the short table: every JSON last line of this part's logs, a few figures each
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+keys = ("tok_per_s", "median_tok_per_s", "peak_memory_gib", "mfu", "val_bpb", "speedup", "status", "rows")
+print("\n| log | figures |\n| --- | --- |")
+for path in sorted(Path(sys.argv[1]).glob("*.txt")):
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith("{")]
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        last = {}
+    figures = {k: last[k] for k in keys if k in last}
+    print(f"| {path.stem} | {json.dumps(figures)[:400] if figures else '(no JSON line: see the log)'} |")
+PY

@@ -1,0 +1,60 @@
+"""scripts.bench and scripts.profile_kernels on the CPU: the table goes on past a crashed row, every output
+is written, and the memory breakdown adds up to what the model and optimizer hold."""
+import json
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.optim import build_optimizer
+from scripts import bench, profile_kernels
+
+TINY = ["--device_type=cpu", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--vocab_size=256",
+        "--warmup=1"]
+
+
+def test_profile_kernels_cpu_smoke(capsys):
+    out = profile_kernels.main([*TINY, "--steps=1", "--timed_steps=1", "--compile=false",
+                                "--expect=loss=current", "--expect=attention=cudnn"])
+    assert out["timing"]["tok_per_s"] > 0 and out["timing"]["step_ms"] > 0
+    assert out["groups"] and abs(sum(out["groups"].values()) - 1.0) < 1e-3
+    # on the CPU the "kernels" are aten ops: the loss one is recognised, a GPU attention kernel is not there
+    assert len(out["expect_failures"]) == 1 and "attention" in out["expect_failures"][0], out["expect_failures"]
+    assert "_for_cpu" in out["expect_failures"][0]  # names what ran instead
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"]["depth"] == 1
+
+
+def test_bench_marks_a_crashed_row_and_goes_on(tmp_path):
+    result = bench.main([*TINY, "--kernel=current,no_such_kernel", "--steps=1", f"--out_dir={tmp_path}"])
+    ok, bad = result["rows"]
+    assert ok["status"] == "ok" and ok["tok_per_s"] > 0, ok
+    assert "tok_per_s" not in bad and "no_such_kernel" in bad["status"], bad["status"]
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("\n") == 4 and "no_such_kernel" in table
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["kernel"] == "current"
+    assert (tmp_path / "row0.log").is_file() and (tmp_path / "row1.log").is_file()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_memory_breakdown_counts_weights_grads_and_optimizer_state():
+    torch.manual_seed(0)
+    cfg = config_from_depth(2, vocab_size=256, sequence_len=32, aspect_ratio=64, head_dim=64)
+    model = GPT(cfg)
+    model.init_weights()
+    opt = build_optimizer(model)
+    idx = torch.randint(0, 256, (2, 32))
+    model(idx, idx).backward()
+    opt.step()
+    groups = model.param_groups()
+    matrix = sum(p.numel() for p in groups["matrix"])
+    other = sum(p.numel() for name, ps in groups.items() if name != "matrix" for p in ps)
+    n_adam = sum(len(ps) for name, ps in groups.items() if name != "matrix")
+    gib = 2**30
+    mem = profile_kernels.memory_breakdown(model, opt, peak_gib=1.0)
+    assert mem["weights"] == pytest.approx(4 * (matrix + other) / gib, abs=1e-3)
+    assert mem["grads"] == mem["weights"]  # fp32 gradients of fp32 weights
+    # Muon: one fp32 momentum per matrix; AdamW: two fp32 moments per parameter and a scalar step each
+    expected_state = (4 * matrix + 8 * other + 4 * n_adam) / gib
+    assert mem["optimizer"] == pytest.approx(expected_state, abs=1e-3)
+    assert mem["rest"] == pytest.approx(1.0 - mem["weights"] - mem["grads"] - mem["optimizer"], abs=2e-3)
