@@ -4,15 +4,17 @@
 #   bash benchmarks/h200.sh kernels    # carry [".whl"]: GPU tests, kernel check, attention + loss benchmarks (issues 4, 5)
 #   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, B=8 T=1024,
 #                                      #   a repeated row for the compile cache (issues 5, 6)
-#   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit; d20 200-step loss (issue 7)
-#   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step loss, bf16 vs fp8 (issue 7)
+#   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit, then the d24
+#                                      #   200-step losses at the same shapes (compile cache hits) (issue 7)
+#   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
+#                                      #   triton vs current loss kernel (issue 5)
 #   bash benchmarks/h200.sh infer      # carry [".whl", ".carry"]: infer_bench; the web server under 1 and 32 clients (issue 8)
 #   bash benchmarks/h200.sh speedrun   # carry [".whl", ".carry"]: benchmarks/h200_speedrun.sh (issue 10)
 #
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|step|fp8|fp8_loss24|infer|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|step|fp8|fp8_loss20|infer|speedrun}"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
 if [ -d .carry/tokenizer ]; then rm -rf "$NANOCHAT_BASE_DIR/tokenizer"; cp -r .carry/tokenizer "$NANOCHAT_BASE_DIR/"; fi
@@ -33,26 +35,29 @@ kernels)
       --shapes 65536x1280x65536,65536x1280x32768,65536x2048x32768 --variants split,onepass,onepass/ce-warps32 --repeats 8
   ;;
 step)
-  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 4 --timeout 150"
-  TAIL=8 run bench_kernels 330 $BENCH --kernel triton,liger,cce,current --device_batch_size 32 --max_seq_len 2048 \
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"
+  TAIL=8 run bench_kernels 300 $BENCH --kernel triton,liger,cce,current --device_batch_size 32 --max_seq_len 2048 \
       --out_dir "$OUT/bench_kernels"
-  TAIL=6 run bench_shapes 240 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
+  TAIL=6 run bench_shapes 170 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
       --out_dir "$OUT/bench_shapes"   # the L row repeats bench_kernels' first row: compile time from the warm cache
-  TAIL=4 run bench_b8 100 $BENCH --kernel triton,current --device_batch_size 8 --max_seq_len 1024 --out_dir "$OUT/bench_b8"
+  TAIL=4 run bench_b8 90 $BENCH --kernel triton --device_batch_size 8 --max_seq_len 1024 --out_dir "$OUT/bench_b8"
   ;;
 fp8)
   TAIL=5 run bench_fp8 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
       --total_batch_size 262144 --kernel triton --precision bf16,fp8 --warmup 2 --steps 4 --timeout 280 --out_dir "$OUT/fp8"
-  LOSS="$TRAIN --depth 20 --kernel triton --num_iterations 200 --device_batch_size 16 --max_seq_len 1024 \
-      --total_batch_size 16384 --eval_every 200 --eval_tokens 1048576"
-  run loss200_d20_bf16 120 $LOSS --precision bf16
-  run loss200_d20_fp8 140 $LOSS --precision fp8
+  # 200 steps of one 16 x 2048 micro-batch: the bench rows' graphs, so their compiled code is reused
+  LOSS="$TRAIN --depth 24 --kernel triton --num_iterations 200 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576"
+  run loss200_d24_bf16 110 $LOSS --precision bf16
+  run loss200_d24_fp8 130 $LOSS --precision fp8
   ;;
-fp8_loss24)
-  LOSS="$TRAIN --depth 24 --kernel triton --num_iterations 200 --device_batch_size 16 --max_seq_len 1024 \
-      --total_batch_size 16384 --eval_every 200 --eval_tokens 1048576"
-  run loss200_d24_bf16 250 $LOSS --precision bf16
-  run loss200_d24_fp8 300 $LOSS --precision fp8
+fp8_loss20)
+  # d20, 200 steps: triton bf16 vs fp8 (issue 7), and triton vs current in bf16 step by step (issue 5)
+  LOSS="$TRAIN --depth 20 --num_iterations 200 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576"
+  run loss200_d20_bf16 150 $LOSS --kernel triton --precision bf16 --model_tag l_triton
+  run loss200_d20_current 150 $LOSS --kernel current --precision bf16 --model_tag l_current
+  run loss200_d20_fp8 270 $LOSS --kernel triton --precision fp8 --model_tag l_fp8
   ;;
 infer)
   TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
@@ -86,4 +91,18 @@ for path in sorted(Path(sys.argv[1]).glob("*.txt")):
         last = {}
     figures = {k: last[k] for k in keys if k in last}
     print(f"| {path.stem} | {json.dumps(figures)[:400] if figures else '(no JSON line: see the log)'} |")
+
+def step_losses(name):  # base_train's "step 00012/00200 | loss 5.1234 | ..." lines
+    path = Path(sys.argv[1]) / f"{name}.txt"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return [float(ln.split("|")[1].split()[1]) for ln in lines if ln.startswith("step ") and "| loss " in ln]
+
+base = step_losses("loss200_d20_bf16")
+for other in ("loss200_d20_current", "loss200_d20_fp8"):
+    losses = step_losses(other)
+    n = min(len(base), len(losses), 50)
+    if n:
+        diff = max(abs(a - b) for a, b in zip(base[:n], losses[:n]))
+        print(f"{other} vs loss200_d20_bf16 (triton), first {n} steps: max |loss diff| {diff:.4f}; "
+              f"step {min(len(base), len(losses))}: {losses[-1]:.4f} vs {base[-1]:.4f}")
 PY

@@ -200,6 +200,13 @@ while True:
 """
 
 
+def _partly_written_tmp_file(out: Path) -> bool:
+    try:
+        return any(f.stat().st_size > 0 for d in out.glob(".tmp_step_*") for f in d.iterdir())
+    except FileNotFoundError:  # renamed into place between the listing and the stat
+        return False
+
+
 def test_kill_9_mid_save_leaves_previous_loadable(tmp_path):
     out = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(out)], cwd=REPO, stdout=subprocess.PIPE,
@@ -209,7 +216,8 @@ def test_kill_9_mid_save_leaves_previous_loadable(tmp_path):
         for line in proc.stdout:  # "saving 2" = step 1 is complete and step 2 is being written
             if line.strip() == "saving 2" or time.time() > deadline:
                 break
-        time.sleep(0.5)
+        while time.time() < deadline and not _partly_written_tmp_file(out):
+            time.sleep(0.001)  # kill as soon as a save has bytes on disk: always mid-save, even on a busy machine
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

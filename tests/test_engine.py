@@ -1,10 +1,15 @@
 """Engine: greedy decoding equals full recomputation, sampling is seeded, stops, and the calculator tool."""
+import re
+import shutil
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from nanochat import engine as engine_mod
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine, StaticDecoder, sample_next
+from nanochat.gpt import GPT, config_from_depth
 from tests.helpers_chat import naive_generate, tiny_model, tiny_tokenizer
 
 
@@ -172,3 +177,28 @@ def test_load_prompt_row_by_row(tok, model):
             logits = dec.step()
     for p, s in zip(ps, seqs):
         assert s == naive_generate(model, p, max_tokens=6, stop_ids=set())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decode_step_writes_the_kv_cache_in_place():
+    """A compiled decode step must write each new key/value into the cache in place. A functionalized
+    write into a slice of a shared cache tensor shows up in Inductor's code as a loop over a whole layer's
+    cache (that many elements), and made the d20 decode step ~20x slower on the H200 (BENCHMARKS.md)."""
+    torch.manual_seed(0)
+    cfg = config_from_depth(1, vocab_size=256, sequence_len=32, aspect_ratio=64, head_dim=64)
+    gpt = GPT(cfg)
+    gpt.init_weights()
+    gpt.eval()
+    eager, compiled = (StaticDecoder(gpt, slots=3, max_seq_len=80, compile=c) for c in (False, True))
+    for dec in (eager, compiled):
+        dec.tokens.copy_(torch.tensor([5, 6, 7]))
+        dec.pos.copy_(torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        want = eager.step().clone()
+        got, codes = run_and_get_code(compiled._step_fn)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled.k[0], eager.k[0])
+    layer_numel = compiled.k[0].numel()  # 3 slots x 1 kv head x 80 positions x 64 = 15360, unique here
+    loop_bounds = set(re.findall(r"<static_cast<int64_t>\((\d+)L\)", "\n".join(codes)))
+    assert loop_bounds and str(layer_numel) not in loop_bounds, sorted(loop_bounds, key=int)

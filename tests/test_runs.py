@@ -199,7 +199,7 @@ H200_PARTS = {
     "kernels": {"pytest", "benchmarks.check_kernels", "benchmarks.bench_attention", "benchmarks.bench_loss"},
     "step": {"scripts.bench"},
     "fp8": {"scripts.bench", "scripts.base_train"},
-    "fp8_loss24": {"scripts.base_train"},
+    "fp8_loss20": {"scripts.base_train"},
     "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
 }
 
