@@ -2,8 +2,10 @@
 # Every H200 measurement, in parts that each fit one 600 s device call; each part ends with a short table.
 #
 #   bash benchmarks/h200.sh kernels    # carry [".whl"]: GPU tests, kernel check, attention + loss benchmarks (issues 4, 5)
-#   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, B=8 T=1024,
-#                                      #   a repeated row for the compile cache (issues 5, 6)
+#   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, and a
+#                                      #   repeated row for the compile cache (issues 5, 6)
+#   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
+#                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit, then the d24
 #                                      #   200-step losses at the same shapes (compile cache hits) (issue 7)
 #   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
@@ -14,7 +16,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|step|fp8|fp8_loss20|infer|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|step|memory|fp8|fp8_loss20|infer|speedrun}"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
 if [ -d .carry/tokenizer ]; then rm -rf "$NANOCHAT_BASE_DIR/tokenizer"; cp -r .carry/tokenizer "$NANOCHAT_BASE_DIR/"; fi
@@ -40,7 +42,12 @@ step)
       --out_dir "$OUT/bench_kernels"
   TAIL=6 run bench_shapes 170 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
       --out_dir "$OUT/bench_shapes"   # the L row repeats bench_kernels' first row: compile time from the warm cache
-  TAIL=4 run bench_b8 90 $BENCH --kernel triton --device_batch_size 8 --max_seq_len 1024 --out_dir "$OUT/bench_b8"
+  ;;
+memory)
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140 --kernel triton"
+  TAIL=4 run bench_b8 200 $BENCH --device_batch_size 8 --max_seq_len 1024 --recompute none,mlp --out_dir "$OUT/bench_b8"
+  TAIL=4 run bench_recompute 300 $BENCH --device_batch_size 32 --max_seq_len 2048 --recompute mlp,block \
+      --out_dir "$OUT/bench_recompute"
   ;;
 fp8)
   TAIL=5 run bench_fp8 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \

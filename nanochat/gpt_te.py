@@ -71,6 +71,8 @@ class TEGPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         te = import_te()
+        if cfg.recompute != "none":
+            raise ValueError("--arch te does not support --recompute; use --arch gpt or --recompute none")
         if cfg.value_embeds:
             raise ValueError("--arch te has no value embeddings (TE's attention takes no extra value input); "
                              "drop --value_embeds or use --arch gpt")

@@ -46,6 +46,7 @@ class TrainConfig:
     window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = half context)"})
     n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
     value_embeds: bool = False
+    recompute: str = field(default="none", metadata={"help": "activation recompute: none, mlp or block (memory for compute)"})
     # batch and horizon
     device_batch_size: int | None = field(default=None, metadata={"help": "rows per device per micro-step (default 32; 1 on CPU)"})
     total_batch_size: int | None = field(default=None, metadata={"help": "tokens per optimizer step (default 524288; one micro-batch on CPU)"})
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_config = config_from_depth(
         cfg.depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=cfg.max_seq_len,
         aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, window_pattern=cfg.window_pattern,
-        value_embeds=cfg.value_embeds, attn_backend=cfg.attn,
+        value_embeds=cfg.value_embeds, attn_backend=cfg.attn, recompute=cfg.recompute,
         **({"n_kv_head": cfg.n_kv_head} if cfg.n_kv_head else {}),
     )
     with torch.device("meta"):

@@ -48,6 +48,7 @@ class ProfileConfig:
     max_seq_len: int = 2048
     vocab_size: int = 32768
     window_pattern: str = "L"
+    recompute: str = field(default="none", metadata={"help": "activation recompute: none, mlp or block"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
@@ -70,7 +71,8 @@ class ProfileConfig:
 def build(cfg: ProfileConfig, device: torch.device):
     """GPT with random weights + its optimizer, through the pinned interfaces only."""
     model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
-                                     window_pattern=cfg.window_pattern, attn_backend=cfg.attn)
+                                     window_pattern=cfg.window_pattern, attn_backend=cfg.attn,
+                                     recompute=cfg.recompute)
     with torch.device("meta"):
         model = model_class(cfg.arch)(model_config)
     model.to_empty(device=device)

@@ -269,6 +269,7 @@ def test_config_round_trips_through_a_dict():
     (dict(n_kv_head=3), "n_kv_head"),
     (dict(head_dim=31), "head_dim"),
     (dict(attn_backend="fast"), "auto, fa3"),
+    (dict(recompute="all"), "none, mlp, block"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -282,6 +283,49 @@ def test_forward_compiles_without_graph_breaks():
     expected = model(idx, tgt)  # eager first: the backend choice and its log line happen here
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(idx, tgt), expected)
+
+
+def _loss_grads_and_saved_bytes(recompute: str):
+    """Loss, gradients and the activation bytes autograd keeps outside checkpointed regions (recompute
+    keeps its own inside them, freed after the forward)."""
+    model = build(tiny(window_pattern="SL", short_window=8, value_embeds=True, recompute=recompute)).train()
+    saved = {}
+
+    def pack(t):
+        if not t.is_leaf:  # activations, not weights or inputs
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens(), tokens(seed=2))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved.values())
+
+
+def test_recompute_gives_the_same_gradients_for_less_saved_memory():
+    loss, grads, saved = _loss_grads_and_saved_bytes("none")
+    per_layer_hidden = 2 * T * 4 * 64 * 4  # B x T x 4C fp32: the MLP's hidden layer, one copy per layer
+    previous = saved
+    for mode in ("mlp", "block"):
+        loss_r, grads_r, saved_r = _loss_grads_and_saved_bytes(mode)
+        torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_r[name], g, rtol=1e-6, atol=1e-7, msg=f"{mode}: {name}")
+        assert saved_r <= previous - 2 * per_layer_hidden, (mode, saved_r, previous)  # 2 layers
+        previous = saved_r
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "block"])
+def test_recompute_compiles_without_graph_breaks(recompute):
+    """torch.compile traces the checkpointed regions whole (fullgraph) and the gradients do not change."""
+    model = build(tiny(window_pattern="SL", short_window=8, recompute=recompute)).train()
+    idx, tgt = tokens(), tokens(seed=2)
+    model(idx, tgt).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.compile(model, backend="aot_eager", fullgraph=True)(idx, tgt).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.gpu

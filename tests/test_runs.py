@@ -198,6 +198,7 @@ def test_speedrun_commands_parse(tmp_path, preset):
 H200_PARTS = {
     "kernels": {"pytest", "benchmarks.check_kernels", "benchmarks.bench_attention", "benchmarks.bench_loss"},
     "step": {"scripts.bench"},
+    "memory": {"scripts.bench"},
     "fp8": {"scripts.bench", "scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
     "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
