@@ -217,15 +217,14 @@ class Block(nn.Module):
         self.recompute = cfg.recompute
 
     def forward(self, x, cos, sin, ve=None, kv_cache=None):
-        if self.recompute == "none" or not torch.is_grad_enabled():
-            return self._forward(x, cos, sin, ve, kv_cache)
-        if self.recompute == "block":
+        if self.recompute == "block" and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, ve, kv_cache, use_reentrant=False)
-        x = x + self.attn(norm(x), cos, sin, ve, kv_cache)
-        return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return self._forward(x, cos, sin, ve, kv_cache)
 
     def _forward(self, x, cos, sin, ve, kv_cache):
         x = x + self.attn(norm(x), cos, sin, ve, kv_cache)
+        if self.recompute == "mlp" and torch.is_grad_enabled():
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
 
     def _mlp(self, x):

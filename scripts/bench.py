@@ -96,9 +96,8 @@ def state_and_rest(mem: dict | None) -> str:
 
 def format_table(rows: list[dict], baseline: int) -> str:
     base = rows[baseline].get("tok_per_s") if 0 <= baseline < len(rows) else None
-    head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | tok/s | step ms | peak GiB | state / rest GiB "
-            "| MFU | vs base "
-            "| compile s | attention ran | loss ran | matmul ran | quant % | status |")
+    head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | tok/s | step ms | peak GiB "
+            "| state / rest GiB | MFU | vs base | compile s | attention ran | loss ran | matmul ran | quant % | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tps = r.get("tok_per_s")
@@ -122,7 +121,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{r['precision']}\nd{r['depth']} B{r['device_batch_size']} "
-              f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" rc:{r['recompute']}")
+              f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" {r['recompute']}")
               for r in rows]
     values = [r.get("tok_per_s") or 0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
