@@ -261,8 +261,8 @@ def load_model(phase: str = "base", device: str | torch.device = "cpu", tag: str
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {phase_dir}; "
                                     f"tags there: {sorted(d.name for d in tags)}. Run `{how}` to make one")
     model_state, _, meta = load_checkpoint(tag_dir, step=step, device=device, load_optimizer=False)
-    # the attention backend is a property of the machine, not of the weights: pick again here
-    config = GPTConfig(**{**meta["model_config"], "attn_backend": "auto"})
+    # the attention backend and activation recompute are choices of a run, not of the weights: reset here
+    config = GPTConfig(**{**meta["model_config"], "attn_backend": "auto", "recompute": "none"})
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -288,10 +288,12 @@ def test_load_model(tmp_path, monkeypatch):
                     meta_for(cfg, 1, tokenizer_dir=str(tok_dir)))
     os.utime(old_dir, (1, 1))  # make "d1" the older tag
     new_dir = tmp_path / "checkpoints" / "base" / "d2"
-    save_checkpoint(new_dir, 2, model.state_dict(), None, meta_for(cfg, 2, tokenizer_dir=str(tok_dir)))
+    run_choices = replace(cfg, attn_backend="sdpa", recompute="block")  # a run's choices, not the weights'
+    save_checkpoint(new_dir, 2, model.state_dict(), None, meta_for(run_choices, 2, tokenizer_dir=str(tok_dir)))
 
     loaded, tok, meta = load_model("base")
     assert tok == "TOK" and loaded_from == [str(tok_dir)] and meta["step"] == 2 and not loaded.training
+    assert (loaded.config.attn_backend, loaded.config.recompute) == ("auto", "none")
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     idx = torch.randint(0, cfg.vocab_size, (1, 8))
