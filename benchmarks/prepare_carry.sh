@@ -5,6 +5,9 @@
 #            shard_00006 = validation), eval/core (CORE's tasks, for the speedrun's base_eval)
 # Run from the repo root on the dev machine, in the project's venv:  bash benchmarks/prepare_carry.sh
 # Then carry [".whl"] for the kernel call and [".whl", ".carry"] for training calls (~45 MiB; limit 64).
+# TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE 2.15.0 meta wheel, the
+# transformer_engine_torch sdist, pydantic & co, SHA256SUMS) and .whl_te_parts/p0..p3 (the 186 MB cu13
+# core wheel cut in 4, one part per call).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"
@@ -18,5 +21,27 @@ if [ ! -d .carry/tokenizer ]; then
     NANOCHAT_BASE_DIR="$PWD/.carry/tok_build" python -m scripts.tok_train --data_dir "$DATA/pretrain" \
         --max_chars 100000000 --vocab_size 32768
     mv .carry/tok_build/tokenizer .carry/tokenizer && rm -rf .carry/tok_build
+fi
+if [ "${TE:-0}" = 1 ]; then
+    rm -rf .whl_te .whl_te_parts && mkdir -p .whl_te
+    python -m pip download -q --no-deps --only-binary=:all: --dest .whl_te \
+        --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+        "transformer-engine==2.15.0" "transformer-engine-cu13==2.15.0" pydantic pydantic-core annotated-types \
+        typing-inspection wheel
+    # the torch extension is an sdist whose metadata step needs CUDA: fetch the file from the index as is
+    python - <<'PY'
+import hashlib, re, urllib.request
+html = urllib.request.urlopen("https://pypi.org/simple/transformer-engine-torch/", timeout=60).read().decode()
+url, sha = re.search(r'href="([^"#]+/transformer_engine_torch-2\.15\.0\.tar\.gz)#sha256=([0-9a-f]+)"', html).groups()
+data = urllib.request.urlopen(url, timeout=300).read()
+assert hashlib.sha256(data).hexdigest() == sha, "sdist checksum mismatch"
+open(".whl_te/transformer_engine_torch-2.15.0.tar.gz", "wb").write(data)
+PY
+    (cd .whl_te && sha256sum ./*.whl ./*.tar.gz | sed 's| \./| |' > SHA256SUMS)
+    CORE=$(ls .whl_te/transformer_engine_cu13-*.whl)
+    mkdir -p .whl_te_parts && split -n 4 -d -a 1 "$CORE" ".whl_te_parts/$(basename "$CORE").part"
+    for k in 0 1 2 3; do mkdir -p ".whl_te_parts/p$k" && mv ".whl_te_parts/$(basename "$CORE").part$k" ".whl_te_parts/p$k/"; done
+    rm "$CORE"
+    du -sh .whl_te .whl_te_parts/p*
 fi
 du -sh .whl .carry

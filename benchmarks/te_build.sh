@@ -3,7 +3,7 @@
 # against the torch there, then smoke-test te.Linear (bf16 and fp8) and TEGPT. Prints OK/FAIL lines, last a
 # JSON line. Run from the repo root:  bash benchmarks/te_build.sh
 #
-# What travels (fetched with pip on a machine with internet; TE 2.15.0, the smallest recent cu13 core wheel):
+# What travels (built by `TE=1 bash benchmarks/prepare_carry.sh`; TE 2.15.0, the smallest recent cu13 core wheel):
 #   .whl_te/        transformer_engine-2.15.0 (meta wheel), transformer_engine_torch-2.15.0.tar.gz (sdist),
 #                   pydantic, pydantic_core, annotated_types, typing_inspection, wheel, SHA256SUMS   (~4 MB)
 #   .whl_te_parts/  pK/transformer_engine_cu13-2.15.0-...whl.partK (K = 0..3): the 186 MB core wheel cut with
