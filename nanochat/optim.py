@@ -147,6 +147,11 @@ class MuonAdamW:
     def param_groups(self) -> list[dict]:
         return [g for o in self._optimizers for g in o.param_groups]
 
+    @property
+    def state(self) -> dict:
+        """Per-parameter state of both optimizers (each parameter is in one), as torch.optim's `state`."""
+        return {p: s for o in self._optimizers for p, s in o.state.items()}
+
     @torch.no_grad()
     def step(self) -> None:
         if self.world_size > 1 and self.owners is None:

@@ -13,6 +13,8 @@ import torch
 from nanochat.common import autodetect_device_type, log0
 from nanochat.flags import parse_flags
 
+SHORT_FLAGS = {"-i": "source"}
+
 
 @dataclass
 class WebConfig:
@@ -32,7 +34,7 @@ class WebConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_flags(WebConfig, argv, description=__doc__, short={"-i": "source"})
+    cfg = parse_flags(WebConfig, argv, description=__doc__, short=SHORT_FLAGS)
     import uvicorn
 
     from nanochat.checkpoint import load_model

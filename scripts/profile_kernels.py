@@ -121,9 +121,7 @@ def memory_breakdown(model, optimizer, peak_gib: float) -> dict:
     params = list(model.parameters())
     weights = _tensor_bytes(params, set()) / 2**30
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**30
-    parts = [getattr(optimizer, name, None) for name in ("muon", "adamw")]  # MuonAdamW; else a torch optimizer
-    parts = [o for o in parts if o is not None] or [optimizer]
-    state = _tensor_bytes([list(o.state.values()) for o in parts], set()) / 2**30
+    state = _tensor_bytes(list(optimizer.state.values()), set()) / 2**30
     return {"weights": round(weights, 3), "grads": round(grads, 3), "optimizer": round(state, 3),
             "rest": round(peak_gib - weights - grads - state, 3)}
 

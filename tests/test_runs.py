@@ -156,7 +156,7 @@ def record_commands(tmp_path: Path, script: str, env: dict, args: tuple[str, ...
 
 def check_commands(commands: list[list[str]]) -> set[str]:
     """Parse every recorded `-m scripts.X` command through X's flags; returns the modules seen."""
-    from scripts.chat_eval import SHORT_FLAGS
+    from scripts import chat_eval, chat_web
     seen = set()
     for argv in commands:
         if "-m" not in argv:  # `python3 -c ...` and heredoc snippets
@@ -166,7 +166,7 @@ def check_commands(commands: list[list[str]]) -> set[str]:
         seen.add(module)
         if module in NOT_OURS:
             continue
-        short = {"scripts.chat_eval": SHORT_FLAGS, "scripts.chat_web": {"-i": "source"}}.get(module)
+        short = {"scripts.chat_eval": chat_eval.SHORT_FLAGS, "scripts.chat_web": chat_web.SHORT_FLAGS}.get(module)
         try:
             build_parser(config_class(module), short=short).parse_args(args)
         except SystemExit as e:  # argparse reports the bad flag on stderr and exits
