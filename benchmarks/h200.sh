@@ -10,13 +10,17 @@
 #                                      #   200-step losses at the same shapes (compile cache hits) (issue 7)
 #   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
 #                                      #   triton vs current loss kernel (issue 5)
+#   bash benchmarks/h200.sh parity     # carry [".whl", ".carry"]: d20 50-step losses, triton vs current loss kernel (issue 5)
+#   bash benchmarks/h200.sh grads      # carry [".whl", ".carry"]: d20 training gradients, loss kernel vs kernel,
+#                                      #   eager and compiled (issue 5)
 #   bash benchmarks/h200.sh infer      # carry [".whl", ".carry"]: infer_bench; the web server under 1 and 32 clients (issue 8)
+#   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh speedrun   # carry [".whl", ".carry"]: benchmarks/h200_speedrun.sh (issue 10)
 #
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|step|memory|fp8|fp8_loss20|infer|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|step|memory|fp8|fp8_loss20|parity|grads|infer|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -67,11 +71,23 @@ fp8_loss20)
   run loss200_d20_current 150 $LOSS --kernel current --precision bf16 --model_tag l_current
   run loss200_d20_fp8 270 $LOSS --kernel triton --precision fp8 --model_tag l_fp8
   ;;
-infer)
-  TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+parity)
+  LOSS="$TRAIN --depth 20 --num_iterations 50 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 32768 --eval_every 50 --eval_tokens 1048576 --precision bf16"
+  run loss50_d20_triton 150 $LOSS --kernel triton --model_tag p_triton
+  run loss50_d20_current 150 $LOSS --kernel current --model_tag p_current
+  ;;
+grads)
+  TAIL=16 run train_grads 170 python3 -m benchmarks.check_train_grads --depth 20 --kernels current,triton,liger \
+      --steps 12 --data_dir .carry/data
+  TAIL=12 run train_grads_compiled 230 python3 -m benchmarks.check_train_grads --depth 20 --kernels current,triton \
+      --steps 8 --compile true --data_dir .carry/data
+  ;;
+infer|web)
+  [ "$PART" = infer ] && TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
   # a d20 checkpoint to serve (one uncompiled step: the server's speed does not depend on the weights)
   run ckpt_d20 90 $TRAIN --depth 20 --num_iterations 1 --device_batch_size 4 --max_seq_len 1024 \
-      --total_batch_size 4096 --eval_every 0 --compile false --model_tag web
+      --total_batch_size 4096 --eval_every 0 --compile false --model_tag web --save_every -1
   python3 -m scripts.chat_web -i base --tag web --port 8011 --host 127.0.0.1 > "$OUT/chat_web.txt" 2>&1 &
   SERVER=$!
   for _ in $(seq 90); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
@@ -101,12 +117,12 @@ def step_losses(name):  # base_train's "step 00012/00200 | loss 5.1234 | ..." li
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     return [float(ln.split("|")[1].split()[1]) for ln in lines if ln.startswith("step ") and "| loss " in ln]
 
-base = step_losses("loss200_d20_bf16")
-for other in ("loss200_d20_current", "loss200_d20_fp8"):
-    losses = step_losses(other)
+for base_name, other in (("loss200_d20_bf16", "loss200_d20_current"), ("loss200_d20_bf16", "loss200_d20_fp8"),
+                         ("loss50_d20_triton", "loss50_d20_current")):
+    base, losses = step_losses(base_name), step_losses(other)
     n = min(len(base), len(losses), 50)
     if n:
         diff = max(abs(a - b) for a, b in zip(base[:n], losses[:n]))
-        print(f"{other} vs loss200_d20_bf16 (triton), first {n} steps: max |loss diff| {diff:.4f}; "
-              f"step {min(len(base), len(losses))}: {losses[-1]:.4f} vs {base[-1]:.4f}")
+        print(f"{other} vs {base_name}, first {n} steps: max |loss diff| {diff:.4f}; "
+              f"step {min(len(base), len(losses))}: {losses[n - 1]:.4f} vs {base[n - 1]:.4f}")
 PY

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the git-ignored folders that GPU calls carry (the GPU machine reaches no registry and no ../shared):
-#   .whl/    wheels for the GPU machine's Python 3.12: liger-kernel, cut-cross-entropy, torchao, rustbpe
+#   .whl/    wheels for the GPU machine's Python 3.12: liger-kernel, cut-cross-entropy, torchao, rustbpe, and
+#            the web server's stack (fastapi, uvicorn and what they need; the image has neither)
 #   .carry/  tokenizer/ (32k, trained here on the shared shards), data/ (shard_00000 = train,
 #            shard_00006 = validation), eval/core (CORE's tasks, for the speedrun's base_eval)
 # Run from the repo root on the dev machine, in the project's venv:  bash benchmarks/prepare_carry.sh
@@ -15,6 +16,10 @@ mkdir -p .whl .carry/data .carry/eval
 python -m pip download -q --no-deps --only-binary=:all: --dest .whl \
     --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
     "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1" "torchao==0.18.0" rustbpe
+# the web stack with its whole dependency closure (newer copies of what the image has shadow it in /tmp/site)
+python -m pip download -q --only-binary=:all: --dest .whl \
+    --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+    "fastapi==0.165.0" "uvicorn==0.54.0"
 cp "$DATA/pretrain/shard_00000.parquet" "$DATA/pretrain/shard_00006.parquet" .carry/data/
 rm -rf .carry/eval/core && cp -r "$DATA/eval/core" .carry/eval/core
 if [ ! -d .carry/tokenizer ]; then

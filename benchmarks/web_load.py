@@ -6,7 +6,8 @@
 Each client loops: POST a streaming chat completion (temperature 0.8, max_tokens tokens), read the
 stream to the end, repeat, until `duration_s` has passed or it made `max_requests` requests. Streamed
 content chunks are counted as tokens (the server sends one chunk per decoded piece of text, so this
-slightly undercounts). Loopback only: the URL must point at 127.0.0.1/localhost.
+slightly undercounts). Before the timed rows, one untimed request per client of the largest row warms
+the server up (its first requests compile and capture the decode step). Loopback only: the URL must point at 127.0.0.1/localhost.
 Last line: one JSON object, with the 32-vs-1 client speedup (target >= 10x).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 import httpx
@@ -29,6 +30,7 @@ class LoadConfig:
     duration_s: float = 30.0
     max_requests: int = 20          # per client
     max_tokens: int = 128
+    warmup: bool = True             # one untimed request per client of the largest row first
     prompt: str = "Write a short story about a robot learning to paint."
 
 
@@ -47,7 +49,9 @@ async def client_loop(http: httpx.AsyncClient, cfg: LoadConfig, deadline: float,
     return tokens, requests
 
 
-async def measure(cfg: LoadConfig, n: int) -> dict:
+async def measure(cfg: LoadConfig, n: int, max_requests: int | None = None) -> dict:
+    if max_requests is not None:
+        cfg = replace(cfg, max_requests=max_requests)
     async with httpx.AsyncClient(base_url=cfg.url, timeout=httpx.Timeout(300.0),
                                  limits=httpx.Limits(max_connections=n + 4)) as http:
         start = time.perf_counter()
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"web_load only targets a local server (got host {host!r}); use --url http://127.0.0.1:PORT")
     httpx.get(cfg.url + "/health", timeout=10).raise_for_status()
+    if cfg.warmup:
+        warm = asyncio.run(measure(cfg, max(cfg.clients), max_requests=1))
+        print(f"warm-up: {warm['requests']} requests in {warm['seconds']} s (not counted)")
     rows = [asyncio.run(measure(cfg, n)) for n in cfg.clients]
     print(f"{'clients':>8} {'requests':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
     for r in rows:

@@ -32,6 +32,8 @@ class BenchConfig:
     cuda_graph: bool = True
     prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
     peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
+    profile_batches: list[int] = field(default_factory=lambda: [1, 128])  # kernel breakdown of these steps
+    profile_steps: int = 10
     seed: int = 0
 
 
@@ -103,6 +105,12 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - t1
     tpot = decode_s / steps
+    profile = None
+    if batch in cfg.profile_batches:
+        try:
+            profile = profile_decode(decoder, cfg.profile_steps)
+        except Exception as exc:  # the timings above stand without it; the row says why it is missing
+            profile = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     mc = model.config
     kv_bytes = 2 * mc.n_layer * batch * mc.n_kv_head * max_len * mc.head_dim * decoder.k[0].element_size()
     step_bytes = weight_bytes_per_step(model) + kv_bytes
@@ -116,7 +124,35 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
         "step_gb": round(step_bytes / 1e9, 3),
         "bw_util": round(step_bytes / tpot / (cfg.peak_bandwidth_tbs * 1e12), 3),
         "warmup_s": round(warmup_s, 1),
+        **({"profile": profile} if profile else {}),
     }
+
+
+def profile_decode(decoder, steps: int) -> dict:
+    """Kernel breakdown of `steps` decode steps (the compiled step, run outside its CUDA graph so the
+    profiler sees each kernel; the graph replays the same kernels): kernels per step, summed kernel time
+    per step (the floor of a graph replay), and the top kernels. Printed; returned for the JSON line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanochat.engine import autocast_for
+    from nanochat.kernels.audit import format_summary, summarize
+
+    with autocast_for(decoder.device):
+        decoder._step_fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder._step_fn()
+            torch.cuda.synchronize()
+    events = []
+    for e in prof.key_averages():  # kernels, memcpys and memsets: the device-side events
+        if "CUDA" in str(e.device_type) and e.self_device_time_total > 0:
+            events.extend([(e.key, e.self_device_time_total / e.count)] * e.count)
+    summary = summarize(events, top=12)
+    log0(f"decode step, batch {decoder.slots}, {steps} steps profiled:\n{format_summary(summary)}")
+    return {"kernels_per_step": round(len(events) / steps, 1),
+            "kernel_ms_per_step": round(summary["total_us"] / steps / 1e3, 3),
+            "top": [[k["name"][:60], round(k["us"] / steps, 1)] for k in summary["top"][:6]]}
 
 
 @torch.inference_mode()

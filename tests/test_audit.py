@@ -17,6 +17,7 @@ NAMES = {
     "triton_tem_fused_flex_attention_backward_zeros_1": "attention",
     "fmha_cutlassF_bf16_aligned_64x128_rf_sm80": "attention",
     "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul",
+    "nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT": "matmul",
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
     "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)": "matmul",
     "triton_tem_fused_mm_3": "matmul",
@@ -115,3 +116,15 @@ def test_format_summary_mentions_top_kernel():
     s = _step("triton_tem_fused_flex_attention_0", "liger_cross_entropy_kernel")
     text = audit.format_summary(s)
     assert "nvjet_tst_192x192" in text and "| matmul |" in text
+
+
+@pytest.mark.parametrize("name, fp8", [
+    ("nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT", True),        # CUDA 12 cuBLASLt, 8-bit A and B
+    ("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", True),  # CUDA 13, seen on the H200 (fp8 run)
+    ("nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT", True),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", False),     # the bf16 GEMM of the same run
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", False),
+])
+def test_fp8_matmul_expectation_tells_fp8_from_bf16_gemms(name, fp8):
+    s = audit.summarize([(name, 100.0)])
+    assert (audit.check_expectations(s, ["matmul=fp8"]) == []) == fp8

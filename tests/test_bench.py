@@ -58,3 +58,35 @@ def test_memory_breakdown_counts_weights_grads_and_optimizer_state():
     expected_state = (4 * matrix + 8 * other + 4 * n_adam) / gib
     assert mem["optimizer"] == pytest.approx(expected_state, abs=1e-3)
     assert mem["rest"] == pytest.approx(1.0 - mem["weights"] - mem["grads"] - mem["optimizer"], abs=2e-3)
+
+
+TINY_GRADS = ["--device_type=cpu", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--vocab_size=256",
+              "--data=random", "--steps=2"]
+
+
+def test_train_grads_check_passes_the_triton_kernel(monkeypatch):
+    """In the Triton interpreter (fp32 on the CPU) our kernel's whole-model gradients equal `current`'s."""
+    from benchmarks import check_train_grads
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    result = check_train_grads.main([*TINY_GRADS, "--kernels=current,triton"])
+    assert result["failed"] == 0
+    assert all(row["triton"]["grad_err"] < 1e-4 and abs(row["triton"]["loss_diff"]) < 1e-5 for row in result["rows"])
+
+
+def test_train_grads_check_fails_a_kernel_with_wrong_gradients(monkeypatch):
+    """A backend whose logits come out 1.1x too large fails the check at every step."""
+    import sys
+    import types
+
+    from benchmarks import check_train_grads
+    from nanochat import kernels
+    from nanochat.kernels import loss_current
+
+    skewed = types.ModuleType("skewed_loss_backend")
+    skewed.is_available = lambda: (True, "ok")
+    skewed.fused_linear_cross_entropy = lambda h, w, t, **kw: loss_current.fused_linear_cross_entropy(h, 1.1 * w, t, **kw)
+    monkeypatch.setitem(sys.modules, "skewed_loss_backend", skewed)
+    monkeypatch.setitem(kernels.LOSS_BACKENDS, "skewed", "skewed_loss_backend")
+    result = check_train_grads.main([*TINY_GRADS, "--kernels=current,skewed"])
+    assert result["failed"] == 2 and all(not row["skewed"]["ok"] for row in result["rows"])
+    kernels.set_kernel_backend("current")

@@ -125,6 +125,7 @@ CONFIG_CLASSES = {
     "scripts.bench": "BenchConfig", "scripts.infer_bench": "BenchConfig", "scripts.chat_web": "WebConfig",
     "benchmarks.bench_loss": "BenchConfig", "benchmarks.bench_attention": "BenchConfig",
     "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
+    "benchmarks.check_train_grads": "CheckConfig",
 }
 NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
 
@@ -201,6 +202,9 @@ H200_PARTS = {
     "memory": {"scripts.bench"},
     "fp8": {"scripts.bench", "scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
+    "parity": {"scripts.base_train"},
+    "grads": {"benchmarks.check_train_grads"},
+    "web": {"scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
     "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
 }
 

@@ -116,3 +116,14 @@ def test_bad_requests_get_400_json(server, payload, needle):
 def test_openai_client_raises_on_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "y" * 500}])
+
+
+def test_web_load_warms_up_then_measures_each_row(server, capsys):
+    from benchmarks import web_load
+    web_load.main(["--url", server.url, "--clients", "1,3", "--duration_s", "0.5", "--max_tokens", "4",
+                   "--max_requests", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("warm-up: 3 requests")  # one per client of the largest row, not counted
+    rows = json.loads(lines[-1])["results"]
+    assert [r["clients"] for r in rows] == [1, 3]
+    assert all(1 <= r["requests"] <= 2 * r["clients"] and r["tokens"] > 0 for r in rows), rows

@@ -69,7 +69,8 @@ BACKEND_PATTERNS: dict[str, dict[str, str]] = {
         "cublas": r"nvjet|gemm|xmma|cublas|s16816",
         "cutlass": r"cutlass",
         "triton": r"^triton_tem_fused",
-        "fp8": r"nvjet_q|e4m3|e5m2|f8f8|fp8|float8|_scaled_mm|qgmma",
+        # cuBLASLt's fp8 nvjet kernels: nvjet_qqtst_... or, in CUDA 13, nvjet_sm90_qrtst_... / _qqtst_...
+        "fp8": r"nvjet_(sm\d+_)?q|e4m3|e5m2|f8f8|fp8|float8|_scaled_mm|qgmma",
         "nvfp4": r"e2m1|nvfp4|fp4|vec16UE4M3",
     },
     "quantize/transpose": {"fp8": r"amax|float8|fp8|e4m3|e5m2|_scaled_"},
