@@ -5,8 +5,8 @@
 `check_kernels` checks each loss kernel alone against an fp32 reference. This checks what a training run
 sees: d20 under bf16 autocast on real batches, the loss kernel's dhidden flowing back through every
 block. Each step, every kernel computes the loss and all gradients on the same batch from the same
-weights. The reference (the first kernel) runs twice, so its own run-to-run difference (the attention
-backward is not deterministic) is the yardstick. Then the reference's gradients drive a Muon + AdamW
+weights. The reference (the first kernel) runs twice, so its own run-to-run difference (attention
+backwards need not be deterministic) is the yardstick. Then the reference's gradients drive a Muon + AdamW
 update, so all kernels are compared along one trajectory. A kernel fails a step when its worst
 per-parameter relative gradient error exceeds max(--tol, --noise_factor x the reference's own).
 Last line: one JSON object.

@@ -7,7 +7,8 @@ Each client loops: POST a streaming chat completion (temperature 0.8, max_tokens
 stream to the end, repeat, until `duration_s` has passed or it made `max_requests` requests. Streamed
 content chunks are counted as tokens (the server sends one chunk per decoded piece of text, so this
 slightly undercounts). Before the timed rows, one untimed request per client of the largest row warms
-the server up (its first requests compile and capture the decode step). Loopback only: the URL must point at 127.0.0.1/localhost.
+the server up (its first requests compile and capture the decode step).
+Loopback only: the URL must point at 127.0.0.1/localhost.
 Last line: one JSON object, with the 32-vs-1 client speedup (target >= 10x).
 """
 from __future__ import annotations

@@ -210,6 +210,12 @@ class StaticDecoder:
             self._graph.replay()
             return self._logits
 
+    def step_outside_graph(self) -> torch.Tensor:
+        """One step through the (compiled) step function without the CUDA graph: the same kernels, each
+        one visible to a profiler. Advances every slot's position like step()."""
+        with autocast_for(self.device):
+            return self._step_fn()
+
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then record one step into a CUDA graph."""
         saved_pos = self.pos.clone()  # k/v written past a row's position are rewritten before being read

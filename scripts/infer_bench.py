@@ -134,16 +134,14 @@ def profile_decode(decoder, steps: int) -> dict:
     per step (the floor of a graph replay), and the top kernels. Printed; returned for the JSON line."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanochat.engine import autocast_for
     from nanochat.kernels.audit import format_summary, summarize
 
-    with autocast_for(decoder.device):
-        decoder._step_fn()
+    decoder.step_outside_graph()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step_outside_graph()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                decoder._step_fn()
-            torch.cuda.synchronize()
     events = []
     for e in prof.key_averages():  # kernels, memcpys and memsets: the device-side events
         if "CUDA" in str(e.device_type) and e.self_device_time_total > 0:

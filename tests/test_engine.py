@@ -72,6 +72,20 @@ def test_static_decoder_rows_at_different_positions(tok, model):
         assert s == naive_generate(model, p, max_tokens=12, stop_ids=set())
 
 
+def test_step_outside_graph_is_the_same_step(tok, model):
+    """The profiler's entry point computes what step() does and advances the positions the same way."""
+    eng = Engine(model, tok)
+    _, cache = eng.prefill(prompts(tok)[0])
+    decoders = [StaticDecoder(model, slots=2, max_seq_len=64) for _ in range(2)]
+    with torch.inference_mode():
+        for dec in decoders:
+            dec.load_prompt([0, 1], cache)
+            dec.tokens.fill_(5)
+        a, b = decoders[0].step().clone(), decoders[1].step_outside_graph()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(decoders[0].pos, decoders[1].pos) and int(decoders[1].pos[0]) == cache.pos + 1
+
+
 def test_sampling_differs_across_samples_and_is_seeded(tok, model):
     eng = Engine(model, tok)
     prompt = prompts(tok)[1]
