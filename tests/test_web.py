@@ -127,3 +127,11 @@ def test_web_load_warms_up_then_measures_each_row(server, capsys):
     rows = json.loads(lines[-1])["results"]
     assert [r["clients"] for r in rows] == [1, 3]
     assert all(1 <= r["requests"] <= 2 * r["clients"] and r["tokens"] > 0 for r in rows), rows
+
+
+def test_scheduler_builds_each_slot_index_once(server):
+    """Index tensors for a request's rows are cached: each build copies from host memory (a GPU wait)."""
+    worker = server.worker
+    first = worker._rows_on_device([0, 2])
+    assert worker._rows_on_device([0, 2]) is first and first.tolist() == [0, 2]
+    assert worker._rows_on_device([1]) is not first

@@ -3,8 +3,9 @@
 Each sequence (one of a request's n samples) owns a slot of a StaticDecoder: its own rows of the KV
 cache and its own position. The loop, once per decode step:
   1. admits waiting requests into free slots (prefill at batch 1, then copy the cache into n slots),
-  2. samples the next token of every active slot (per request: its own temperature and RNG; the
-     calculator tool runs here too) and reports it,
+  2. samples the next token of every active slot (per request: its own temperature and RNG, all on
+     the device, then one copy of every token to the host; the calculator tool runs here too) and
+     reports it,
   3. frees finished slots, and runs ONE decode step for all slots at once.
 A request that arrives while others are decoding joins at the next step instead of waiting for them
 to finish, so 32 streaming clients share each step's weight reads instead of queuing behind each other.
@@ -60,6 +61,7 @@ class BatchScheduler:
         self.slots: list[_Sequence | None] = [None] * slots
         self.logits = torch.zeros(slots, model.config.vocab_size, device=self.decoder.device)
         self.generators: dict[int, torch.Generator] = {}
+        self._row_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
         self.waiting: list[GenerationRequest] = []
         self._stop = threading.Event()
@@ -139,6 +141,17 @@ class BatchScheduler:
         if seq is not None and not any(s is not None and s.request is seq.request for s in self.slots):
             self.generators.pop(id(seq.request), None)
 
+    def _rows_on_device(self, slots: list[int]) -> torch.Tensor:
+        """`slots` as an index tensor on the device, cached: building one copies from pageable host
+        memory, which waits for the GPU, so each distinct set of slots is built once."""
+        key = tuple(slots)
+        index = self._row_index.get(key)
+        if index is None:
+            if len(self._row_index) > 4 * len(self.slots):
+                self._row_index.clear()
+            index = self._row_index[key] = torch.tensor(slots, device=self.decoder.device)
+        return index
+
     @torch.inference_mode()
     def _step(self) -> None:
         tools = self.engine.tools
@@ -146,29 +159,34 @@ class BatchScheduler:
         for i, seq in enumerate(self.slots):
             if seq is not None:
                 groups.setdefault(id(seq.request), []).append(i)
-        next_tokens = [0] * len(self.slots)
+        live, sampled = [], []
         for slots in groups.values():
             req = self.slots[slots[0]].request
             if req.cancelled.is_set():
                 for i in slots:
                     self._free(i)
                 continue
-            sampled = sample_next(self.logits[slots], self.generators[id(req)], req.temperature,
-                                  req.top_k, req.top_p).tolist()
-            for i, token in zip(slots, sampled):
-                seq = self.slots[i]
-                token, _ = tools.next_token(seq.row, token)
-                seq.generated += 1
-                if seq.row.done:
-                    req.emit(("done", seq.index, "stop"))
-                    self._free(i)
-                    continue
-                req.emit(("token", seq.index, token))
-                if seq.generated >= req.max_tokens:
-                    req.emit(("done", seq.index, "length"))
-                    self._free(i)
-                    continue
-                next_tokens[i] = token
+            rows = self.logits.index_select(0, self._rows_on_device(slots))
+            sampled.append(sample_next(rows, self.generators[id(req)], req.temperature, req.top_k, req.top_p))
+            live.extend(slots)
+        # one copy to the host for all requests: a .tolist() per request would wait for the GPU each time
+        tokens = torch.cat(sampled).tolist() if sampled else []
+        next_tokens = [0] * len(self.slots)
+        for i, token in zip(live, tokens):
+            seq = self.slots[i]
+            req = seq.request
+            token, _ = tools.next_token(seq.row, token)
+            seq.generated += 1
+            if seq.row.done:
+                req.emit(("done", seq.index, "stop"))
+                self._free(i)
+                continue
+            req.emit(("token", seq.index, token))
+            if seq.generated >= req.max_tokens:
+                req.emit(("done", seq.index, "length"))
+                self._free(i)
+                continue
+            next_tokens[i] = token
         if any(self.slots):
             self.decoder.tokens.copy_(torch.tensor(next_tokens, dtype=torch.long))
             self.logits.copy_(self.decoder.step())
