@@ -50,9 +50,7 @@ async def client_loop(http: httpx.AsyncClient, cfg: LoadConfig, deadline: float,
     return tokens, requests
 
 
-async def measure(cfg: LoadConfig, n: int, max_requests: int | None = None) -> dict:
-    if max_requests is not None:
-        cfg = replace(cfg, max_requests=max_requests)
+async def measure(cfg: LoadConfig, n: int) -> dict:
     async with httpx.AsyncClient(base_url=cfg.url, timeout=httpx.Timeout(300.0),
                                  limits=httpx.Limits(max_connections=n + 4)) as http:
         start = time.perf_counter()
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"web_load only targets a local server (got host {host!r}); use --url http://127.0.0.1:PORT")
     httpx.get(cfg.url + "/health", timeout=10).raise_for_status()
     if cfg.warmup:
-        warm = asyncio.run(measure(cfg, max(cfg.clients), max_requests=1))
+        warm = asyncio.run(measure(replace(cfg, max_requests=1), max(cfg.clients)))
         print(f"warm-up: {warm['requests']} requests in {warm['seconds']} s (not counted)")
     rows = [asyncio.run(measure(cfg, n)) for n in cfg.clients]
     print(f"{'clients':>8} {'requests':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")

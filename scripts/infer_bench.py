@@ -134,7 +134,7 @@ def profile_decode(decoder, steps: int) -> dict:
     per step (the floor of a graph replay), and the top kernels. Printed; returned for the JSON line."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanochat.kernels.audit import format_summary, summarize
+    from nanochat.kernels.audit import format_summary, profiler_events, summarize
 
     decoder.step_outside_graph()
     torch.cuda.synchronize()
@@ -142,10 +142,7 @@ def profile_decode(decoder, steps: int) -> dict:
         for _ in range(steps):
             decoder.step_outside_graph()
         torch.cuda.synchronize()
-    events = []
-    for e in prof.key_averages():  # kernels, memcpys and memsets: the device-side events
-        if "CUDA" in str(e.device_type) and e.self_device_time_total > 0:
-            events.extend([(e.key, e.self_device_time_total / e.count)] * e.count)
+    events = profiler_events(prof)
     summary = summarize(events, top=12)
     log0(f"decode step, batch {decoder.slots}, {steps} steps profiled:\n{format_summary(summary)}")
     return {"kernels_per_step": round(len(events) / steps, 1),

@@ -174,17 +174,7 @@ def profile_torch(step, cfg: ProfileConfig, device: torch.device) -> list[tuple[
         synchronize(device)
     if cfg.trace:
         prof.export_chrome_trace(cfg.trace)
-    events = []
-    for e in prof.key_averages():
-        if device.type == "cuda":
-            if "CUDA" not in str(getattr(e, "device_type", "")):
-                continue  # CPU-side ops: their device time is that of the kernels listed separately
-            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        else:
-            us = e.self_cpu_time_total
-        if us > 0:
-            events.extend([(e.key, us / e.count)] * e.count)
-    return events
+    return audit.profiler_events(prof, on_cuda=device.type == "cuda")
 
 
 def profile_nsys(cfg: ProfileConfig, argv: list[str]) -> list[tuple[str, float]]:

@@ -89,6 +89,22 @@ def classify(name: str) -> str:
     return "other"
 
 
+def profiler_events(prof, on_cuda: bool = True) -> list[tuple[str, float]]:
+    """(name, us) per call from a finished torch.profiler run: the device-side events (kernels, memcpys,
+    memsets) with their device time, or on the CPU the aten ops with their self CPU time."""
+    events = []
+    for e in prof.key_averages():
+        if on_cuda:
+            if "CUDA" not in str(getattr(e, "device_type", "")):
+                continue  # CPU-side ops: their device time is that of the kernels listed separately
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            events.extend([(e.key, us / e.count)] * e.count)
+    return events
+
+
 def summarize(events: list[tuple[str, float]], top: int = 20) -> dict:
     """Aggregate (kernel name, device time in us) pairs.
 
