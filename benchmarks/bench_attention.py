@@ -11,8 +11,8 @@ flash_attn_func); overhead = median over rounds of layer / direct - 1 (target <=
 FLASH_ATTENTION (FlashAttention-2) kernel, the issue's reference row.
 
 Method: --input_sets input sets rotated so that no call finds its inputs in L2; every variant warms up
-(flex compiles there), then timing rounds are interleaved across variants (round r times each variant
-once, in reverse order every other round), forward + backward between two CUDA events, in two ways:
+(flex compiles there), then each row is timed on its own: rounds of its layer and direct calls, in
+reverse order every other round, forward + backward between two CUDA events, in two ways:
 - `ms` (what a training step pays, the overhead check): --burst calls back to back, no synchronize in
   between, so the host queues call i+1 while the GPU runs call i and a wrapper's Python dispatch hides
   behind the kernels, as in a training step; per-call time = burst time / --burst; median of
@@ -247,12 +247,17 @@ def main() -> None:
     timed = [(row, kind) for row, kind in timed if "error" not in row]
     # (result-key suffix, calls per timing, rounds): back-to-back bursts, then synced single calls
     modes = (("", cfg.burst, cfg.burst_rounds), ("_synced", 1, cfg.repeats))
+    # One row at a time, its layer and direct calls alternating (ABBA: the order flips every round, so a
+    # drift in clocks hits both alike). Rounds interleaved across all rows put a ~4% bias on whichever
+    # pair had an unlucky neighbour (measured: cudnn in one row order, sdpa in another).
     for suffix, calls, rounds in modes:
-        for row, kind in timed:
-            row[f"{kind}{suffix}_times"] = []
-        for r in range(rounds):  # ABBA: the order flips every round, so a drift in clocks hits both kinds alike
-            for row, kind in (timed if r % 2 == 0 else timed[::-1]):
-                row[f"{kind}{suffix}_times"].append(time_calls(row[kind], sets, r * calls, calls, device))
+        for row in rows:
+            kinds = [kind for r, kind in timed if r is row]
+            for kind in kinds:
+                row[f"{kind}{suffix}_times"] = []
+            for r in range(rounds):
+                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                    row[f"{kind}{suffix}_times"].append(time_calls(row[kind], sets, r * calls, calls, device))
 
     results = []
     for row in rows:

@@ -4,6 +4,7 @@
 #   bash benchmarks/h200.sh kernels    # carry [".whl"]: GPU tests, kernel check, attention + loss benchmarks (issues 4, 5)
 #   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, and a
 #                                      #   repeated row for the compile cache (issues 5, 6)
+#   KERNELS=triton,liger bash benchmarks/h200.sh step_kernels   # the loss-kernel rows of step alone
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit, then the d24
@@ -14,13 +15,15 @@
 #   bash benchmarks/h200.sh grads      # carry [".whl", ".carry"]: d20 training gradients, loss kernel vs kernel,
 #                                      #   eager and compiled (issue 5)
 #   bash benchmarks/h200.sh infer      # carry [".whl", ".carry"]: infer_bench; the web server under 1 and 32 clients (issue 8)
+#   bash benchmarks/h200.sh decode     # carry [".whl", ".carry"]: the infer_bench part of infer alone
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
+#   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
 #   bash benchmarks/h200.sh speedrun   # carry [".whl", ".carry"]: benchmarks/h200_speedrun.sh (issue 10)
 #
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|step|memory|fp8|fp8_loss20|parity|grads|infer|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|step|step_kernels|memory|fp8|fp8_loss20|parity|grads|infer|decode|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -37,15 +40,21 @@ kernels)
   TAIL=3 run gpu_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
       tests/test_attention.py tests/test_kernels_loss.py
   TAIL=8 run check_kernels 140 python3 -m benchmarks.check_kernels
-  TAIL=14 run bench_attention 100 python3 -m benchmarks.bench_attention
+  TAIL=16 run bench_attention 100 python3 -m benchmarks.bench_attention
   TAIL=40 run bench_loss 250 python3 -m benchmarks.bench_loss \
       --shapes 65536x1280x65536,65536x1280x32768,65536x2048x32768 --variants split,onepass,onepass/ce-warps32 --repeats 8
   ;;
-step)
+attention)
+  TAIL=16 run bench_attention 100 python3 -m benchmarks.bench_attention --burst_rounds 30
+  ;;
+decode)
+  TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+  ;;
+step|step_kernels)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"
-  TAIL=8 run bench_kernels 300 $BENCH --kernel triton,liger,cce,current --device_batch_size 32 --max_seq_len 2048 \
-      --out_dir "$OUT/bench_kernels"
-  TAIL=6 run bench_shapes 170 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
+  TAIL=8 run bench_kernels 300 $BENCH --kernel "${KERNELS:-triton,liger,cce,current}" --device_batch_size 32 \
+      --max_seq_len 2048 --out_dir "$OUT/bench_kernels"
+  [ "$PART" = step ] && TAIL=6 run bench_shapes 170 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
       --out_dir "$OUT/bench_shapes"   # the L row repeats bench_kernels' first row: compile time from the warm cache
   ;;
 memory)

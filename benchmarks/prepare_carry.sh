@@ -3,7 +3,9 @@
 #   .whl/    wheels for the GPU machine's Python 3.12: liger-kernel, cut-cross-entropy, torchao, rustbpe, and
 #            the web server's stack (fastapi, uvicorn and what they need; the image has neither)
 #   .carry/  tokenizer/ (32k, trained here on the shared shards), data/ (shard_00000 = train,
-#            shard_00006 = validation), eval/core (CORE's tasks, for the speedrun's base_eval)
+#            shard_00006 = validation), eval/core and eval/hellaswag (CORE's tasks, for the speedrun's base_eval)
+#   .shards_a/, .shards_b/  the other training shards (00001-00003, 00004-00005): the speedrun's full data,
+#            carried one folder per call before it (each call carries at most 64 MiB)
 # Run from the repo root on the dev machine, in the project's venv:  bash benchmarks/prepare_carry.sh
 # Then carry [".whl"] for the kernel call and [".whl", ".carry"] for training calls (~45 MiB; limit 64).
 # TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE 2.15.0 meta wheel, the
@@ -21,7 +23,10 @@ python -m pip download -q --only-binary=:all: --dest .whl \
     --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
     "fastapi==0.165.0" "uvicorn==0.54.0"
 cp "$DATA/pretrain/shard_00000.parquet" "$DATA/pretrain/shard_00006.parquet" .carry/data/
-rm -rf .carry/eval/core && cp -r "$DATA/eval/core" .carry/eval/core
+rm -rf .carry/eval/core .carry/eval/hellaswag .shards_a .shards_b
+cp -r "$DATA/eval/core" "$DATA/eval/hellaswag" .carry/eval/
+mkdir -p .shards_a .shards_b
+cp "$DATA"/pretrain/shard_0000[123].parquet .shards_a/ && cp "$DATA"/pretrain/shard_0000[45].parquet .shards_b/
 if [ ! -d .carry/tokenizer ]; then
     NANOCHAT_BASE_DIR="$PWD/.carry/tok_build" python -m scripts.tok_train --data_dir "$DATA/pretrain" \
         --max_chars 100000000 --vocab_size 32768
@@ -49,4 +54,4 @@ PY
     rm "$CORE"
     du -sh .whl_te .whl_te_parts/p*
 fi
-du -sh .whl .carry
+du -sh .whl .carry .shards_a .shards_b

@@ -15,6 +15,7 @@ from there, seeing the answer in its context.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 from collections import deque
 from collections.abc import Iterator
@@ -53,6 +54,25 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator | None, tempera
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs = token_probs(logits, temperature, top_k, top_p)
+    return draw(probs, torch.empty_like(probs).exponential_(1, generator=generator))
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [B, V], given Exp(1) `noise` of the same shape: argmax(probs / noise).
+
+    This is torch.multinomial's own draw for one sample, so `noise` from a generator's exponential_()
+    gives the tokens multinomial would give from that generator, minus its input checks (~9 more kernel
+    launches per call) and with the noise drawn per request while the rest runs batched (the server)."""
+    return (probs / noise).argmax(dim=-1)
+
+
+def token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """Next-token probabilities per row of `logits` [B, V] at `temperature` (> 0), after top-k then top-p
+    filtering; each row's result depends on that row alone."""
+    if temperature <= 0:
+        raise ValueError(f"token_probs needs temperature > 0 (0 is greedy: argmax), got {temperature}")
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -64,8 +84,7 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator | None, tempera
         drop = probs.cumsum(dim=-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -106,20 +125,23 @@ class ToolRunner:
 class TextStream:
     """One sample's tokens turned into text pieces for streaming to a reader.
 
-    A token can end inside a multi-byte UTF-8 character, so the whole list is decoded each time and
-    a piece is held back while the text ends in an incomplete character (U+FFFD)."""
+    A token can end inside a multi-byte UTF-8 character, so each token's bytes go through an
+    incremental UTF-8 decoder, which holds such a character back until its last byte arrives. A token
+    costs the same however long the reply is (decoding the whole list per token made a reply
+    quadratic). The pieces from add() and finish() add up to exactly `tokenizer.decode(tokens)`."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+        self.tokenizer, self.tokens = tokenizer, []
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token: int) -> str:
         """Append `token`; returns the new text to show ("" while a character is incomplete)."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        return self._utf8.decode(self.tokenizer.decode_bytes([token]))
+
+    def finish(self) -> str:
+        """The text still held back once the tokens end: U+FFFD for a character left incomplete, else ""."""
+        return self._utf8.decode(b"", final=True)
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens)
@@ -137,10 +159,15 @@ class StaticDecoder:
     The step mirrors GPT.forward for T=1 using the model's own modules; attention reads the whole
     static cache [slots, Hkv, max_seq_len, D] under a mask of the positions each row has filled.
     `tests/test_engine.py` checks it token-for-token against full recomputation.
+
+    fuse_qkv (default: when compiled) keeps each layer's q, k, v weights stacked in one matrix, so the
+    step runs one projection matmul instead of three: at batch 1 a step is bound by its ~17 kernels per
+    layer, not by bytes. The stacked copies are refreshed from the model by every `load_prompt`, so a
+    model trained between generations (RL) is never decoded with stale weights.
     """
 
     def __init__(self, model, slots: int, max_seq_len: int, compile: bool = False,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, fuse_qkv: bool | None = None):
         cfg = model.config
         self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
         self.device = next(model.parameters()).device
@@ -156,6 +183,9 @@ class StaticDecoder:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the step's input tokens
         self._rows = torch.arange(slots, device=self.device)
         self._key_pos = torch.arange(max_seq_len, device=self.device)
+        fuse_qkv = compile if fuse_qkv is None else fuse_qkv
+        self.qkv_weights = ([block.attn.qkv_weight().detach().to(self.dtype) for block in model.blocks]
+                            if fuse_qkv else None)
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = (compile if cuda_graph is None else cuda_graph) and self.device.type == "cuda"
@@ -163,11 +193,15 @@ class StaticDecoder:
 
     def load_prompt(self, slots: list[int], cache) -> None:
         """Copy a prefilled KVCache (the model's own prefill) into `slots`: a batch-1 cache goes into
-        every slot, a batch-len(slots) cache row by row."""
+        every slot, a batch-len(slots) cache row by row; refresh the stacked q/k/v weights."""
         n = cache.pos
         if n >= self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
         index = torch.tensor(slots, device=self.device)
+        if self.qkv_weights is not None:
+            with torch.no_grad():
+                for weight, block in zip(self.qkv_weights, self.model.blocks):
+                    weight.copy_(block.attn.qkv_weight())
         for layer in range(len(self.k)):
             self.k[layer][index, :, :n] = cache.k[layer, :, :n].transpose(1, 2).to(self.dtype)
             self.v[layer][index, :, :n] = cache.v[layer, :, :n].transpose(1, 2).to(self.dtype)
@@ -184,7 +218,8 @@ class StaticDecoder:
             x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
             h = norm(x)
             ve = model.value_embeds[str(i)](tok) if str(i) in model.value_embeds else None
-            q, k, v = attn.qkv(h, cos, sin, ve)                                       # the training math
+            fused = self.qkv_weights[i] if self.qkv_weights is not None else None
+            q, k, v = attn.qkv(h, cos, sin, ve, fused)                                # the training math
             self.k[i][self._rows, :, pos] = k[:, 0].to(self.dtype)
             self.v[i][self._rows, :, pos] = v[:, 0].to(self.dtype)
             valid = self._key_pos[None, :] <= pos[:, None]                            # [S, L]

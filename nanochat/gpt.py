@@ -172,15 +172,26 @@ class CausalSelfAttention(nn.Module):
         # per-kv-head gate on the value embedding (an AdamW "scalar"), only on layers that have one
         self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head)) if cfg.has_value_embed(layer_idx) else None
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            ve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_weight(self) -> torch.Tensor:
+        """c_q, c_k and c_v stacked into one [(H + 2 Hkv) D, C] matrix (a new tensor), for `qkv`."""
+        return torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None,
+            fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, H, D] and k, v [B, T, Hkv, D] of the normed input x [B, T, C]: rotary and QK-norm
         applied, the gated value embedding ve (any shape of B*T*Hkv*D elements) mixed into v. A method
-        of its own so that a decoder with its own cache layout can reuse the exact math."""
+        of its own so that a decoder with its own cache layout can reuse the exact math. With
+        `fused_weight` (`qkv_weight()`, kept by the caller) the three projections are one matmul: a
+        decode step at batch 1 is bound by kernel count, not bytes."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if fused_weight is None:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        else:
+            q, k, v = F.linear(x, fused_weight).split(
+                (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             v = v + self.ve_gate.to(v.dtype).view(1, 1, -1, 1) * ve.view_as(v).to(v.dtype)
         # Rotary then QK-norm (as nanochat). The order does not matter: rotary rotates channel pairs,

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     # tokenizer and data (a missing or broken data dir fails here, before the model is built)
     tokenizer = get_tokenizer(cfg.tokenizer_dir or None)
     data_dir = resolve_data_dir(cfg.data_dir or None)
-    split_shards(list_shards(data_dir), "train")
+    shards = list_shards(data_dir)
+    train_shards = split_shards(shards, "train")
+    log0(f"data: {len(train_shards)} training shard(s) and validation shard {shards[-1].name} in {data_dir}")
     token_bytes = tokenizer.token_bytes(device=device)
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len
     if cfg.total_batch_size % (tokens_per_micro * world_size) != 0:

@@ -1,4 +1,5 @@
 """Engine: greedy decoding equals full recomputation, sampling is seeded, stops, and the calculator tool."""
+import random
 import re
 import shutil
 
@@ -8,9 +9,9 @@ from torch._inductor.utils import run_and_get_code
 
 from nanochat import engine as engine_mod
 from nanochat.conversation import render_for_completion
-from nanochat.engine import Engine, StaticDecoder, sample_next
+from nanochat.engine import Engine, StaticDecoder, TextStream, sample_next
 from nanochat.gpt import GPT, config_from_depth
-from tests.helpers_chat import naive_generate, tiny_model, tiny_tokenizer
+from tests.helpers_chat import byte_tokenizer, naive_generate, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,13 @@ def test_greedy_equals_naive(tok, model):
     assert longest >= 20, "the random model stops at once: the comparison would be vacuous"
 
 
-def test_static_decoder_rows_at_different_positions(tok, model):
-    """Continuous batching: slots holding different prompts step together, each at its own position."""
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_static_decoder_rows_at_different_positions(tok, model, fuse_qkv):
+    """Continuous batching: slots holding different prompts step together, each at its own position
+    (with the q/k/v projections as three matmuls or as one over the stacked weights)."""
     eng = Engine(model, tok)
     ps = prompts(tok)[1:]
-    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128)
+    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, fuse_qkv=fuse_qkv)
     logits = []
     for slot, p in enumerate(ps):
         lg, cache = eng.prefill(p)
@@ -86,6 +89,27 @@ def test_step_outside_graph_is_the_same_step(tok, model):
     assert torch.equal(decoders[0].pos, decoders[1].pos) and int(decoders[1].pos[0]) == cache.pos + 1
 
 
+def test_stacked_qkv_weights_follow_the_model():
+    """A decoder kept across generations (compiled, cached by the engine) must decode with the model's
+    current weights after training changed them in place: load_prompt refreshes the stacked copies."""
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    prompt = tok.encode("To be, or not to be", prepend="<|bos|>")
+    eng = Engine(model, tok)
+    kept = StaticDecoder(model, slots=1, max_seq_len=64, fuse_qkv=True)
+    with torch.no_grad():
+        for block in model.blocks:  # an optimizer step, in place
+            block.attn.c_k.weight.mul_(-1.5)
+            block.attn.c_v.weight.add_(0.05)
+    fresh = StaticDecoder(model, slots=1, max_seq_len=64, fuse_qkv=False)
+    _, cache = eng.prefill(prompt)
+    with torch.inference_mode():
+        for dec in (kept, fresh):
+            dec.load_prompt([0], cache)
+            dec.tokens.fill_(7)
+        torch.testing.assert_close(kept.step(), fresh.step(), rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_differs_across_samples_and_is_seeded(tok, model):
     eng = Engine(model, tok)
     prompt = prompts(tok)[1]
@@ -110,6 +134,50 @@ def test_sample_next_top_k_top_p():
     assert sample_next(logits[:3], None, temperature=0.0).tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="temperature"):
         sample_next(logits, gen, temperature=-1.0)
+
+
+def test_sample_next_draws_what_multinomial_draws():
+    """sample_next is torch.multinomial's own draw minus its input checks: the same tokens from one seed."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        want = torch.multinomial(torch.softmax(logits / 0.7, dim=-1), 1, generator=theirs)[:, 0]
+        assert torch.equal(sample_next(logits, ours, temperature=0.7), want)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the tokens it is asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode_bytes(self, ids):
+        self.decoded += len(ids)
+        return self.tok.decode_bytes(ids)
+
+
+def test_text_stream_holds_split_characters_and_adds_up_to_the_full_decode():
+    """With one token per byte every non-ASCII character is split across tokens: add() holds it back
+    until its last byte, and the pieces (finish() included) equal the full decode, invalid bytes too.
+    Each token is decoded once, however long the reply."""
+    tok = byte_tokenizer()
+    stream = TextStream(tok)
+    assert [stream.add(b) for b in tok.encode("日")] == ["", "", "日"]
+    text = "naïve café — 日本語 🙂 ok"
+    stream = TextStream(tok)
+    assert "".join(stream.add(t) for t in tok.encode(text)) == text and stream.finish() == ""
+    cut = TextStream(tok)  # ends inside 🙂: its first two bytes come out as U+FFFD only at the end
+    assert "".join(cut.add(t) for t in tok.encode(text)[:-5]) == text[:-4] and cut.finish() == "\ufffd"
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.choice([rng.randrange(256), *tok.encode("é日🙂")]) for _ in range(rng.randrange(40))]
+        stream = TextStream(tok)
+        assert "".join(stream.add(t) for t in ids) + stream.finish() == tok.decode(ids)
+    counting = CountingTokenizer(tok)
+    stream = TextStream(counting)
+    for t in tok.encode(text * 100):
+        stream.add(t)
+    assert counting.decoded == len(tok.encode(text * 100))
 
 
 class ScriptedSampler:

@@ -198,7 +198,10 @@ def test_speedrun_commands_parse(tmp_path, preset):
 
 H200_PARTS = {
     "kernels": {"pytest", "benchmarks.check_kernels", "benchmarks.bench_attention", "benchmarks.bench_loss"},
+    "attention": {"benchmarks.bench_attention"},
+    "decode": {"scripts.infer_bench"},
     "step": {"scripts.bench"},
+    "step_kernels": {"scripts.bench"},
     "memory": {"scripts.bench"},
     "fp8": {"scripts.bench", "scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},

@@ -3,9 +3,9 @@
 Each sequence (one of a request's n samples) owns a slot of a StaticDecoder: its own rows of the KV
 cache and its own position. The loop, once per decode step:
   1. admits waiting requests into free slots (prefill at batch 1, then copy the cache into n slots),
-  2. samples the next token of every active slot (per request: its own temperature and RNG, all on
-     the device, then one copy of every token to the host; the calculator tool runs here too) and
-     reports it,
+  2. samples the next token of every active slot (one batch per set of sampling settings, each
+     request's noise from its own RNG, all on the device, then one copy of every token to the host;
+     the calculator tool runs here too) and reports it,
   3. frees finished slots, and runs ONE decode step for all slots at once.
 A request that arrives while others are decoding joins at the next step instead of waiting for them
 to finish, so 32 streaming clients share each step's weight reads instead of queuing behind each other.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, RowState, StaticDecoder, sample_next
+from nanochat.engine import Engine, RowState, StaticDecoder, draw, token_probs
 
 log = logging.getLogger("nanochat")
 
@@ -152,6 +152,23 @@ class BatchScheduler:
             index = self._row_index[key] = torch.tensor(slots, device=self.decoder.device)
         return index
 
+    def _sample(self, requests: list[tuple[GenerationRequest, list[int]]], temperature: float,
+                top_k: int | None, top_p: float | None) -> torch.Tensor:
+        """Next token of every slot of `requests` (all with these sampling settings), in that order.
+
+        One batch of tensor ops for them all (sampled one request at a time, they cost the host over a
+        dozen kernel launches per request per step); only the Exp(1) noise is drawn per request, from
+        its own generator, so each request gets the tokens sample_next would give it alone, whoever
+        shares the step."""
+        slots = [i for _, request_slots in requests for i in request_slots]
+        logits = self.logits.index_select(0, self._rows_on_device(slots))
+        if temperature == 0.0:
+            return logits.argmax(dim=-1)
+        probs = token_probs(logits, temperature, top_k, top_p)
+        noise = torch.cat([torch.empty(len(s), probs.size(1), device=probs.device)
+                           .exponential_(1, generator=self.generators[id(req)]) for req, s in requests])
+        return draw(probs, noise)
+
     @torch.inference_mode()
     def _step(self) -> None:
         tools = self.engine.tools
@@ -159,16 +176,18 @@ class BatchScheduler:
         for i, seq in enumerate(self.slots):
             if seq is not None:
                 groups.setdefault(id(seq.request), []).append(i)
-        live, sampled = [], []
+        by_settings: dict[tuple, list[tuple[GenerationRequest, list[int]]]] = {}
         for slots in groups.values():
             req = self.slots[slots[0]].request
             if req.cancelled.is_set():
                 for i in slots:
                     self._free(i)
                 continue
-            rows = self.logits.index_select(0, self._rows_on_device(slots))
-            sampled.append(sample_next(rows, self.generators[id(req)], req.temperature, req.top_k, req.top_p))
-            live.extend(slots)
+            by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).append((req, slots))
+        live, sampled = [], []
+        for settings, requests in by_settings.items():
+            sampled.append(self._sample(requests, *settings))
+            live.extend(i for _, slots in requests for i in slots)
         # one copy to the host for all requests: a .tolist() per request would wait for the GPU each time
         tokens = torch.cat(sampled).tolist() if sampled else []
         next_tokens = [0] * len(self.slots)
