@@ -15,15 +15,18 @@
 #   bash benchmarks/h200.sh grads      # carry [".whl", ".carry"]: d20 training gradients, loss kernel vs kernel,
 #                                      #   eager and compiled (issue 5)
 #   bash benchmarks/h200.sh infer      # carry [".whl", ".carry"]: infer_bench; the web server under 1 and 32 clients (issue 8)
-#   bash benchmarks/h200.sh decode     # carry [".whl", ".carry"]: the infer_bench part of infer alone
+#   bash benchmarks/h200.sh decode     # carry [".whl", ".carry"]: the infer_bench part of infer, plus the triton
+#                                      #   decode kernel with bf16 and fp8 KV caches at batch 1 and 128
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
+#   bash benchmarks/h200.sh loss_inputs  # carry [".whl"]: loss kernels on flatter logits (std 1, 0.05), where CCE's
+#                                      #   gradient filter skips blocks (issues 4, 5)
 #   bash benchmarks/h200.sh speedrun   # carry [".whl", ".carry"]: benchmarks/h200_speedrun.sh (issue 10)
 #
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|step|step_kernels|memory|fp8|fp8_loss20|parity|grads|infer|decode|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|memory|fp8|fp8_loss20|parity|grads|infer|decode|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -38,7 +41,7 @@ case "$PART" in
 kernels)
   python3 -c "import torch; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   TAIL=3 run gpu_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
-      tests/test_attention.py tests/test_kernels_loss.py
+      tests/test_attention.py tests/test_kernels_loss.py tests/test_decode_attention.py
   TAIL=8 run check_kernels 140 python3 -m benchmarks.check_kernels
   TAIL=16 run bench_attention 100 python3 -m benchmarks.bench_attention
   TAIL=40 run bench_loss 250 python3 -m benchmarks.bench_loss \
@@ -47,8 +50,16 @@ kernels)
 attention)
   TAIL=16 run bench_attention 100 python3 -m benchmarks.bench_attention --burst_rounds 30
   ;;
+loss_inputs)
+  for scale in 1 0.05; do
+    TAIL=12 run "bench_loss_logits$scale" 150 python3 -m benchmarks.bench_loss --shapes 65536x1280x65536 \
+        --rows triton,liger,cce --variants none --components false --repeats 5 --logit_scale "$scale"
+  done
+  ;;
 decode)
   TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+  TAIL=6 run infer_triton 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton
+  TAIL=6 run infer_triton_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton --kv_fp8 true
   ;;
 step|step_kernels)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"

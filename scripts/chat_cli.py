@@ -48,7 +48,7 @@ def reply(engine: Engine, messages: list[dict], cfg: ChatConfig) -> tuple[str, i
         if column[0] in engine.tools.stop_ids:
             break
         print(stream.add(column[0]), end="", flush=True)
-    print(flush=True)
+    print(stream.finish(), flush=True)  # a character the reply left incomplete, as U+FFFD
     return stream.text(), len(stream.tokens), time.perf_counter() - start
 
 

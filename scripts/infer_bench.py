@@ -1,11 +1,14 @@
 """Inference speed on one GPU: prefill latency, time per output token, tokens/s, memory, bandwidth use.
 
     python -m scripts.infer_bench                    # d20, random weights, prompt 1024, 256 new tokens
+    python -m scripts.infer_bench --attention triton --kv_fp8 true --batch_sizes 1,128   # the decode kernel
 
 Greedy decoding through the engine's StaticDecoder (static KV cache, per-row positions), with the
 decode step compiled and replayed as a CUDA graph. Each batch size gets its own random prompts
 (distinct rows, so nothing is shared between them). Decode bandwidth utilization = bytes one step must
-read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth.
+read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth; with
+--attention triton the kernel reads only the filled positions (~90% of the cache here, on average), so
+there the figure is an upper bound on the bytes and overstates the utilization by up to ~10%.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -30,6 +33,8 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
     compile: bool = True
     cuda_graph: bool = True
+    attention: str = field(default="torch", metadata={"help": "decode attention: torch (masked) or triton (kernel)"})
+    kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (needs --attention triton)"})
     prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
     peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
     profile_batches: list[int] = field(default_factory=lambda: [1, 128])  # kernel breakdown of these steps
@@ -70,7 +75,8 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
     prompts = torch.randint(0, cfg.vocab_size, (batch, cfg.prompt_len), generator=gen)
     max_len = cfg.prompt_len + cfg.new_tokens
-    decoder = StaticDecoder(model, batch, max_len, compile=cfg.compile, cuda_graph=cfg.cuda_graph)
+    decoder = StaticDecoder(model, batch, max_len, compile=cfg.compile, cuda_graph=cfg.cuda_graph,
+                            attention=cfg.attention, kv_fp8=cfg.kv_fp8)
     # warm-up: compile / capture the decode step before timing anything
     t0 = time.perf_counter()
     decoder.step()
@@ -112,7 +118,8 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
         except Exception as exc:  # the timings above stand without it; the row says why it is missing
             profile = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     mc = model.config
-    kv_bytes = 2 * mc.n_layer * batch * mc.n_kv_head * max_len * mc.head_dim * decoder.k[0].element_size()
+    kv_bytes = sum(t.numel() * t.element_size() for t in decoder.k + decoder.v + (decoder.k_scale or [])
+                   + (decoder.v_scale or []))  # the whole static cache: the torch path reads all of it
     step_bytes = weight_bytes_per_step(model) + kv_bytes
     return {
         "batch": batch,
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"engine.generate TPOT at batch 1 (host loop, sampling, sync): {eng_tpot} ms")
     print(json.dumps({"device": device_name(device), "depth": cfg.depth, "prompt_len": cfg.prompt_len,
                       "new_tokens": cfg.new_tokens, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+                      "attention": cfg.attention, "kv_fp8": cfg.kv_fp8,
                       "engine_tpot_ms_b1": eng_tpot, "results": rows}))
 
 

@@ -51,13 +51,14 @@ def test_greedy_equals_naive(tok, model):
     assert longest >= 20, "the random model stops at once: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("fuse_qkv", [False, True])
-def test_static_decoder_rows_at_different_positions(tok, model, fuse_qkv):
+@pytest.mark.parametrize("fuse_qkv,attention", [(False, "torch"), (True, "torch"), (True, "triton")])
+def test_static_decoder_rows_at_different_positions(tok, model, fuse_qkv, attention):
     """Continuous batching: slots holding different prompts step together, each at its own position
-    (with the q/k/v projections as three matmuls or as one over the stacked weights)."""
+    (q/k/v as three matmuls or one; attention masked in torch or by the decode kernel, which the
+    CPU runs in Triton's interpreter; the "SL" model's window is shorter than the generations)."""
     eng = Engine(model, tok)
     ps = prompts(tok)[1:]
-    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, fuse_qkv=fuse_qkv)
+    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, fuse_qkv=fuse_qkv, attention=attention)
     logits = []
     for slot, p in enumerate(ps):
         lg, cache = eng.prefill(p)
@@ -87,6 +88,37 @@ def test_step_outside_graph_is_the_same_step(tok, model):
         a, b = decoders[0].step().clone(), decoders[1].step_outside_graph()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(decoders[0].pos, decoders[1].pos) and int(decoders[1].pos[0]) == cache.pos + 1
+
+
+def test_fp8_kv_cache_stays_close_to_bf16_exact_decode(tok, model):
+    """kv_fp8 stores keys and values in e4m3 with a scale per vector: not exact, so the logits are
+    compared, step by step on the same tokens, with the exact decoder's (tolerance in the assert)."""
+    eng = Engine(model, tok)
+    ps = prompts(tok)[1:]
+    exact = StaticDecoder(model, slots=len(ps), max_seq_len=128)
+    fp8 = StaticDecoder(model, slots=len(ps), max_seq_len=128, attention="triton", kv_fp8=True)
+    assert fp8.k[0].dtype == torch.float8_e4m3fn
+    logits = []
+    for slot, p in enumerate(ps):
+        lg, cache = eng.prefill(p)
+        for dec in (exact, fp8):
+            dec.load_prompt([slot], cache)
+        logits.append(lg[0])
+    nxt = torch.stack(logits).argmax(-1)
+    with torch.inference_mode():
+        for _ in range(8):
+            for dec in (exact, fp8):
+                dec.tokens.copy_(nxt)
+            want, got = exact.step().clone(), fp8.step()
+            assert (got - want).abs().max() <= 0.015 * want.abs().max()  # measured <= 0.8%; a 10% scale error: 2.2%
+            nxt = want.argmax(-1)
+
+
+def test_decoder_attention_arguments(model):
+    with pytest.raises(ValueError, match="attention must be"):
+        StaticDecoder(model, slots=1, max_seq_len=16, attention="flash")
+    with pytest.raises(ValueError, match="attention='triton'"):
+        StaticDecoder(model, slots=1, max_seq_len=16, kv_fp8=True)
 
 
 def test_stacked_qkv_weights_follow_the_model():
@@ -284,3 +316,27 @@ def test_compiled_decode_step_writes_the_kv_cache_in_place():
     layer_numel = compiled.k[0].numel()  # 3 slots x 1 kv head x 80 positions x 64 = 15360, unique here
     loop_bounds = set(re.findall(r"<static_cast<int64_t>\((\d+)L\)", "\n".join(codes)))
     assert loop_bounds and str(layer_numel) not in loop_bounds, sorted(loop_bounds, key=int)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decode_step_with_the_decode_kernel():
+    """The decode kernel inside a compiled step (a custom op, opaque to the compiler) computes what the
+    eager torch path does, rows at different positions."""
+    torch.manual_seed(0)
+    cfg = config_from_depth(1, vocab_size=256, sequence_len=32, aspect_ratio=64, head_dim=64)
+    gpt = GPT(cfg)
+    gpt.init_weights()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.1)
+    gpt.eval()
+    eager = StaticDecoder(gpt, slots=3, max_seq_len=80)
+    compiled = StaticDecoder(gpt, slots=3, max_seq_len=80, compile=True, attention="triton")
+    for dec in (eager, compiled):
+        dec.tokens.copy_(torch.tensor([5, 6, 7]))
+        dec.pos.copy_(torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled.step(), eager.step(), rtol=1e-4, atol=1e-4)

@@ -199,6 +199,7 @@ def test_speedrun_commands_parse(tmp_path, preset):
 H200_PARTS = {
     "kernels": {"pytest", "benchmarks.check_kernels", "benchmarks.bench_attention", "benchmarks.bench_loss"},
     "attention": {"benchmarks.bench_attention"},
+    "loss_inputs": {"benchmarks.bench_loss"},
     "decode": {"scripts.infer_bench"},
     "step": {"scripts.bench"},
     "step_kernels": {"scripts.bench"},

@@ -1,0 +1,136 @@
+"""Decode attention: one new query per row over a static KV cache, as a split-K Triton kernel.
+
+The StaticDecoder's torch path attends over the whole static cache [S, Hkv, L, D] under a mask: three
+kernels (q.K, softmax, p.V) that read every position up to max_seq_len, filled or not. Here a program
+owns one query head of one row and one chunk of positions, reads only the positions the row has filled
+(from its window's start), and keeps a running max and sum (online softmax); a second small kernel
+merges the chunks. Each filled K/V byte is read once; a custom op keeps both launches opaque to
+torch.compile, so a compiled decode step captures them in its CUDA graph as they are.
+
+The cache may be fp8 (e4m3) with one fp32 scale per (row, kv head, position) vector: half the bytes of
+bf16, and bytes are what bound a batched decode step (issue 8: at batch 128 the bf16 cache is 17 of the
+18 GB a d20 step reads). `quantize_fp8` makes such a cache; the kernel takes any cache dtype plus
+optional scales.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK_L = 32     # positions per inner step
+TARGET_PROGRAMS = 1024  # enough programs to fill an H200's 132 SMs several times over
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (float8_e4m3fn values [..., D], fp32 scales [...]) with x ~= values * scale:
+    each D-vector scaled so its largest magnitude maps to 448."""
+    scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+@triton.jit
+def _decode_chunks_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
+                          sq_s, sq_h, sk_s, sk_h, sk_l, ss_s, ss_h, sa_s, sa_h, sa_j, sm_s, sm_h,
+                          sm_scale, window, chunk, G: tl.constexpr, D: tl.constexpr,
+                          SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    s, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh = h // G
+    n = tl.load(Lengths + s).to(tl.int32)
+    lo = j * chunk
+    hi = tl.minimum(lo + chunk, n)
+    if window > 0:
+        lo = tl.maximum(lo, n - window)
+    d = tl.arange(0, D)
+    q = tl.load(Q + s * sq_s + h * sq_h + d).to(tl.float32) * sm_scale
+    m = -float("inf")
+    l = 0.0
+    acc = tl.zeros([D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        valid = pos < hi
+        offs = s * sk_s + kvh * sk_h + pos[:, None] * sk_l + d[None, :]
+        k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(V + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        if SCALED:
+            k = k * tl.load(KScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[:, None]
+            v = v * tl.load(VScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[:, None]
+        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    tl.store(Acc + s * sa_s + h * sa_h + j * sa_j + d, acc)
+    tl.store(M + s * sm_s + h * sm_h + j, m)
+    tl.store(Lsum + s * sm_s + h * sm_h + j, l)
+
+
+@triton.jit
+def _combine_kernel(Acc, M, Lsum, Out, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_s, so_h,
+                    D: tl.constexpr, NS: tl.constexpr):
+    s, h = tl.program_id(0), tl.program_id(1)
+    j = tl.arange(0, NS)
+    in_range = j < splits
+    m = tl.load(M + s * sm_s + h * sm_h + j, mask=in_range, other=-float("inf"))
+    l = tl.load(Lsum + s * sm_s + h * sm_h + j, mask=in_range, other=0.0)
+    weight = tl.where(in_range, tl.exp(m - tl.max(m, axis=0)), 0.0)  # a chunk with no position: m = -inf, 0
+    d = tl.arange(0, D)
+    acc = tl.load(Acc + s * sa_s + h * sa_h + j[:, None] * sa_j + d[None, :], mask=in_range[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(Out + s * so_s + h * so_h + d, out.to(Out.dtype.element_ty))
+
+
+@torch.library.custom_op("nanochat::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, window: int,
+               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int) -> torch.Tensor:
+    """The two launches, opaque to torch.compile (captured as they are in a CUDA graph)."""
+    S, H, D = q.shape
+    chunk = triton.cdiv(triton.cdiv(k_cache.size(2), splits), BLOCK_L) * BLOCK_L
+    splits = triton.cdiv(k_cache.size(2), chunk)
+    q = q.contiguous()
+    acc = torch.empty(S, H, splits, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(S, H, splits, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    out = torch.empty_like(q)
+    scaled = k_scale is not None
+    ks = k_scale if scaled else m  # any fp32 pointer: not read without SCALED
+    vs = v_scale if scaled else m
+    _decode_chunks_kernel[(S, H, splits)](
+        q, k_cache, v_cache, ks, vs, lengths, acc, m, lsum,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        ks.stride(0), ks.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        D ** -0.5, window, chunk, G=H // k_cache.size(1), D=D, SCALED=scaled, BLOCK=BLOCK_L)
+    _combine_kernel[(S, H)](acc, m, lsum, out, splits, acc.stride(0), acc.stride(1), acc.stride(2),
+                            m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+                            D=D, NS=triton.next_power_of_2(splits))
+    return out
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     window: int | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """Softmax attention of q [S, H, D] over the first lengths[s] positions of row s of the caches
+    [S, Hkv, L, D] (the last `window` of them when given) -> [S, H, D] in q's dtype. With k_scale and
+    v_scale [S, Hkv, L] the caches hold values / scale (e.g. `quantize_fp8`). lengths must be >= 1.
+    `splits` chunks the positions (default: enough programs to fill the GPU)."""
+    S, H, D = q.shape
+    L = k_cache.size(2)
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale, or neither")
+    if D & (D - 1):
+        raise ValueError(f"decode_attention needs a power-of-two head_dim, got {D}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim (one buffer per layer)")
+    if k_scale is not None and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
+        raise ValueError("k_scale and v_scale must share one layout, contiguous over positions")
+    if splits is None:
+        splits = max(1, min(triton.cdiv(L, BLOCK_L), triton.cdiv(TARGET_PROGRAMS, S * H)))
+    return _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits)

@@ -1,0 +1,114 @@
+"""The decode-attention kernel against a float64 softmax over each row's filled (windowed) positions: on
+the CPU through Triton's interpreter (tests/conftest.py), on a GPU natively (there also at d20's shape)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from nanochat.kernels.decode_attention import decode_attention, quantize_fp8  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5   # relative to the reference's largest magnitude
+BF16_TOL = 2e-2
+FP8_TOL = 0.15    # fro_err against the exact cache; e4m3 keeps 3 mantissa bits (<= 6% per value): 4% median, 9% worst of 60 seeds
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def reference(q, k, v, lengths, window):
+    """float64 softmax(q.k / sqrt(D)) v per row over positions [n - window, n) clipped to [0, n)."""
+    S, H, D = q.shape
+    G = H // k.size(1)
+    out = torch.empty(S, H, D, dtype=torch.float64)
+    for s in range(S):
+        n = int(lengths[s])
+        lo = max(0, n - window) if window else 0
+        keys = k[s, :, lo:n].double().repeat_interleave(G, dim=0)      # [H, n - lo, D]
+        values = v[s, :, lo:n].double().repeat_interleave(G, dim=0)
+        scores = torch.einsum("hd,hld->hl", q[s].double(), keys) * D ** -0.5
+        out[s] = torch.einsum("hl,hld->hd", scores.softmax(-1), values)
+    return out
+
+
+def make(S, H, Hkv, L, D, gen, dtype=torch.float32):
+    q = torch.randn(S, H, D, generator=gen).to(DEVICE, dtype)
+    k = (torch.randn(S, Hkv, L, D, generator=gen) * 2).to(DEVICE, dtype)  # scores of a few units: peaked rows
+    v = torch.randn(S, Hkv, L, D, generator=gen).to(DEVICE, dtype)
+    lengths = torch.randint(1, L + 1, (S,), generator=gen)
+    lengths[0] = L  # one full row
+    return q, k, v, lengths.to(DEVICE)
+
+
+def rel_err(got, want):
+    return ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
+
+
+def fro_err(got, want):
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("S,H,Hkv,L,D,window,splits", [
+    (3, 2, 2, 70, 16, None, None),   # multi-head, the default split
+    (2, 4, 2, 100, 32, None, 3),     # grouped-query heads, chunks ending mid-block
+    (4, 2, 1, 90, 16, 17, 4),        # a sliding window shorter than most rows
+    (1, 2, 2, 40, 16, None, 8),      # more chunks than a short row fills: empty chunks
+    (2, 2, 2, 130, 16, 45, 1),       # one chunk: many blocks, the window starting mid-block
+])
+def test_matches_float64_softmax(S, H, Hkv, L, D, window, splits, gen):
+    q, k, v, lengths = make(S, H, Hkv, L, D, gen)
+    got = decode_attention(q, k, v, lengths, window=window, splits=splits)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert rel_err(got, reference(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), window)) <= FP32_TOL
+
+
+def test_ignores_positions_past_each_row(gen):
+    """What lies beyond a row's length (stale keys of an earlier request) must not change its output."""
+    q, k, v, lengths = make(2, 2, 2, 64, 16, gen)
+    lengths = torch.tensor([20, 33], device=DEVICE)
+    a = decode_attention(q, k, v, lengths, splits=4)
+    k[0, :, 20:], v[1, :, 33:] = 1e4, -1e4
+    torch.testing.assert_close(decode_attention(q, k, v, lengths, splits=4), a, rtol=0, atol=0)
+
+
+def test_fp8_cache_equals_its_dequantized_values(gen):
+    """An fp8 cache with per-vector scales: the same math as attending over the dequantized cache."""
+    q, k, v, lengths = make(2, 4, 2, 50, 16, gen)
+    (kq, k_scale), (vq, v_scale) = quantize_fp8(k), quantize_fp8(v)
+    got = decode_attention(q, kq, vq, lengths, window=30, k_scale=k_scale, v_scale=v_scale, splits=2)
+    want = reference(q.cpu(), (kq.float() * k_scale[..., None]).cpu(), (vq.float() * v_scale[..., None]).cpu(),
+                     lengths.cpu(), 30)
+    assert rel_err(got, want) <= FP32_TOL
+    assert fro_err(got, reference(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), 30)) <= FP8_TOL
+
+
+def test_quantize_fp8_round_trip(gen):
+    x = torch.randn(3, 5, 64, generator=gen) * torch.logspace(-3, 3, 5)[None, :, None]  # scales 1e-3..1e3
+    values, scale = quantize_fp8(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == x.shape[:-1]
+    back = values.float() * scale[..., None]
+    assert ((back - x).abs() / x.abs().amax(-1, keepdim=True)).max() <= 2 ** -4  # half an e4m3 step at the top
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="d20's decode shape in bf16: GPU only (slow in the interpreter)")
+def test_bf16_and_fp8_caches_on_the_gpu(gen):
+    q, k, v, lengths = make(8, 10, 10, 1280, 128, gen)
+    want = reference(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), None)
+    bf16 = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), lengths)
+    assert rel_err(bf16, want) <= BF16_TOL
+    (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
+    fp8 = decode_attention(q.bfloat16(), kq, vq, lengths, k_scale=ks, v_scale=vs)
+    assert fro_err(fp8, want) <= FP8_TOL
+
+
+def test_bad_arguments(gen):
+    q, k, v, lengths = make(1, 2, 2, 32, 16, gen)
+    with pytest.raises(ValueError, match="both"):
+        decode_attention(q, k, v, lengths, k_scale=torch.ones(k.shape[:-1]))
+    with pytest.raises(ValueError, match="power-of-two"):
+        decode_attention(q[..., :12], k[..., :12], v[..., :12], lengths)
