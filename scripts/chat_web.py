@@ -27,6 +27,8 @@ class WebConfig:
     port: int = 8000
     slots: int = 32                 # sequences decoded together per worker
     compile: bool = True            # compiled decode step + CUDA graph (CUDA only)
+    attention: str = "torch"        # decode attention: torch (masked) | triton (kernels.decode_attention)
+    kv_fp8: bool = False            # fp8 KV cache, half the bytes per step (needs --attention triton; not exact)
     max_messages: int = 500
     max_chars_per_message: int = 8000
     max_tokens: int = 2048
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             cast_params(model, torch.bfloat16)
         workers.append(BatchScheduler(model, tokenizer, slots=cfg.slots, name=f"worker{i}",
-                                      compile=cfg.compile and device.type == "cuda"))
+                                      compile=cfg.compile and device.type == "cuda",
+                                      attention=cfg.attention, kv_fp8=cfg.kv_fp8))
         log0(f"worker {i}: {cfg.source} step {meta.get('step')} on {device}")
     limits = Limits(max_messages=cfg.max_messages, max_chars_per_message=cfg.max_chars_per_message,
                     max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens))

@@ -169,3 +169,30 @@ def test_scheduler_builds_each_slot_index_once(server):
     first = worker._rows_on_device([0, 2])
     assert worker._rows_on_device([0, 2]) is first and first.tolist() == [0, 2]
     assert worker._rows_on_device([1]) is not first
+
+
+def test_scheduler_with_the_decode_kernel_streams_the_same_tokens():
+    """--attention triton (the decode kernel, in Triton's interpreter on the CPU) changes no greedy token."""
+    import threading
+
+    from nanochat.web.scheduler import BatchScheduler, GenerationRequest
+    from tests.helpers_chat import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    prompt = tok.encode("Where is my lord?", prepend="<|bos|>")
+    streams = []
+    for attention in ("torch", "triton"):
+        worker = BatchScheduler(model, tok, slots=2, attention=attention)
+        tokens, done = [], threading.Event()
+
+        def emit(event, tokens=tokens, done=done):
+            if event[0] == "token":
+                tokens.append(event[2])
+            else:  # "done", or "error": the comparison below fails on a short stream
+                done.set()
+
+        worker.submit(GenerationRequest(prompt=prompt, emit=emit, max_tokens=16, temperature=0.0))
+        assert done.wait(60)
+        worker.close()
+        streams.append(tokens)
+    assert streams[0] == streams[1] and len(streams[0]) > 3

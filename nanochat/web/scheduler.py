@@ -54,10 +54,12 @@ class BatchScheduler:
 
     _seeds = itertools.count(1)
 
-    def __init__(self, model, tokenizer, slots: int = 32, compile: bool = False, name: str = "worker0"):
+    def __init__(self, model, tokenizer, slots: int = 32, compile: bool = False, name: str = "worker0",
+                 attention: str = "torch", kv_fp8: bool = False):
         self.engine = Engine(model, tokenizer)
         self.tokenizer = tokenizer
-        self.decoder = StaticDecoder(model, slots, model.config.sequence_len, compile=compile)
+        self.decoder = StaticDecoder(model, slots, model.config.sequence_len, compile=compile,
+                                     attention=attention, kv_fp8=kv_fp8)
         self.slots: list[_Sequence | None] = [None] * slots
         self.logits = torch.zeros(slots, model.config.vocab_size, device=self.decoder.device)
         self.generators: dict[int, torch.Generator] = {}
