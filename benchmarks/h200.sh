@@ -5,6 +5,8 @@
 #   bash benchmarks/h200.sh step       # carry [".whl", ".carry"]: d20 bench matrix: loss kernels, SSSL, and a
 #                                      #   repeated row for the compile cache (issues 5, 6)
 #   KERNELS=triton,liger bash benchmarks/h200.sh step_kernels   # the loss-kernel rows of step alone
+#   bash benchmarks/h200.sh autotune   # carry [".whl", ".carry"]: d20 B=32 step compiled default vs
+#                                      #   max-autotune-no-cudagraphs (issue 6: the elementwise share)
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit, then the d24
@@ -26,7 +28,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|memory|fp8|fp8_loss20|parity|grads|infer|decode|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|memory|fp8|fp8_loss20|parity|grads|infer|decode|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -67,6 +69,11 @@ step|step_kernels)
       --max_seq_len 2048 --out_dir "$OUT/bench_kernels"
   [ "$PART" = step ] && TAIL=6 run bench_shapes 170 $BENCH --kernel triton --window_pattern SSSL,L --device_batch_size 32 --max_seq_len 2048 \
       --out_dir "$OUT/bench_shapes"   # the L row repeats bench_kernels' first row: compile time from the warm cache
+  ;;
+autotune)
+  TAIL=6 run bench_autotune 590 python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 \
+      --timeout 420 --kernel triton --device_batch_size 32 --max_seq_len 2048 \
+      --compile_mode default,max-autotune-no-cudagraphs --out_dir "$OUT/bench_autotune"
   ;;
 memory)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140 --kernel triton"

@@ -31,7 +31,7 @@ from nanochat.flags import parse_flags
 from nanochat.gpt import config_from_depth, model_class
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat.precision import apply_precision, check_precision
-from nanochat.runtime import default_compile, setup_torch_env
+from nanochat.runtime import compile_model, default_compile, setup_torch_env
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
 
 
@@ -78,6 +78,7 @@ class TrainConfig:
     tokenizer_dir: str = ""
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao, Hopper+) or nvfp4 (--arch te, Blackwell)"})
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     orig_model = model  # uncompiled: for eval with other shapes, sampling and saving
     if cfg.compile:
-        model = torch.compile(model, dynamic=False)
+        model = compile_model(model, cfg.compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     if peak is None:

@@ -35,6 +35,8 @@ class BenchConfig:
     max_seq_len: list[int] = field(default_factory=lambda: [2048])
     window_pattern: list[str] = field(default_factory=lambda: ["L"])
     recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, mlp, block"})
+    compile_mode: list[str] = field(default_factory=lambda: ["default"],
+                                    metadata={"help": "default, max-autotune-no-cudagraphs"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
@@ -96,14 +98,14 @@ def state_and_rest(mem: dict | None) -> str:
 
 def format_table(rows: list[dict], baseline: int) -> str:
     base = rows[baseline].get("tok_per_s") if 0 <= baseline < len(rows) else None
-    head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | tok/s | step ms | peak GiB "
+    head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | compile | tok/s | step ms | peak GiB "
             "| state / rest GiB | MFU | vs base | compile s | attention ran | loss ran | matmul ran | quant % | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tps = r.get("tok_per_s")
         ran = r.get("kernels_ran", {})
         cells = [r["arch"], r["kernel"], r["attn"], r["precision"], r["depth"], r["device_batch_size"],
-                 r["max_seq_len"], r["window_pattern"], r["recompute"],
+                 r["max_seq_len"], r["window_pattern"], r["recompute"], r["compile_mode"],
                  f"{tps:,.0f}" if tps else "-", f"{r['step_ms']:.1f}" if tps else "-",
                  f"{r['peak_memory_gib']:.2f}" if tps else "-", state_and_rest(r.get("memory_gib")),
                  f"{100 * r['mfu']:.1f}%" if tps and r.get("mfu") else "n/a",
@@ -122,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{r['precision']}\nd{r['depth']} B{r['device_batch_size']} "
               f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" {r['recompute']}")
-              for r in rows]
+              + ("" if r["compile_mode"] == "default" else " autotune") for r in rows]
     values = [r.get("tok_per_s") or 0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
     bars = ax.bar(range(len(rows)), values, color=["tab:blue" if r["status"] == "ok" else "tab:red" for r in rows])
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = {"arch": cfg.arch, "kernel": cfg.kernel, "attn": cfg.attn, "precision": cfg.precision,
             "depth": cfg.depth, "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
-            "window_pattern": cfg.window_pattern, "recompute": cfg.recompute}
+            "window_pattern": cfg.window_pattern, "recompute": cfg.recompute, "compile_mode": cfg.compile_mode}
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     rows = []
     for i, combo in enumerate(combos):
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(json.dumps({"out_dir": str(out_dir), "rows": [
         {k: r.get(k) for k in ("kernel", "attn", "precision", "device_batch_size", "max_seq_len",
-                               "window_pattern", "recompute", "tok_per_s", "peak_memory_gib", "mfu", "status")}
+                               "window_pattern", "recompute", "compile_mode", "tok_per_s", "peak_memory_gib", "mfu",
+                               "status")}
         for r in rows]}))
     return result
 

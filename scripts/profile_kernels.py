@@ -35,7 +35,7 @@ from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
 from nanochat.optim import build_optimizer
 from nanochat.precision import apply_precision
-from nanochat.runtime import default_compile
+from nanochat.runtime import compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 
@@ -56,6 +56,7 @@ class ProfileConfig:
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
     steps: int = field(default=3, metadata={"help": "profiled training steps"})
     top: int = 20
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         kernels.set_kernel_backend(cfg.kernel)
         model, optimizer = build(cfg, device)
         if cfg.compile:
-            model = torch.compile(model, dynamic=False)
+            model = compile_model(model, cfg.compile_mode)
         step = make_step(cfg, model, optimizer, device)
         expects += auto_expectations(cfg, model, device) if cfg.expect_auto else []
         timing = time_steps(cfg, model, optimizer, step, device)

@@ -90,3 +90,16 @@ def test_train_grads_check_fails_a_kernel_with_wrong_gradients(monkeypatch):
     result = check_train_grads.main([*TINY_GRADS, "--kernels=current,skewed"])
     assert result["failed"] == 2 and all(not row["skewed"]["ok"] for row in result["rows"])
     kernels.set_kernel_backend("current")
+
+
+def test_compile_mode_reaches_the_model_and_unknown_modes_are_refused(monkeypatch):
+    from nanochat import runtime
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    assert runtime.compile_model(model, "max-autotune-no-cudagraphs") is model
+    assert runtime.compile_model(model) is model
+    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}, {"dynamic": False, "mode": None}]
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        runtime.compile_model(model, "max-autotune")

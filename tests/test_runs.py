@@ -203,6 +203,7 @@ H200_PARTS = {
     "decode": {"scripts.infer_bench"},
     "step": {"scripts.bench"},
     "step_kernels": {"scripts.bench"},
+    "autotune": {"scripts.bench"},
     "memory": {"scripts.bench"},
     "fp8": {"scripts.bench", "scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
