@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     profiles = {"scheduler": cProfile.Profile(), "event loop": cProfile.Profile()} if cfg.profile else None
     worker, server, url = start_server(cfg.slots, profiles)
     if cfg.stub_model:  # each slot keeps sampling from its prompt's next-token distribution
-        worker.decoder.step = lambda: worker.logits
+        def stub_step():  # positions advance as in a real step: the sampler's noise is keyed by them
+            worker.decoder.pos += 1
+            return worker.logits
+        worker.decoder.step = stub_step
     timed = Timed(worker)
     load(url, max(cfg.clients), 1.0, cfg.max_tokens, max_requests=1)  # warm-up, not counted
     rows = []

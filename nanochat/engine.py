@@ -68,6 +68,27 @@ def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's
+# constants 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB as int64 (products wrap mod 2^64)
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: the mask drops the copied sign bits)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def hashed_exp_noise(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [R, vocab] (for `draw`) whose row r depends only on (keys[r], positions[r]): splitmix64's
+    finalizer over key, position and vocab index, 24 bits per uniform. A server keys each row by its
+    request's seed and sample and the row's position, so rows of many requests are drawn in one batch of
+    ops (a generator per request cost two launches each per step) and each still gets what it would alone."""
+    x = (keys * _GOLDEN + positions * vocab)[:, None] + torch.arange(vocab, device=keys.device)
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return -torch.log((_shift_right(x, 40).float() + 0.5) * 2.0 ** -24)
+
+
 def token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None) -> torch.Tensor:
     """Next-token probabilities per row of `logits` [B, V] at `temperature` (> 0), after top-k then top-p

@@ -153,6 +153,19 @@ def test_sampling_differs_across_samples_and_is_seeded(tok, model):
     assert a != c
 
 
+def test_hashed_exp_noise_is_exp1_per_row_and_depends_on_key_and_position_only():
+    from nanochat.engine import hashed_exp_noise
+
+    keys, positions = torch.tensor([7, 7, 8, -3]), torch.tensor([100, 101, 100, 5])
+    noise = hashed_exp_noise(keys, positions, 50_000)
+    # a row is the same drawn alone or among others; every (key, position) gives another row
+    torch.testing.assert_close(hashed_exp_noise(keys[2:3], positions[2:3], 50_000), noise[2:3], rtol=0, atol=0)
+    assert len({tuple(r[:8].tolist()) for r in noise}) == 4
+    # Exp(1): mean 1 and P(E > 1) = 1/e, each within ~5 standard errors of 200k draws
+    assert abs(noise.mean().item() - 1) < 0.012 and abs((noise > 1).float().mean().item() - 0.3679) < 0.006
+    assert noise.min() > 0 and torch.isfinite(noise).all()
+
+
 def test_sample_next_top_k_top_p():
     gen = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0, 1.0]]).repeat(2000, 1)

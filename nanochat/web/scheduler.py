@@ -3,9 +3,9 @@
 Each sequence (one of a request's n samples) owns a slot of a StaticDecoder: its own rows of the KV
 cache and its own position. The loop, once per decode step:
   1. admits waiting requests into free slots (prefill at batch 1, then copy the cache into n slots),
-  2. samples the next token of every active slot (one batch per set of sampling settings, each
-     request's noise from its own RNG, all on the device, then one copy of every token to the host;
-     the calculator tool runs here too) and reports it,
+  2. samples the next token of every active slot (one batch per set of sampling settings, each row's
+     noise hashed from its request's seed and its position, all on the device, then one copy of every
+     token to the host; the calculator tool runs here too) and reports it,
   3. frees finished slots, and runs ONE decode step for all slots at once.
 A request that arrives while others are decoding joins at the next step instead of waiting for them
 to finish, so 32 streaming clients share each step's weight reads instead of queuing behind each other.
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, RowState, StaticDecoder, draw, token_probs
+from nanochat.engine import Engine, RowState, StaticDecoder, draw, hashed_exp_noise, token_probs
 
 log = logging.getLogger("nanochat")
+SAMPLE_STRIDE = 1_000_003  # a row's key: seed * SAMPLE_STRIDE + its sample index (n <= slots < this)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class BatchScheduler:
                                      attention=attention, kv_fp8=kv_fp8)
         self.slots: list[_Sequence | None] = [None] * slots
         self.logits = torch.zeros(slots, model.config.vocab_size, device=self.decoder.device)
-        self.generators: dict[int, torch.Generator] = {}
+        self.slot_keys = torch.zeros(slots, dtype=torch.long, device=self.decoder.device)  # seed and sample
         self._row_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
         self.waiting: list[GenerationRequest] = []
@@ -131,7 +132,7 @@ class BatchScheduler:
             self.decoder.load_prompt(take, cache)
             self.logits[take] = logits.to(self.logits.dtype)
             seed = req.seed if req.seed is not None else next(self._seeds)
-            self.generators[id(req)] = torch.Generator(device=self.decoder.device).manual_seed(seed)
+            self.slot_keys[take] = torch.tensor([seed % 2**40 * SAMPLE_STRIDE + j for j in range(len(take))])
             for j, slot in enumerate(take):
                 self.slots[slot] = _Sequence(req, j)
         self.waiting = still_waiting
@@ -140,8 +141,6 @@ class BatchScheduler:
         seq = self.slots[slot]
         self.slots[slot] = None
         self.decoder.pos[slot] = 0
-        if seq is not None and not any(s is not None and s.request is seq.request for s in self.slots):
-            self.generators.pop(id(seq.request), None)
 
     def _rows_on_device(self, slots: list[int]) -> torch.Tensor:
         """`slots` as an index tensor on the device, cached: building one copies from pageable host
@@ -159,17 +158,15 @@ class BatchScheduler:
         """Next token of every slot of `requests` (all with these sampling settings), in that order.
 
         One batch of tensor ops for them all (sampled one request at a time, they cost the host over a
-        dozen kernel launches per request per step); only the Exp(1) noise is drawn per request, from
-        its own generator, so each request gets the tokens sample_next would give it alone, whoever
-        shares the step."""
+        dozen kernel launches per request per step); each row's noise is hashed from its request's seed
+        and sample and its position, so a request gets the same tokens whoever shares the step."""
         slots = [i for _, request_slots in requests for i in request_slots]
-        logits = self.logits.index_select(0, self._rows_on_device(slots))
+        rows = self._rows_on_device(slots)
+        logits = self.logits.index_select(0, rows)
         if temperature == 0.0:
             return logits.argmax(dim=-1)
         probs = token_probs(logits, temperature, top_k, top_p)
-        noise = torch.cat([torch.empty(len(s), probs.size(1), device=probs.device)
-                           .exponential_(1, generator=self.generators[id(req)]) for req, s in requests])
-        return draw(probs, noise)
+        return draw(probs, hashed_exp_noise(self.slot_keys[rows], self.decoder.pos[rows], probs.size(1)))
 
     @torch.inference_mode()
     def _step(self) -> None:
