@@ -64,7 +64,7 @@ def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
     This is torch.multinomial's own draw for one sample, so `noise` from a generator's exponential_()
     gives the tokens multinomial would give from that generator, minus its input checks (~9 more kernel
-    launches per call) and with the noise drawn per request while the rest runs batched (the server)."""
+    launches per call); the server passes `hashed_exp_noise` instead, one batch for all its requests."""
     return (probs / noise).argmax(dim=-1)
 
 
@@ -233,8 +233,12 @@ class StaticDecoder:
         self._rows = torch.arange(slots, device=self.device)
         self._key_pos = torch.arange(max_seq_len, device=self.device)
         fuse_qkv = compile if fuse_qkv is None else fuse_qkv
-        self.qkv_weights = ([block.attn.qkv_weight().detach().to(self.dtype) for block in model.blocks]
-                            if fuse_qkv else None)
+        self.qkv_weights = None
+        if fuse_qkv:
+            rows = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+            self.qkv_weights = [torch.empty(rows, cfg.n_embd, device=self.device, dtype=self.dtype)
+                                for _ in range(cfg.n_layer)]
+            self._refresh_qkv_weights()
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = (compile if cuda_graph is None else cuda_graph) and self.device.type == "cuda"
@@ -248,13 +252,18 @@ class StaticDecoder:
             raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
         index = torch.tensor(slots, device=self.device)
         if self.qkv_weights is not None:
-            with torch.no_grad():
-                for weight, block in zip(self.qkv_weights, self.model.blocks):
-                    weight.copy_(block.attn.qkv_weight())
+            self._refresh_qkv_weights()
         for layer in range(len(self.k)):
             self._store(layer, (index, slice(None), slice(0, n)),
                         cache.k[layer, :, :n].transpose(1, 2), cache.v[layer, :, :n].transpose(1, 2))
         self.pos[index] = n
+
+    @torch.no_grad()
+    def _refresh_qkv_weights(self) -> None:
+        """Stack each layer's current c_q, c_k, c_v weights into its buffer, in place (the CUDA graph
+        reads these buffers), cast to the cache dtype on the way."""
+        for weight, block in zip(self.qkv_weights, self.model.blocks):
+            block.attn.qkv_weight(out=weight)
 
     def _store(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [..., D] into `layer`'s caches at index `where` (quantized for an fp8 cache)."""

@@ -172,9 +172,10 @@ class CausalSelfAttention(nn.Module):
         # per-kv-head gate on the value embedding (an AdamW "scalar"), only on layers that have one
         self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head)) if cfg.has_value_embed(layer_idx) else None
 
-    def qkv_weight(self) -> torch.Tensor:
-        """c_q, c_k and c_v stacked into one [(H + 2 Hkv) D, C] matrix (a new tensor), for `qkv`."""
-        return torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
+    def qkv_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """c_q, c_k and c_v stacked into one [(H + 2 Hkv) D, C] matrix for `qkv` (into `out` when given,
+        cast to its dtype)."""
+        return torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight), out=out)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None,
             fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -117,7 +117,6 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
             profile = profile_decode(decoder, cfg.profile_steps)
         except Exception as exc:  # the timings above stand without it; the row says why it is missing
             profile = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-    mc = model.config
     kv_bytes = sum(t.numel() * t.element_size() for t in decoder.k + decoder.v + (decoder.k_scale or [])
                    + (decoder.v_scale or []))  # the whole static cache: the torch path reads all of it
     step_bytes = weight_bytes_per_step(model) + kv_bytes
