@@ -83,6 +83,18 @@ def compare(grads: list[torch.Tensor], ref: list[torch.Tensor], names: list[str]
     return errs[worst], names[worst]
 
 
+def sign_flips(grads: list[torch.Tensor], ref: list[torch.Tensor], names: list[str]) -> tuple[float, str]:
+    """Worst per-parameter fraction of elements whose gradient sign differs from the reference's (where the
+    reference is nonzero). AdamW's first updates are close to lr * sign(g) per element, so a small norm
+    error spread over near-zero elements can still move the embeddings, lm_head and scalars differently."""
+    fracs = []
+    for g, r in zip(grads, ref):
+        nonzero = r != 0
+        fracs.append(((torch.sign(g) != torch.sign(r)) & nonzero).sum().item() / max(1, nonzero.sum().item()))
+    worst = max(range(len(fracs)), key=fracs.__getitem__)
+    return fracs[worst], names[worst]
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_flags(CheckConfig, argv, description=__doc__.split("\n")[0])
     from nanochat.gpt import GPT, config_from_depth
@@ -110,18 +122,23 @@ def main(argv: list[str] | None = None) -> dict:
         ref_loss, ref = gradients(run, inputs, targets, ref_kernel, autocast)
         rep_loss, rep = gradients(run, inputs, targets, ref_kernel, autocast)
         noise, noise_name = compare(rep, ref, names)
+        noise_flips, noise_flips_name = sign_flips(rep, ref, names)
         row = {"step": step, "loss": ref_loss, "noise": noise, "noise_param": noise_name,
-               "noise_loss": abs(rep_loss - ref_loss)}
+               "noise_loss": abs(rep_loss - ref_loss), "noise_flips": noise_flips, "noise_flips_param": noise_flips_name}
         limit = max(cfg.tol, cfg.noise_factor * noise)
         for kernel in others:
             loss, grads = gradients(run, inputs, targets, kernel, autocast)
             err, where = compare(grads, ref, names)
-            row[kernel] = {"loss_diff": loss - ref_loss, "grad_err": err, "param": where, "ok": err <= limit}
+            flips, flips_where = sign_flips(grads, ref, names)
+            row[kernel] = {"loss_diff": loss - ref_loss, "grad_err": err, "param": where, "ok": err <= limit,
+                           "sign_flips": flips, "sign_flips_param": flips_where}
             del grads
         rows.append(row)
-        log0(f"step {step:3d} | {ref_kernel} loss {ref_loss:.4f} | own noise {noise:.2e} ({noise_name}) | "
+        log0(f"step {step:3d} | {ref_kernel} loss {ref_loss:.4f} | own noise {noise:.2e} ({noise_name}), sign flips "
+             f"{noise_flips:.1e} ({noise_flips_name}) | "
              + " | ".join(f"{k}: loss {row[k]['loss_diff']:+.2e}, grad err {row[k]['grad_err']:.2e} "
-                          f"({row[k]['param']}){'' if row[k]['ok'] else ' FAIL'}" for k in others))
+                          f"({row[k]['param']}), sign flips {row[k]['sign_flips']:.1e} ({row[k]['sign_flips_param']})"
+                          f"{'' if row[k]['ok'] else ' FAIL'}" for k in others))
         for p, g in zip(params, ref):  # the reference's gradients take the step
             p.grad = g.to(p.dtype)
         optimizer.step()

@@ -169,6 +169,9 @@ class TextStream:
         return self.tokenizer.decode(self.tokens)
 
 
+DECODE_ATTENTIONS = ("torch", "triton", "triton_dot")
+
+
 def _decode_kernel(device: torch.device):
     """The decode-attention kernel module, imported on demand: triton is an optional dependency."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -200,23 +203,24 @@ class StaticDecoder:
     model trained between generations (RL) is never decoded with stale weights.
 
     attention="triton" replaces the masked torch attention by `kernels.decode_attention`, one kernel that
-    reads only each row's filled positions; with it, kv_fp8=True stores the cache in float8 (e4m3) with a
-    scale per vector, halving the bytes a batched step reads (not exact: greedy tokens can differ).
+    reads only each row's filled positions ("triton_dot": its tensor-core variant, one program per kv head);
+    with either, kv_fp8=True stores the cache in float8 (e4m3) with a scale per vector, halving the bytes a
+    batched step reads (not exact: greedy tokens can differ).
     """
 
     def __init__(self, model, slots: int, max_seq_len: int, compile: bool = False,
                  cuda_graph: bool | None = None, fuse_qkv: bool | None = None, attention: str = "torch",
                  kv_fp8: bool = False):
-        if attention not in ("torch", "triton"):
-            raise ValueError(f"attention must be 'torch' or 'triton', got {attention!r}")
-        if kv_fp8 and attention != "triton":
+        if attention not in DECODE_ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(DECODE_ATTENTIONS)}, got {attention!r}")
+        if kv_fp8 and attention == "torch":
             raise ValueError("an fp8 KV cache is read by the triton decode kernel only: pass attention='triton'")
         cfg = model.config
         self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
         self.device = next(model.parameters()).device
         self.dtype = cache_dtype(self.device)
         self.attention, self._kernel = attention, None
-        if attention == "triton":
+        if attention != "torch":
             self._kernel = _decode_kernel(self.device)
         # One buffer per layer, not one [n_layer, ...] tensor: under torch.compile a write into a slice of
         # a shared buffer that is read afterwards can be functionalized into a copy of the whole buffer,
@@ -289,10 +293,11 @@ class StaticDecoder:
             fused = self.qkv_weights[i] if self.qkv_weights is not None else None
             q, k, v = attn.qkv(h, cos, sin, ve, fused)                                # the training math
             self._store(i, (self._rows, slice(None), pos), k[:, 0], v[:, 0])
-            if self.attention == "triton":
+            if self.attention != "torch":
                 y = self._kernel.decode_attention(q[:, 0], self.k[i], self.v[i], pos + 1, attn.window,
                                                   None if self.k_scale is None else self.k_scale[i],
-                                                  None if self.v_scale is None else self.v_scale[i])
+                                                  None if self.v_scale is None else self.v_scale[i],
+                                                  dot=self.attention == "triton_dot")
             else:
                 valid = self._key_pos[None, :] <= pos[:, None]                        # [S, L]
                 if attn.window is not None:

@@ -71,6 +71,7 @@ def test_train_grads_check_passes_the_triton_kernel(monkeypatch):
     result = check_train_grads.main([*TINY_GRADS, "--kernels=current,triton"])
     assert result["failed"] == 0
     assert all(row["triton"]["grad_err"] < 1e-4 and abs(row["triton"]["loss_diff"]) < 1e-5 for row in result["rows"])
+    assert all(row["triton"]["sign_flips"] == 0.0 for row in result["rows"])  # fp32: no element changes sign
 
 
 def test_train_grads_check_fails_a_kernel_with_wrong_gradients(monkeypatch):
@@ -89,6 +90,7 @@ def test_train_grads_check_fails_a_kernel_with_wrong_gradients(monkeypatch):
     monkeypatch.setitem(kernels.LOSS_BACKENDS, "skewed", "skewed_loss_backend")
     result = check_train_grads.main([*TINY_GRADS, "--kernels=current,skewed"])
     assert result["failed"] == 2 and all(not row["skewed"]["ok"] for row in result["rows"])
+    assert all(row["skewed"]["sign_flips"] > 0 for row in result["rows"])
     kernels.set_kernel_backend("current")
 
 

@@ -11,7 +11,7 @@ from nanochat import engine as engine_mod
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine, StaticDecoder, TextStream, sample_next
 from nanochat.gpt import GPT, config_from_depth
-from tests.helpers_chat import byte_tokenizer, naive_generate, tiny_model, tiny_tokenizer
+from tests.helpers_chat import byte_tokenizer, naive_generate, needs_triton_interpreter, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,9 @@ def test_greedy_equals_naive(tok, model):
     assert longest >= 20, "the random model stops at once: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("fuse_qkv,attention", [(False, "torch"), (True, "torch"), (True, "triton")])
+@pytest.mark.parametrize("fuse_qkv,attention", [(False, "torch"), (True, "torch"),
+                                                 pytest.param(True, "triton", marks=needs_triton_interpreter),
+                                                 pytest.param(True, "triton_dot", marks=needs_triton_interpreter)])
 def test_static_decoder_rows_at_different_positions(tok, model, fuse_qkv, attention):
     """Continuous batching: slots holding different prompts step together, each at its own position
     (q/k/v as three matmuls or one; attention masked in torch or by the decode kernel, which the
@@ -90,6 +92,7 @@ def test_step_outside_graph_is_the_same_step(tok, model):
     assert torch.equal(decoders[0].pos, decoders[1].pos) and int(decoders[1].pos[0]) == cache.pos + 1
 
 
+@needs_triton_interpreter
 def test_fp8_kv_cache_stays_close_to_bf16_exact_decode(tok, model):
     """kv_fp8 stores keys and values in e4m3 with a scale per vector: not exact, so the logits are
     compared, step by step on the same tokens, with the exact decoder's (tolerance in the assert)."""
@@ -333,6 +336,7 @@ def test_compiled_decode_step_writes_the_kv_cache_in_place():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
+@needs_triton_interpreter
 def test_compiled_decode_step_with_the_decode_kernel():
     """The decode kernel inside a compiled step (a custom op, opaque to the compiler) computes what the
     eager torch path does, rows at different positions."""

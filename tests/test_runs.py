@@ -125,7 +125,7 @@ CONFIG_CLASSES = {
     "scripts.bench": "BenchConfig", "scripts.infer_bench": "BenchConfig", "scripts.chat_web": "WebConfig",
     "benchmarks.bench_loss": "BenchConfig", "benchmarks.bench_attention": "BenchConfig",
     "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
-    "benchmarks.check_train_grads": "CheckConfig",
+    "benchmarks.check_train_grads": "CheckConfig", "benchmarks.bench_decode_attention": "BenchConfig",
 }
 NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
 
@@ -201,13 +201,17 @@ H200_PARTS = {
     "attention": {"benchmarks.bench_attention"},
     "loss_inputs": {"benchmarks.bench_loss"},
     "decode": {"scripts.infer_bench"},
+    "decode_dot": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "step": {"scripts.bench"},
     "step_kernels": {"scripts.bench"},
     "autotune": {"scripts.bench"},
     "memory": {"scripts.bench"},
-    "fp8": {"scripts.bench", "scripts.base_train"},
+    "fp8": {"scripts.bench"},
+    "fp8_loss24": {"scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
+    "stable_losses": {"scripts.base_train"},
     "parity": {"scripts.base_train"},
+    "parity_large": {"scripts.base_train"},
     "grads": {"benchmarks.check_train_grads"},
     "web": {"scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
     "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},

@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from tests.helpers_chat import LiveServer
+from tests.helpers_chat import LiveServer, needs_triton_interpreter
 
 openai = pytest.importorskip("openai")
 
@@ -171,6 +171,7 @@ def test_scheduler_builds_each_slot_index_once(server):
     assert worker._rows_on_device([1]) is not first
 
 
+@needs_triton_interpreter
 def test_scheduler_with_the_decode_kernel_streams_the_same_tokens():
     """--attention triton (the decode kernel, in Triton's interpreter on the CPU) changes no greedy token."""
     import threading

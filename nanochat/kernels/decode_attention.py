@@ -19,8 +19,10 @@ import triton
 import triton.language as tl
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-BLOCK_L = 32     # positions per inner step
-TARGET_PROGRAMS = 1024  # enough programs to fill an H200's 132 SMs several times over
+TARGET_PROGRAMS = 2048  # enough programs to fill an H200's 132 SMs many times over (batch 128: 2 chunks per row)
+# (positions per inner step, warps, pipeline stages): the fastest at batch 128 in bench_decode_attention on the
+# H200, bf16 and fp8 caches alike (fp8 0.144 ms per layer vs 0.192 at 64/4/1 and 0.384 at the first 32/4/1)
+DEFAULT_CONFIG = (128, 4, 2)
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,19 +55,68 @@ def _decode_chunks_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
         offs = s * sk_s + kvh * sk_h + pos[:, None] * sk_l + d[None, :]
         k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(V + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        if SCALED:
-            k = k * tl.load(KScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[:, None]
-            v = v * tl.load(VScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[:, None]
-        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))
+        scores = tl.sum(k * q[None, :], axis=1)
+        if SCALED:  # per-vector scales multiply the BLOCK scores and weights, not the BLOCK x D tiles
+            scores = scores * tl.load(KScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)
+        scores = tl.where(valid, scores, -float("inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         p = tl.exp(scores - m_new)
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=0)
+        if SCALED:
+            p = p * tl.load(VScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
     tl.store(Acc + s * sa_s + h * sa_h + j * sa_j + d, acc)
     tl.store(M + s * sm_s + h * sm_h + j, m)
     tl.store(Lsum + s * sm_s + h * sm_h + j, l)
+
+
+@triton.jit
+def _decode_chunks_dot_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
+                              sq_s, sq_h, sk_s, sk_h, sk_l, ss_s, ss_h, sa_s, sa_h, sa_j, sm_s, sm_h,
+                              sm_scale, window, chunk, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                              SCALED: tl.constexpr, BLOCK: tl.constexpr, MMA: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """The same chunk, for all G query heads of one kv head at once, on tensor cores: q is a [GP, D] tile
+    (GP >= 16, rows past G zero), scores and p.V are tl.dot products. Each K/V tile is read once per kv
+    head, not once per query head, and fp8 tiles go to the MMA as bf16 instead of through fp32 math."""
+    s, kvh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = tl.load(Lengths + s).to(tl.int32)
+    lo = j * chunk
+    hi = tl.minimum(lo + chunk, n)
+    if window > 0:
+        lo = tl.maximum(lo, n - window)
+    d = tl.arange(0, D)
+    g = tl.arange(0, GP)
+    heads = kvh * G + g
+    q = tl.load(Q + s * sq_s + heads[:, None] * sq_h + d[None, :], mask=(g < G)[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(MMA)
+    m = tl.full([GP], -float("inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        valid = pos < hi
+        offs = s * sk_s + kvh * sk_h + pos[:, None] * sk_l + d[None, :]
+        k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(MMA)
+        v = tl.load(V + offs, mask=valid[:, None], other=0.0).to(MMA)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)                  # [GP, BLOCK]
+        if SCALED:
+            scores = scores * tl.load(KScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[None, :]
+        scores = tl.where(valid[None, :], scores, -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        if SCALED:
+            p = p * tl.load(VScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(MMA), v, input_precision=PRECISION)
+        m = m_new
+    head_ok = g < G
+    tl.store(Acc + s * sa_s + heads[:, None] * sa_h + j * sa_j + d[None, :], acc, mask=head_ok[:, None])
+    tl.store(M + s * sm_s + heads * sm_h + j, m, mask=head_ok)
+    tl.store(Lsum + s * sm_s + heads * sm_h + j, l, mask=head_ok)
 
 
 @triton.jit
@@ -85,10 +136,11 @@ def _combine_kernel(Acc, M, Lsum, Out, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_
 
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, window: int,
-               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int) -> torch.Tensor:
+               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int,
+               block: int, warps: int, stages: int, dot: bool) -> torch.Tensor:
     """The two launches, opaque to torch.compile (captured as they are in a CUDA graph)."""
     S, H, D = q.shape
-    chunk = triton.cdiv(triton.cdiv(k_cache.size(2), splits), BLOCK_L) * BLOCK_L
+    chunk = triton.cdiv(triton.cdiv(k_cache.size(2), splits), block) * block
     splits = triton.cdiv(k_cache.size(2), chunk)
     q = q.contiguous()
     acc = torch.empty(S, H, splits, D, device=q.device, dtype=torch.float32)
@@ -98,11 +150,20 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
     scaled = k_scale is not None
     ks = k_scale if scaled else m  # any fp32 pointer: not read without SCALED
     vs = v_scale if scaled else m
-    _decode_chunks_kernel[(S, H, splits)](
-        q, k_cache, v_cache, ks, vs, lengths, acc, m, lsum,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(0), ks.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        D ** -0.5, window, chunk, G=H // k_cache.size(1), D=D, SCALED=scaled, BLOCK=BLOCK_L)
+    args = (q, k_cache, v_cache, ks, vs, lengths, acc, m, lsum,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            ks.stride(0), ks.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+            D ** -0.5, window, chunk)
+    G = H // k_cache.size(1)
+    if dot:
+        fp32 = q.dtype == torch.float32  # exact fp32 products (tests); bf16 operands otherwise (fp8 tiles too)
+        _decode_chunks_dot_kernel[(S, k_cache.size(1), splits)](
+            *args, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, SCALED=scaled, BLOCK=block,
+            MMA=tl.float32 if fp32 else (tl.float16 if q.dtype == torch.float16 else tl.bfloat16),
+            PRECISION="ieee" if fp32 else "tf32", num_warps=warps, num_stages=stages)
+    else:
+        _decode_chunks_kernel[(S, H, splits)](*args, G=G, D=D, SCALED=scaled, BLOCK=block,
+                                              num_warps=warps, num_stages=stages)
     _combine_kernel[(S, H)](acc, m, lsum, out, splits, acc.stride(0), acc.stride(1), acc.stride(2),
                             m.stride(0), m.stride(1), out.stride(0), out.stride(1),
                             D=D, NS=triton.next_power_of_2(splits))
@@ -110,17 +171,21 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits):
+def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits, block, warps, stages, dot):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      window: int | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, splits: int | None = None,
+                     config: tuple[int, int, int] | None = None, dot: bool = False) -> torch.Tensor:
     """Softmax attention of q [S, H, D] over the first lengths[s] positions of row s of the caches
     [S, Hkv, L, D] (the last `window` of them when given) -> [S, H, D] in q's dtype. With k_scale and
     v_scale [S, Hkv, L] the caches hold values / scale (e.g. `quantize_fp8`). lengths must be >= 1.
-    `splits` chunks the positions (default: enough programs to fill the GPU)."""
+    `splits` chunks the positions (default: enough programs to fill the GPU); `config` is
+    (positions per inner step, warps, pipeline stages), default DEFAULT_CONFIG. dot=True runs the
+    tensor-core kernel: one program per kv head for all its query heads (bf16 operands; not yet measured
+    against the default on the GPU: benchmarks/bench_decode_attention.py has its rows)."""
     S, H, D = q.shape
     L = k_cache.size(2)
     if (k_scale is None) != (v_scale is None):
@@ -131,6 +196,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim (one buffer per layer)")
     if k_scale is not None and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
         raise ValueError("k_scale and v_scale must share one layout, contiguous over positions")
+    block, warps, stages = config or DEFAULT_CONFIG
+    if dot and block < 16:
+        raise ValueError(f"dot=True needs at least 16 positions per inner step (a tl.dot side), got {block}")
     if splits is None:
-        splits = max(1, min(triton.cdiv(L, BLOCK_L), triton.cdiv(TARGET_PROGRAMS, S * H)))
-    return _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits)
+        programs_per_split = S * (k_cache.size(1) if dot else H)
+        splits = max(1, min(triton.cdiv(L, block), triton.cdiv(TARGET_PROGRAMS, programs_per_split)))
+    return _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits, block, warps, stages,
+                      dot)
