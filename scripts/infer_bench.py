@@ -33,7 +33,8 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
     compile: bool = True
     cuda_graph: bool = True
-    attention: str = field(default="torch", metadata={"help": "decode attention: torch (masked), triton (kernel) or triton_dot (its tensor-core variant)"})
+    attention: str = field(default="torch", metadata={
+        "help": "decode attention: torch (masked), triton (kernel) or triton_dot (its tensor-core variant)"})
     kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (needs --attention triton or triton_dot)"})
     prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
     peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
