@@ -33,17 +33,24 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _chunk_positions(Lengths, s, j, chunk, window):
+    """Positions [lo, hi) of chunk j that row s has filled and, with a window, still sees."""
+    n = tl.load(Lengths + s).to(tl.int32)
+    lo = j * chunk
+    hi = tl.minimum(lo + chunk, n)
+    if window > 0:
+        lo = tl.maximum(lo, n - window)
+    return lo, hi
+
+
+@triton.jit
 def _decode_chunks_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
                           sq_s, sq_h, sk_s, sk_h, sk_l, ss_s, ss_h, sa_s, sa_h, sa_j, sm_s, sm_h,
                           sm_scale, window, chunk, G: tl.constexpr, D: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK: tl.constexpr):
     s, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = h // G
-    n = tl.load(Lengths + s).to(tl.int32)
-    lo = j * chunk
-    hi = tl.minimum(lo + chunk, n)
-    if window > 0:
-        lo = tl.maximum(lo, n - window)
+    lo, hi = _chunk_positions(Lengths, s, j, chunk, window)
     d = tl.arange(0, D)
     q = tl.load(Q + s * sq_s + h * sq_h + d).to(tl.float32) * sm_scale
     m = -float("inf")
@@ -82,11 +89,7 @@ def _decode_chunks_dot_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
     (GP >= 16, rows past G zero), scores and p.V are tl.dot products. Each K/V tile is read once per kv
     head, not once per query head, and fp8 tiles go to the MMA as bf16 instead of through fp32 math."""
     s, kvh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = tl.load(Lengths + s).to(tl.int32)
-    lo = j * chunk
-    hi = tl.minimum(lo + chunk, n)
-    if window > 0:
-        lo = tl.maximum(lo, n - window)
+    lo, hi = _chunk_positions(Lengths, s, j, chunk, window)
     d = tl.arange(0, D)
     g = tl.arange(0, GP)
     heads = kvh * G + g
