@@ -10,9 +10,13 @@
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
+#   bash benchmarks/h200.sh fp8_rowwise  # carry [".whl", ".carry"]: d24 bf16 vs fp8 with rowwise scaling (issue 7)
+#   bash benchmarks/h200.sh sssl       # carry [".whl", ".carry"]: d20 B=32 T=2048, window L vs SSSL, 6 timed steps (issue 6)
+#   bash benchmarks/h200.sh te         # after benchmarks/te_build.sh on the same machine: d24 bench, --arch gpt,te
+#                                      #   bf16 and te fp8 (issue 7)
 #   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step losses, bf16 vs fp8, LR / 4 (issue 7)
 #   bash benchmarks/h200.sh stable_losses  # carry [".whl", ".carry"]: d20 200-step losses at LR / 4: current,
-#                                      #   triton, liger, fp8 (issues 5, 7)
+#                                      #   triton, liger, fp8 (issues 5, 7); STABLE="fp8" runs a subset
 #   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
 #                                      #   triton vs current loss kernel (issue 5)
 #   bash benchmarks/h200.sh parity     # carry [".whl", ".carry"]: fp8_loss20's bf16 runs again: current, triton with
@@ -25,7 +29,7 @@
 #   bash benchmarks/h200.sh decode     # carry [".whl", ".carry"]: the infer_bench part of infer, plus the triton
 #                                      #   decode kernel with bf16 and fp8 KV caches at batch 1 and 128
 #   bash benchmarks/h200.sh decode_dot # carry [".whl", ".carry"]: the tensor-core decode kernel (attention triton_dot):
-#                                      #   config sweep at batch 128 and infer_bench with the fp8 cache beside triton
+#                                      #   config sweep at batch 128, infer_bench with bf16 and fp8 caches
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
 #   bash benchmarks/h200.sh loss_inputs  # carry [".whl"]: loss kernels on flatter logits (std 1, 0.05), where CCE's
@@ -35,7 +39,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|memory|fp8|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -74,8 +78,9 @@ decode)
 decode_dot)
   # the tensor-core decode kernel: its configs beside the default kernel's, then end to end with the fp8 cache
   TAIL=3 run gpu_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py
-  TAIL=40 run bench_decode 200 python3 -m benchmarks.bench_decode_attention --batches 128 --splits 0,2,4
-  TAIL=6 run infer_triton_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton --kv_fp8 true
+  TAIL=14 run bench_decode 150 python3 -m benchmarks.bench_decode_attention --batches 128 --splits 0,2 \
+      --configs 128/4/2,64/4/2/dot,128/4/2/dot,128/8/3/dot,256/8/2/dot
+  TAIL=6 run infer_dot 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton_dot
   TAIL=6 run infer_dot_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton_dot --kv_fp8 true
   ;;
 step|step_kernels)
@@ -100,6 +105,24 @@ fp8)
   TAIL=5 run bench_fp8 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
       --total_batch_size 262144 --kernel triton --precision bf16,fp8 --warmup 2 --steps 4 --timeout 280 --out_dir "$OUT/fp8"
   ;;
+fp8_rowwise)
+  TAIL=5 run bench_fp8_rowwise 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 262144 --kernel triton --precision bf16,fp8 --fp8_recipe rowwise --warmup 2 --steps 4 \
+      --timeout 280 --out_dir "$OUT/fp8_rowwise"
+  ;;
+sssl)
+  TAIL=5 run bench_sssl 260 python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 6 \
+      --timeout 200 --kernel triton --device_batch_size 32 --max_seq_len 2048 --window_pattern L,SSSL --out_dir "$OUT/sssl"
+  ;;
+te)
+  # after benchmarks/te_build.sh on the same warm machine (its /tmp/te_site): TE's GPT in bf16 and fp8 beside ours
+  export PYTHONPATH="/tmp/te_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c "import transformer_engine.pytorch" || { echo "no Transformer Engine: run benchmarks/te_build.sh first"; exit 1; }
+  BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
+      --kernel triton --warmup 2 --steps 3"
+  TAIL=5 run bench_te 420 $BENCH --arch gpt,te --precision bf16 --timeout 200 --out_dir "$OUT/te_bf16"
+  TAIL=4 run bench_te_fp8 170 $BENCH --arch te --precision fp8 --timeout 160 --out_dir "$OUT/te_fp8"
+  ;;
 fp8_loss24)
   # d24, 200 steps of one 16 x 2048 micro-batch at a quarter of the default learning rates: at the default ones
   # this batch spikes (19.08 at step 85, session 5), and a spiking run cannot show "within 1%"
@@ -113,8 +136,10 @@ stable_losses)
   # parity; current vs liger is the yardstick), and fp8 (issue 7's "within 1% of bf16"); ~590 s in all
   LOSS="$TRAIN --depth 20 --num_iterations 200 --warmup_steps 10 --device_batch_size 16 --max_seq_len 2048 \
       --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576 $LR_QUARTER"
-  for k in current triton liger; do run "stable200_d20_$k" 125 $LOSS --kernel "$k" --model_tag "s_$k"; done
-  run stable200_d20_fp8 190 $LOSS --kernel triton --precision fp8 --model_tag s_fp8
+  for k in ${STABLE:-current triton liger fp8}; do
+    if [ "$k" = fp8 ]; then run stable200_d20_fp8 280 $LOSS --kernel triton --precision fp8 --model_tag s_fp8
+    else run "stable200_d20_$k" 125 $LOSS --kernel "$k" --model_tag "s_$k"; fi
+  done
   ;;
 fp8_loss20)
   # d20, 200 steps after a 10-step warm-up (without it the first steps jump: session 3): triton bf16 vs fp8
@@ -196,5 +221,5 @@ for base_name, other in (("loss200_d20_bf16", "loss200_d20_current"), ("loss200_
     if n:
         diff = max(abs(a - b) for a, b in zip(base[:n], losses[:n]))
         print(f"{other} vs {base_name}, first {n} steps: max |loss diff| {diff:.4f}; "
-              f"step {min(len(base), len(losses))}: {losses[n - 1]:.4f} vs {base[n - 1]:.4f}")
+              f"step {n}: {losses[n - 1]:.4f} vs {base[n - 1]:.4f}")
 PY

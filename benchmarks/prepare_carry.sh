@@ -8,7 +8,7 @@
 #            carried one folder per call before it (each call carries at most 64 MiB)
 # Run from the repo root on the dev machine, in the project's venv:  bash benchmarks/prepare_carry.sh
 # Then carry [".whl"] for the kernel call and [".whl", ".carry"] for training calls (~45 MiB; limit 64).
-# TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE 2.15.0 meta wheel, the
+# TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE meta wheel, 2.11.0 unless TE_VERSION, the
 # transformer_engine_torch sdist, pydantic & co, SHA256SUMS) and .whl_te_parts/p0..p3 (the 186 MB cu13
 # core wheel cut in 4, one part per call).
 set -euo pipefail
@@ -32,20 +32,24 @@ if [ ! -d .carry/tokenizer ]; then
         --max_chars 100000000 --vocab_size 32768
     mv .carry/tok_build/tokenizer .carry/tokenizer && rm -rf .carry/tok_build
 fi
+# TE 2.11.0: 2.15.0's core library needs cublasLtGroupedMatrixLayoutInit_internal, which the GPU machine's
+# cuBLAS 13.1.0.3 (CUDA 13.0) lacks (session 6); 2.11.0 needs no cuBLASLt symbol missing there (nm -D checked)
+TE_VERSION="${TE_VERSION:-2.11.0}"
 if [ "${TE:-0}" = 1 ]; then
     rm -rf .whl_te .whl_te_parts && mkdir -p .whl_te
     python -m pip download -q --no-deps --only-binary=:all: --dest .whl_te \
         --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-        "transformer-engine==2.15.0" "transformer-engine-cu13==2.15.0" pydantic pydantic-core annotated-types \
+        "transformer-engine==$TE_VERSION" "transformer-engine-cu13==$TE_VERSION" pydantic pydantic-core annotated-types \
         typing-inspection wheel
     # the torch extension is an sdist whose metadata step needs CUDA: fetch the file from the index as is
-    python - <<'PY'
-import hashlib, re, urllib.request
+    TE_VERSION=$TE_VERSION python - <<'PY'
+import hashlib, os, re, urllib.request
+version = os.environ["TE_VERSION"]
 html = urllib.request.urlopen("https://pypi.org/simple/transformer-engine-torch/", timeout=60).read().decode()
-url, sha = re.search(r'href="([^"#]+/transformer_engine_torch-2\.15\.0\.tar\.gz)#sha256=([0-9a-f]+)"', html).groups()
+url, sha = re.search(rf'href="([^"#]+/transformer_engine_torch-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"', html).groups()
 data = urllib.request.urlopen(url, timeout=300).read()
 assert hashlib.sha256(data).hexdigest() == sha, "sdist checksum mismatch"
-open(".whl_te/transformer_engine_torch-2.15.0.tar.gz", "wb").write(data)
+open(f".whl_te/transformer_engine_torch-{version}.tar.gz", "wb").write(data)
 PY
     (cd .whl_te && sha256sum ./*.whl ./*.tar.gz | sed 's| \./| |' > SHA256SUMS)
     CORE=$(ls .whl_te/transformer_engine_cu13-*.whl)

@@ -3,10 +3,11 @@
 # against the torch there, then smoke-test te.Linear (bf16 and fp8) and TEGPT. Prints OK/FAIL lines, last a
 # JSON line. Run from the repo root:  bash benchmarks/te_build.sh
 #
-# What travels (built by `TE=1 bash benchmarks/prepare_carry.sh`; TE 2.15.0, the smallest recent cu13 core wheel):
-#   .whl_te/        transformer_engine-2.15.0 (meta wheel), transformer_engine_torch-2.15.0.tar.gz (sdist),
+# What travels (built by `TE=1 bash benchmarks/prepare_carry.sh`; TE 2.11.0, whose core library loads with the
+# machine's cuBLAS 13.1 where 2.15.0's does not):
+#   .whl_te/        transformer_engine-2.11.0 (meta wheel), transformer_engine_torch-2.11.0.tar.gz (sdist),
 #                   pydantic, pydantic_core, annotated_types, typing_inspection, wheel, SHA256SUMS   (~4 MB)
-#   .whl_te_parts/  pK/transformer_engine_cu13-2.15.0-...whl.partK (K = 0..3): the 186 MB core wheel cut with
+#   .whl_te_parts/  pK/transformer_engine_cu13-2.11.0-...whl.partK (K = 0..3): the 179 MB core wheel cut with
 #                   `split -n 4 -d -a 1`, since one call carries at most 64 MiB. Carry one pK per call; ignored
 #                   paths stay on the warm machine, and this script joins them and checks SHA256SUMS.
 #   Calls: carry [".whl_te_parts/p1"], then p2, then p3 (command `true`), then
@@ -18,6 +19,7 @@ SITE=/tmp/te_site
 BUILD_TIMEOUT=${TE_BUILD_TIMEOUT:-480}
 mkdir -p "$SITE" /tmp/te_build
 status() { echo "$1 $2"; }
+unpack() { python3 -m zipfile -e "$1" "$SITE"; }  # no unzip binary there; extraction merges into $SITE
 fail() { status FAIL "$1"; echo "{\"te_build\": \"FAIL\", \"step\": \"$1\"}"; exit 1; }
 
 # 1. the core wheel: whole in .whl_te/ or joined from the parts
@@ -37,12 +39,12 @@ if [ -f .whl_te/SHA256SUMS ]; then
     [ "$WANT" = "$HAVE" ] && status OK "core wheel checksum" || fail "core wheel checksum (a part is missing or stale: carry every pK)"
 fi
 
-# 2. unpack the wheels (unzip merges: core, meta and the extension share transformer_engine/)
+# 2. unpack the wheels (core, meta and the extension share transformer_engine/)
 python3 -c "import pydantic" 2>/dev/null || for w in .whl_te/pydantic*.whl .whl_te/annotated_types*.whl .whl_te/typing_inspection*.whl; do
-    unzip -q -o "$w" -d "$SITE"; done
-python3 -c "import wheel" 2>/dev/null || unzip -q -o .whl_te/wheel-*.whl -d "$SITE"
-unzip -q -o "$CORE" -d "$SITE" || fail "unzip core wheel"
-unzip -q -o .whl_te/transformer_engine-[0-9]*.whl -d "$SITE" || fail "unzip meta wheel"
+    unpack "$w"; done
+python3 -c "import wheel" 2>/dev/null || unpack .whl_te/wheel-*.whl
+unpack "$CORE" || fail "unzip core wheel"
+unpack .whl_te/transformer_engine-[0-9]*.whl || fail "unzip meta wheel"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import pydantic, transformer_engine.common" && status OK "core import" || fail "core import (see traceback)"
 
@@ -67,7 +69,7 @@ if [ $RC -ne 0 ]; then
     [ $RC -eq 124 ] && fail "extension build timed out after ${BUILD_TIMEOUT}s" || fail "extension build (rc $RC, ${BUILD_S}s; log tail above)"
 fi
 status OK "extension built in ${BUILD_S}s"
-unzip -q -o /tmp/te_build/dist/transformer_engine_torch-*.whl -d "$SITE" || fail "unzip extension wheel"
+unpack /tmp/te_build/dist/transformer_engine_torch-*.whl || fail "unzip extension wheel"
 
 # 4. smoke tests
 python3 - <<'PY'

@@ -106,8 +106,9 @@ def test_dot_kernel_with_16_bit_operands(gen):
     half = decode_attention(q.half(), k.half(), v.half(), lengths, window=200, dot=True)
     assert half.dtype == torch.float16 and rel_err(half, want) <= BF16_TOL
     (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
-    fp8 = decode_attention(q.half(), kq, vq, lengths, window=200, k_scale=ks, v_scale=vs, dot=True)
-    assert fro_err(fp8, want) <= FP8_TOL
+    for q16 in (q.half(), q.bfloat16()):  # an fp8 cache takes fp16 operands whatever q's dtype
+        fp8 = decode_attention(q16, kq, vq, lengths, window=200, k_scale=ks, v_scale=vs, dot=True)
+        assert fp8.dtype == q16.dtype and fro_err(fp8, want) <= FP8_TOL
 
 
 def test_quantize_fp8_round_trip(gen):

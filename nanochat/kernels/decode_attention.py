@@ -20,9 +20,17 @@ import triton.language as tl
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TARGET_PROGRAMS = 2048  # enough programs to fill an H200's 132 SMs many times over (batch 128: 2 chunks per row)
-# (positions per inner step, warps, pipeline stages): the fastest fp8 config at batch 128 in bench_decode_attention
-# on the H200 (0.144 ms per layer vs 0.192 at 64/4/1 and 0.384 at the first 32/4/1), within 1.6% of the best bf16 one
-DEFAULT_CONFIG = (128, 4, 2)
+# (positions per inner step, warps, pipeline stages) per (kernel, cache kind): the fastest at batch 128 in
+# bench_decode_attention on the H200 (session 6, ms per layer at d20's shape): CUDA-core kernel on bf16 128/4/2
+# 0.242 (128/2/2: 0.302), on fp8 128/2/2 0.134 (128/4/2: 0.144); tensor-core kernel on bf16 128/4/2 0.187, on
+# fp8 128/4/3 0.154 (128/4/2: 0.168)
+DEFAULT_CONFIGS = {("cuda_core", "bf16"): (128, 4, 2), ("cuda_core", "fp8"): (128, 2, 2),
+                   ("dot", "bf16"): (128, 4, 2), ("dot", "fp8"): (128, 4, 3)}
+
+
+def default_config(cache_dtype: torch.dtype, dot: bool) -> tuple[int, int, int]:
+    """The measured-best config for this kernel and cache kind (a 16-bit cache counts as bf16)."""
+    return DEFAULT_CONFIGS[("dot" if dot else "cuda_core", "fp8" if cache_dtype == torch.float8_e4m3fn else "bf16")]
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +95,7 @@ def _decode_chunks_dot_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
                               PRECISION: tl.constexpr):
     """The same chunk, for all G query heads of one kv head at once, on tensor cores: q is a [GP, D] tile
     (GP >= 16, rows past G zero), scores and p.V are tl.dot products. Each K/V tile is read once per kv
-    head, not once per query head, and fp8 tiles go to the MMA as bf16 instead of through fp32 math."""
+    head, not once per query head, and fp8 tiles go to the MMA as fp16 instead of through fp32 math."""
     s, kvh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi = _chunk_positions(Lengths, s, j, chunk, window)
     d = tl.arange(0, D)
@@ -137,6 +145,16 @@ def _combine_kernel(Acc, M, Lsum, Out, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_
     tl.store(Out + s * so_s + h * so_h + d, out.to(Out.dtype.element_ty))
 
 
+def _mma_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> tl.dtype:
+    """The dot kernel's 16-bit operand type. fp8 tiles go to fp16: Hopper converts e4m3 to fp16 in one
+    instruction but to bf16 only through fp32, which held the bf16-operand kernel to 2.0 TB/s on an fp8
+    cache against 4.1 TB/s on a bf16 one (H200, session 6). Scaled e4m3 values (|x| <= 448), a normed q
+    times D**-0.5 and softmax weights all sit well inside fp16's range."""
+    if q_dtype == torch.float16 or cache_dtype == torch.float8_e4m3fn:
+        return tl.float16
+    return tl.bfloat16
+
+
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, window: int,
                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int,
@@ -159,10 +177,10 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
             D ** -0.5, window, chunk)
     G = H // k_cache.size(1)
     if dot:
-        fp32 = q.dtype == torch.float32  # exact fp32 products (tests); bf16 operands otherwise (fp8 tiles too)
+        fp32 = q.dtype == torch.float32  # exact fp32 products (tests)
         _decode_chunks_dot_kernel[(S, k_cache.size(1), splits)](
             *args, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, SCALED=scaled, BLOCK=block,
-            MMA=tl.float32 if fp32 else (tl.float16 if q.dtype == torch.float16 else tl.bfloat16),
+            MMA=tl.float32 if fp32 else _mma_dtype(q.dtype, k_cache.dtype),
             PRECISION="ieee" if fp32 else "tf32", num_warps=warps, num_stages=stages)
     else:
         _decode_chunks_kernel[(S, H, splits)](*args, G=G, D=D, SCALED=scaled, BLOCK=block,
@@ -186,9 +204,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [S, Hkv, L, D] (the last `window` of them when given) -> [S, H, D] in q's dtype. With k_scale and
     v_scale [S, Hkv, L] the caches hold values / scale (e.g. `quantize_fp8`). lengths must be >= 1.
     `splits` chunks the positions (default: enough programs to fill the GPU); `config` is
-    (positions per inner step, warps, pipeline stages), default DEFAULT_CONFIG. dot=True runs the
-    tensor-core kernel: one program per kv head for all its query heads (bf16 operands; not yet measured
-    against the default on the GPU: benchmarks/bench_decode_attention.py has its rows)."""
+    (positions per inner step, warps, pipeline stages), default `default_config`. dot=True runs the
+    tensor-core kernel: one program per kv head for all its query heads, 16-bit operands
+    (benchmarks/bench_decode_attention.py times both kernels)."""
     S, H, D = q.shape
     L = k_cache.size(2)
     if (k_scale is None) != (v_scale is None):
@@ -199,7 +217,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim (one buffer per layer)")
     if k_scale is not None and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
         raise ValueError("k_scale and v_scale must share one layout, contiguous over positions")
-    block, warps, stages = config or DEFAULT_CONFIG
+    block, warps, stages = config or default_config(k_cache.dtype, dot)
     if dot and block < 16:
         raise ValueError(f"dot=True needs at least 16 positions per inner step (a tl.dot side), got {block}")
     if splits is None:
