@@ -9,7 +9,7 @@
 # Run from the repo root on the dev machine, in the project's venv:  bash benchmarks/prepare_carry.sh
 # Then carry [".whl"] for the kernel call and [".whl", ".carry"] for training calls (~45 MiB; limit 64).
 # TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE meta wheel, 2.11.0 unless TE_VERSION, the
-# transformer_engine_torch sdist, pydantic & co, SHA256SUMS) and .whl_te_parts/p0..p3 (the 186 MB cu13
+# transformer_engine_torch sdist, pydantic & co, SHA256SUMS) and .whl_te_parts/p0..p3 (the ~180 MB cu13
 # core wheel cut in 4, one part per call).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -43,8 +43,8 @@ fi
 python3 -c "import pydantic" 2>/dev/null || for w in .whl_te/pydantic*.whl .whl_te/annotated_types*.whl .whl_te/typing_inspection*.whl; do
     unpack "$w"; done
 python3 -c "import wheel" 2>/dev/null || unpack .whl_te/wheel-*.whl
-unpack "$CORE" || fail "unzip core wheel"
-unpack .whl_te/transformer_engine-[0-9]*.whl || fail "unzip meta wheel"
+unpack "$CORE" || fail "unpack core wheel"
+unpack .whl_te/transformer_engine-[0-9]*.whl || fail "unpack meta wheel"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import pydantic, transformer_engine.common" && status OK "core import" || fail "core import (see traceback)"
 
@@ -69,7 +69,7 @@ if [ $RC -ne 0 ]; then
     [ $RC -eq 124 ] && fail "extension build timed out after ${BUILD_TIMEOUT}s" || fail "extension build (rc $RC, ${BUILD_S}s; log tail above)"
 fi
 status OK "extension built in ${BUILD_S}s"
-unpack /tmp/te_build/dist/transformer_engine_torch-*.whl || fail "unzip extension wheel"
+unpack /tmp/te_build/dist/transformer_engine_torch-*.whl || fail "unpack extension wheel"
 
 # 4. smoke tests
 python3 - <<'PY'
