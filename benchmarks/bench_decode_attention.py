@@ -6,7 +6,8 @@
 One decode step's attention for all layers: `--layers` caches (one per layer, rotated so no call finds its
 cache in L2), each [S, Hkv, L, D] with rows filled to random lengths in [prompt, L] (the benchmark's
 prompt 1024 + up to 256 new tokens). Rows:
-- `torch`: the StaticDecoder's masked path (q.K over the whole cache, masked softmax, p.V; bf16 only);
+- `torch`: the StaticDecoder's masked path, `engine.masked_decode_attention` (q.K over the whole cache, masked
+  softmax, p.V; bf16 only);
 - `triton bf16 B/w/s/splits` and `triton fp8 ...`: `decode_attention` with each config in --configs
   (positions per inner step / warps / pipeline stages, and `/dot` for the tensor-core kernel) and each
   --splits (0 = the kernel's default).
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanochat.engine import masked_decode_attention
 from nanochat.flags import parse_flags
 from nanochat.kernels.decode_attention import decode_attention, quantize_fp8
 
@@ -47,15 +49,6 @@ class BenchConfig:
     tol: float = 2e-2
     fp8_tol: float = 0.15
     device: str = field(default="cuda", metadata={"help": "cpu: a smoke run in Triton's interpreter (tiny shapes)"})
-
-
-def torch_attention(q, k, v, lengths):
-    """The StaticDecoder's torch path, multi-head (Hkv = H): masked softmax over the whole cache."""
-    S, H, D = q.shape
-    valid = torch.arange(k.size(2), device=q.device)[None, :] < lengths[:, None]
-    scores = (q.unsqueeze(2) @ k.transpose(-1, -2)).float() * D ** -0.5         # [S, H, 1, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return (torch.softmax(scores, dim=-1).to(q.dtype) @ v).squeeze(2)            # [S, H, D]
 
 
 def time_layers(fn, caches, repeats: int) -> float:
@@ -102,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         bf16 = [(torch.randn(S, H, L, D, device=dev, dtype=half),
                  torch.randn(S, H, L, D, device=dev, dtype=half)) for _ in range(args.layers)]
         fp8 = [quantize_fp8(k) + quantize_fp8(v) for k, v in bf16]
-        want = torch_attention(q, *bf16[0], lengths)
+        pos, key_pos = lengths - 1, torch.arange(L, device=dev)  # the StaticDecoder's own torch path
+        want = masked_decode_attention(q, *bf16[0], pos, key_pos)
         gb_full = 2 * S * H * L * D * 2 / 1e9
         gb_bf16 = 2 * filled * H * D * 2 / 1e9
         gb_fp8 = 2 * filled * H * (D + 4) / 1e9
-        ms = time_layers(lambda k, v: torch_attention(q, k, v, lengths), bf16, args.repeats)
+        ms = time_layers(lambda k, v: masked_decode_attention(q, k, v, pos, key_pos), bf16, args.repeats)
         rows.append(dict(batch=S, row="torch", ms=ms, gb=gb_full, err=0.0))
         for cfg, dot in configs:
             for splits in args.splits:

@@ -172,6 +172,22 @@ class TextStream:
 DECODE_ATTENTIONS = ("torch", "triton", "triton_dot")
 
 
+def masked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                            key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The decode step's torch attention: q [S, H, D] (one query per row) over the whole static caches
+    [S, Hkv, L, D], masked to the positions key_pos (arange(L)) <= pos[s], the last `window` of them when
+    given -> [S, H, D] in the cache dtype. Three kernels (q.K, softmax, p.V) that read every position."""
+    S, H, D = q.shape
+    Hkv = k_cache.size(1)
+    valid = key_pos[None, :] <= pos[:, None]                                    # [S, L]
+    if window is not None:
+        valid = valid & (pos[:, None] - key_pos[None, :] < window)
+    qg = q.view(S, Hkv, H // Hkv, D).to(k_cache.dtype)                         # query heads by kv head
+    scores = (qg @ k_cache.transpose(-1, -2)).float() * D ** -0.5               # [S, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (torch.softmax(scores, dim=-1).to(v_cache.dtype) @ v_cache).reshape(S, H, D)
+
+
 def _decode_kernel(device: torch.device):
     """The decode-attention kernel module, imported on demand: triton is an optional dependency."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -281,7 +297,7 @@ class StaticDecoder:
 
     def _step(self) -> torch.Tensor:
         model, cfg = self.model, self.model.config
-        S, H, Hkv, D = self.slots, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        S, H, D = self.slots, cfg.n_head, cfg.head_dim
         tok, pos = self.tokens, self.pos.clamp(max=self.max_seq_len - 1)
         cos, sin = model.cos[0, pos].unsqueeze(1), model.sin[0, pos].unsqueeze(1)  # [S, 1, 1, D/2]
         x = x0 = embed(model.wte, tok.unsqueeze(1))                                 # [S, 1, C]
@@ -299,13 +315,7 @@ class StaticDecoder:
                                                   None if self.v_scale is None else self.v_scale[i],
                                                   dot=self.attention == "triton_dot")
             else:
-                valid = self._key_pos[None, :] <= pos[:, None]                        # [S, L]
-                if attn.window is not None:
-                    valid = valid & (pos[:, None] - self._key_pos[None, :] < attn.window)
-                qg = q.view(S, Hkv, H // Hkv, D).to(self.dtype)                      # query heads by kv head
-                scores = (qg @ self.k[i].transpose(-1, -2)).float() * D ** -0.5       # [S, Hkv, G, L]
-                scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-                y = torch.softmax(scores, dim=-1).to(self.dtype) @ self.v[i]          # [S, Hkv, G, D]
+                y = masked_decode_attention(q[:, 0], self.k[i], self.v[i], pos, self._key_pos, attn.window)
             x = x + attn.c_proj(y.reshape(S, 1, H * D).to(h.dtype))
             x = x + block.mlp(norm(x))
         self.pos.copy_(pos + 1)

@@ -75,7 +75,8 @@ def test_n_samples_and_multi_turn(client):
 
 def test_concurrent_requests_are_batched(client, server):
     """Several clients at once: all complete, and each answer equals the one computed alone, greedy or
-    seeded (requests with the same settings are sampled as one batch, each from its own generator)."""
+    seeded (requests with the same settings are sampled as one batch, each row's noise hashed from its
+    request's seed)."""
     settings = [dict(temperature=0), dict(temperature=0.9, seed=1), dict(temperature=0.9, seed=2),
                 dict(temperature=0.9, top_p=0.9, seed=3), dict(temperature=0.9, seed=4, n=2)]
 
@@ -174,8 +175,6 @@ def test_scheduler_builds_each_slot_index_once(server):
 @needs_triton_interpreter
 def test_scheduler_with_the_decode_kernel_streams_the_same_tokens():
     """--attention triton (the decode kernel, in Triton's interpreter on the CPU) changes no greedy token."""
-    import threading
-
     from nanochat.web.scheduler import BatchScheduler, GenerationRequest
     from tests.helpers_chat import tiny_model, tiny_tokenizer
 

@@ -153,14 +153,12 @@ class BatchScheduler:
             index = self._row_index[key] = torch.tensor(slots, device=self.decoder.device)
         return index
 
-    def _sample(self, requests: list[tuple[GenerationRequest, list[int]]], temperature: float,
-                top_k: int | None, top_p: float | None) -> torch.Tensor:
-        """Next token of every slot of `requests` (all with these sampling settings), in that order.
+    def _sample(self, slots: list[int], temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+        """Next token of each of `slots` (requests that share these sampling settings), in that order.
 
         One batch of tensor ops for them all (sampled one request at a time, they cost the host over a
         dozen kernel launches per request per step); each row's noise is hashed from its request's seed
         and sample and its position, so a request gets the same tokens whoever shares the step."""
-        slots = [i for _, request_slots in requests for i in request_slots]
         rows = self._rows_on_device(slots)
         logits = self.logits.index_select(0, rows)
         if temperature == 0.0:
@@ -175,18 +173,18 @@ class BatchScheduler:
         for i, seq in enumerate(self.slots):
             if seq is not None:
                 groups.setdefault(id(seq.request), []).append(i)
-        by_settings: dict[tuple, list[tuple[GenerationRequest, list[int]]]] = {}
+        by_settings: dict[tuple, list[int]] = {}  # sampling settings -> the slots of the requests using them
         for slots in groups.values():
             req = self.slots[slots[0]].request
             if req.cancelled.is_set():
                 for i in slots:
                     self._free(i)
                 continue
-            by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).append((req, slots))
+            by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).extend(slots)
         live, sampled = [], []
-        for settings, requests in by_settings.items():
-            sampled.append(self._sample(requests, *settings))
-            live.extend(i for _, slots in requests for i in slots)
+        for settings, slots in by_settings.items():
+            sampled.append(self._sample(slots, *settings))
+            live.extend(slots)
         # one copy to the host for all requests: a .tolist() per request would wait for the GPU each time
         tokens = torch.cat(sampled).tolist() if sampled else []
         next_tokens = [0] * len(self.slots)
