@@ -7,6 +7,10 @@
 #   KERNELS=triton,liger bash benchmarks/h200.sh step_kernels   # the loss-kernel rows of step alone
 #   bash benchmarks/h200.sh autotune   # carry [".whl", ".carry"]: d20 B=32 step compiled default vs
 #                                      #   max-autotune-no-cudagraphs (issue 6: the elementwise share)
+#   bash benchmarks/h200.sh pointwise  # carry [".whl", ".carry"]: d20 B=32 T=2048, 524k tokens per step: --recompute none
+#                                      #   vs pointwise (issue 6)
+#   bash benchmarks/h200.sh fp8_fast   # carry [".whl", ".carry"]: d24 bf16 vs fp8 vs fp8 with fast accumulation in
+#                                      #   every GEMM (issue 7)
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
@@ -14,7 +18,8 @@
 #   bash benchmarks/h200.sh sssl       # carry [".whl", ".carry"]: d20 B=32 T=2048, window L vs SSSL, 6 timed steps (issue 6)
 #   bash benchmarks/h200.sh te         # after benchmarks/te_build.sh on the same machine: d24 bench, --arch gpt,te
 #                                      #   bf16 and te fp8 (issue 7)
-#   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step losses, bf16 vs fp8, LR / 4 (issue 7)
+#   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step losses, bf16 vs fp8, LR / 4 (issue 7);
+#                                      #   FAST=1: fp8 with --fp8_fast_accum
 #   bash benchmarks/h200.sh stable_losses  # carry [".whl", ".carry"]: d20 200-step losses at LR / 4: current,
 #                                      #   triton, liger, fp8 (issues 5, 7); STABLE="fp8" runs a subset
 #   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
@@ -39,7 +44,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -95,6 +100,20 @@ autotune)
       --timeout 420 --kernel triton --device_batch_size 32 --max_seq_len 2048 \
       --compile_mode default,max-autotune-no-cudagraphs --out_dir "$OUT/bench_autotune"
   ;;
+pointwise)
+  # d20 B=32 T=2048 at nanochat's 524k-token step: pointwise recompute's memory and speed against none
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 524288 --warmup 1 --steps 3 --timeout 200 --kernel triton \
+      --device_batch_size 32 --max_seq_len 2048"
+  TAIL=5 run bench_pointwise 400 $BENCH --recompute none,pointwise --out_dir "$OUT/pointwise"
+  ;;
+fp8_fast)
+  # d24: bf16, fp8 (torchao tensorwise: fast accumulation in the forward GEMM only), then fp8 with fast accumulation
+  # in the backward GEMMs too
+  BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
+      --kernel triton --warmup 2 --steps 4 --timeout 250"
+  TAIL=5 run bench_fp8 330 $BENCH --precision bf16,fp8 --out_dir "$OUT/fp8"
+  TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --out_dir "$OUT/fp8_fast"
+  ;;
 memory)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140 --kernel triton"
   TAIL=4 run bench_b8 200 $BENCH --device_batch_size 8 --max_seq_len 1024 --recompute none,mlp --out_dir "$OUT/bench_b8"
@@ -130,7 +149,8 @@ fp8_loss24)
   LOSS="$TRAIN --depth 24 --kernel triton --num_iterations 200 --warmup_steps 10 --device_batch_size 16 \
       --max_seq_len 2048 --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576 $LR_QUARTER"
   run loss200_d24_bf16 200 $LOSS --precision bf16
-  run loss200_d24_fp8 330 $LOSS --precision fp8
+  if [ "${FAST:-0}" = 1 ]; then run loss200_d24_fp8_fast 330 $LOSS --precision fp8 --fp8_fast_accum
+  else run loss200_d24_fp8 330 $LOSS --precision fp8; fi
   ;;
 stable_losses)
   # d20, 200 steps of 32k tokens at a quarter of the default learning rates: current, triton, liger (issue 5's
@@ -216,7 +236,7 @@ for base_name, other in (("loss200_d20_bf16", "loss200_d20_current"), ("loss200_
                          ("loss100_d20_b131k_current", "loss100_d20_b131k_liger"),
                          ("stable200_d20_current", "stable200_d20_triton"),
                          ("stable200_d20_current", "stable200_d20_liger"), ("stable200_d20_current", "stable200_d20_fp8"),
-                         ("loss200_d24_bf16", "loss200_d24_fp8")):
+                         ("loss200_d24_bf16", "loss200_d24_fp8"), ("loss200_d24_bf16", "loss200_d24_fp8_fast")):
     base, losses = step_losses(base_name), step_losses(other)
     n = min(len(base), len(losses), 50)
     if n:

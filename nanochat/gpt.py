@@ -29,7 +29,7 @@ from nanochat.kernels.attention import ATTENTION_BACKENDS, attention
 ROPE_BASE = 10000.0
 ROPE_LENGTH_FACTOR = 10  # rotary tables cover 10 x sequence_len positions, room for long generations
 VOCAB_MULTIPLE = 64      # pad the vocab so that the lm_head matmul tiles evenly
-RECOMPUTE = ("none", "mlp", "block")
+RECOMPUTE = ("none", "pointwise", "mlp", "block")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class GPTConfig:
     value_embeds: bool = False
     softcap: float = 15.0
     attn_backend: str = "auto"
-    recompute: str = "none"          # activation recompute in training: none | mlp | block (see Block)
+    recompute: str = "none"          # activation recompute in training: none | pointwise | mlp | block (see Block)
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim"):
@@ -218,9 +218,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Attention then MLP, each on the normed residual. With gradients on, `recompute` trades compute
-    for activation memory: "mlp" keeps only the MLP's input and recomputes its 4x-wide hidden layer in
-    backward (the largest activation: ~30% of a block's, for one more c_fc matmul); "block" keeps only
-    the block's input and recomputes the whole block (~1/3 more compute)."""
+    for activation memory: "pointwise" (compiled runs; see runtime.compile_model) recomputes norms,
+    rotary and ReLU² in the backward but no matmul; "mlp" keeps only the MLP's input and recomputes its
+    4x-wide hidden layer in backward (the largest activation: ~30% of a block's, for one more c_fc
+    matmul); "block" keeps only the block's input and recomputes the whole block (~1/3 more compute)."""
 
     def __init__(self, cfg: GPTConfig, layer_idx: int, window: int | None) -> None:
         super().__init__()

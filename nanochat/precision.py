@@ -8,6 +8,7 @@ first and compile after. nvfp4 needs Blackwell and runs inside Transformer Engin
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -60,9 +61,11 @@ def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = 
 
 
 def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int = 1024,
-                   include_lm_head: bool = False) -> list[str]:
+                   include_lm_head: bool = False, fast_accum: bool = False) -> list[str]:
     """Swap the eligible nn.Linear layers for torchao Float8Linear (no device check: CPU modules convert
-    too, but only CUDA sm89+ can run them). Returns the converted layer names."""
+    too, but only CUDA sm89+ can run them). Returns the converted layer names. torchao accumulates with
+    Hopper's fast (lower-precision) fp8 accumulation in the forward GEMM only; `fast_accum` uses it in the
+    two backward GEMMs as well, which makes them faster at some cost in gradient precision."""
     if recipe not in FP8_RECIPES:
         raise ValueError(f"unknown fp8 recipe {recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
     if include_lm_head and getattr(model, "lm_head_in_loss_kernel", False):
@@ -71,19 +74,23 @@ def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int
                          "GEMM; drop --fp8_lm_head (the lm_head stays bf16)")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.config import Float8GemmConfig
     except ImportError as exc:
         raise RuntimeError("--precision fp8 needs torchao (>= 0.10): pip install torchao "
                            "(or pip install 'nanochat[gpu]')") from exc
     names = fp8_eligible(model, min_dim, include_lm_head)
     if names:
         keep = set(names)
-        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                                   module_filter_fn=lambda mod, fqn: fqn in keep)
+        config = Float8LinearConfig.from_recipe_name(recipe)
+        if fast_accum:
+            fast = Float8GemmConfig(use_fast_accum=True)
+            config = replace(config, gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn in keep)
     return names
 
 
 def apply_precision(model: nn.Module, precision: str, device: torch.device, *, fp8_recipe: str = "tensorwise",
-                    fp8_min_dim: int = 1024, fp8_lm_head: bool = False) -> int:
+                    fp8_min_dim: int = 1024, fp8_lm_head: bool = False, fp8_fast_accum: bool = False) -> int:
     """Prepare `model` for training at `precision` (before torch.compile); returns the number of layers
     converted. bf16 changes nothing (the caller's autocast does it); nvfp4 goes to the model's own
     `set_precision` (Transformer Engine layers)."""
@@ -98,10 +105,12 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
     if hasattr(model, "set_precision"):  # Transformer Engine layers do fp8 themselves (te.autocast)
         model.set_precision("fp8", fp8_recipe=fp8_recipe)
         return len(getattr(model, "blocks", []))
-    names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head)
+    names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head,
+                           fast_accum=fp8_fast_accum)
     if not names:
         log0(f"fp8 ({fp8_recipe}): no linear layer has both dims multiples of 16 and >= {fp8_min_dim}; nothing "
              "converted (lower --fp8_min_dim or use a wider model)")
     else:
-        log0(f"fp8 ({fp8_recipe}): {len(names)} linear layers converted (min dim {fp8_min_dim}), e.g. {names[0]}")
+        log0(f"fp8 ({fp8_recipe}{', fast accumulation in every GEMM' if fp8_fast_accum else ''}): {len(names)} "
+             f"linear layers converted (min dim {fp8_min_dim}), e.g. {names[0]}")
     return len(names)

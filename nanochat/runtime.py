@@ -41,4 +41,27 @@ def compile_model(model, mode: str = "default"):
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
     import torch
 
+    if getattr(getattr(model, "config", None), "recompute", "none") == "pointwise":
+        recompute_pointwise_in_backward()
     return torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def recompute_pointwise_in_backward() -> None:
+    """`--recompute pointwise`: AOTAutograd's partitioner recomputes every elementwise op it may (norms,
+    rotary, ReLU², residual mixing) in the backward instead of saving its output; matmuls and attention stay
+    saved (its allowlist is kept). By default it also saves outputs that the backward would have to write
+    again (ReLU²'s 4C-wide output, which c_proj's weight gradient reads) or that are used far apart; on d20
+    that roughly halves a block's saved activations for one extra write of those outputs in the backward.
+    Process-wide: it applies to every graph compiled afterwards."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.ban_recompute_used_far_apart = False
+    functorch_config.ban_recompute_long_fusible_chains = False
+    functorch_config.ban_recompute_materialized_backward = False
+
+
+def check_recompute(recompute: str, compile: bool) -> None:
+    """"pointwise" is a setting of the compiler's partitioner: without torch.compile it would do nothing."""
+    if recompute == "pointwise" and not compile:
+        raise ValueError("--recompute pointwise is done by torch.compile's partitioner and needs --compile true; "
+                         "without compiling use --recompute mlp or block")

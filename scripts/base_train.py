@@ -31,7 +31,7 @@ from nanochat.flags import parse_flags
 from nanochat.gpt import config_from_depth, model_class
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat.precision import apply_precision, check_precision
-from nanochat.runtime import compile_model, default_compile, setup_torch_env
+from nanochat.runtime import check_recompute, compile_model, default_compile, setup_torch_env
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
     window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = half context)"})
     n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
     value_embeds: bool = False
-    recompute: str = field(default="none", metadata={"help": "activation recompute: none, mlp or block (memory for compute)"})
+    recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block (memory for compute)"})
     # batch and horizon
     device_batch_size: int | None = field(default=None, metadata={"help": "rows per device per micro-step (default 32; 1 on CPU)"})
     total_batch_size: int | None = field(default=None, metadata={"help": "tokens per optimizer step (default 524288; one micro-batch on CPU)"})
@@ -85,6 +85,7 @@ class TrainConfig:
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
+    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
     seed: int = 42
     run: str = field(default="", metadata={"help": "wandb run name; empty = no wandb (needs `pip install wandb`)"})
 
@@ -108,6 +109,7 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
         filled.append("eval_tokens")
     if cfg.compile is None:
         cfg.compile = default_compile(device_type, cfg.arch)
+    check_recompute(cfg.recompute, cfg.compile)
     if not cfg.model_tag:
         cfg.model_tag = f"d{cfg.depth}"
     if on_cpu and filled:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.init_weights()
     kernels.set_kernel_backend(cfg.kernel)
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head)  # before torch.compile
+                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum)  # before torch.compile
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     num_iterations = cfg.num_iterations

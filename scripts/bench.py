@@ -34,12 +34,13 @@ class BenchConfig:
     device_batch_size: list[int] = field(default_factory=lambda: [32])
     max_seq_len: list[int] = field(default_factory=lambda: [2048])
     window_pattern: list[str] = field(default_factory=lambda: ["L"])
-    recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, mlp, block"})
+    recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, pointwise, mlp, block"})
     compile_mode: list[str] = field(default_factory=lambda: ["default"],
                                     metadata={"help": "default, max-autotune-no-cudagraphs"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
+    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
     vocab_size: int = 32768
     warmup: int = 3
@@ -57,6 +58,7 @@ def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
         f"--vocab_size={cfg.vocab_size}", f"--warmup={cfg.warmup}", f"--timed_steps={cfg.steps}",
         f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1", "--expect_auto",
         f"--fp8_recipe={cfg.fp8_recipe}", f"--fp8_min_dim={cfg.fp8_min_dim}", f"--fp8_lm_head={cfg.fp8_lm_head}",
+        f"--fp8_fast_accum={cfg.fp8_fast_accum}",
     ]
 
 

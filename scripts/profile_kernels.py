@@ -35,7 +35,7 @@ from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
 from nanochat.optim import build_optimizer
 from nanochat.precision import apply_precision
-from nanochat.runtime import compile_model, default_compile
+from nanochat.runtime import check_recompute, compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 
@@ -48,13 +48,14 @@ class ProfileConfig:
     max_seq_len: int = 2048
     vocab_size: int = 32768
     window_pattern: str = "L"
-    recompute: str = field(default="none", metadata={"help": "activation recompute: none, mlp or block"})
+    recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
+    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
@@ -79,7 +80,7 @@ def build(cfg: ProfileConfig, device: torch.device):
     model.to_empty(device=device)
     model.init_weights()
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head)  # bf16: a no-op; before torch.compile
+                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum)  # bf16: a no-op; before torch.compile
     return model, build_optimizer(model)
 
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         _, _, _, _, device = compute_init(cfg.device_type)
         if cfg.compile is None:
             cfg.compile = default_compile(device.type, cfg.arch)
+        check_recompute(cfg.recompute, cfg.compile)
         kernels.set_kernel_backend(cfg.kernel)
         model, optimizer = build(cfg, device)
         if cfg.compile:

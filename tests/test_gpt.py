@@ -269,7 +269,7 @@ def test_config_round_trips_through_a_dict():
     (dict(n_kv_head=3), "n_kv_head"),
     (dict(head_dim=31), "head_dim"),
     (dict(attn_backend="fast"), "auto, fa3"),
-    (dict(recompute="all"), "none, mlp, block"),
+    (dict(recompute="all"), "none, pointwise, mlp, block"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -326,6 +326,69 @@ def test_recompute_compiles_without_graph_breaks(recompute):
     torch.compile(model, backend="aot_eager", fullgraph=True)(idx, tgt).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+POINTWISE_FLAGS = ("ban_recompute_used_far_apart", "ban_recompute_long_fusible_chains",
+                   "ban_recompute_materialized_backward")
+
+
+def _compiled_grads_and_saved_bytes(pointwise: bool):
+    """Gradients and the bytes the compiled forward saves for the backward (weights excluded), partitioned
+    as inductor partitions (min-cut over decomposed ops) but run eagerly."""
+    from nanochat import runtime
+
+    if pointwise:
+        runtime.recompute_pointwise_in_backward()
+    torch._dynamo.reset()  # a fresh partition under the flags now in force
+    model = build(tiny(window_pattern="SL", short_window=8, n_layer=3)).train()
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition", dynamic=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(tokens(), tokens(seed=2))
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+
+def test_pointwise_recompute_saves_less_with_the_same_gradients():
+    import torch._functorch.config as functorch_config
+
+    model = build(tiny(window_pattern="SL", short_window=8, n_layer=3)).train()
+    model(tokens(), tokens(seed=2)).backward()
+    eager = {n: p.grad for n, p in model.named_parameters()}
+    defaults = {flag: getattr(functorch_config, flag) for flag in POINTWISE_FLAGS}
+    with functorch_config.patch(defaults):  # restored after the test: the setting is process-wide
+        grads, saved = _compiled_grads_and_saved_bytes(pointwise=False)
+        assert all(defaults.values())
+        grads_pw, saved_pw = _compiled_grads_and_saved_bytes(pointwise=True)
+        assert not any(getattr(functorch_config, flag) for flag in POINTWISE_FLAGS)
+    assert {flag: getattr(functorch_config, flag) for flag in POINTWISE_FLAGS} == defaults
+    for name, g in eager.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_pw[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    hidden = 2 * T * 4 * 64 * 4  # B x T x 4C fp32, one MLP hidden layer
+    assert saved_pw <= saved - 3 * hidden, (saved_pw, saved)  # at least ReLU²'s output, in each of 3 layers
+    torch._dynamo.reset()
+
+
+def test_pointwise_recompute_is_set_by_compile_model_and_needs_compile(monkeypatch):
+    from nanochat import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "recompute_pointwise_in_backward", lambda: calls.append(1))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    runtime.compile_model(build(tiny(recompute="none")))
+    assert calls == []
+    runtime.compile_model(build(tiny(recompute="pointwise")))
+    assert calls == [1]
+    runtime.check_recompute("pointwise", compile=True)
+    with pytest.raises(ValueError, match="needs --compile true"):
+        runtime.check_recompute("pointwise", compile=False)
 
 
 @pytest.mark.gpu

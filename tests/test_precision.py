@@ -128,6 +128,17 @@ def test_fp8_swap_keeps_parameters_state_dict_and_muon_groups():
 
 
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (pip install torchao)")
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fp8_fast_accum_reaches_the_backward_gemms(fast_accum):
+    model = tiny_gpt(device="cpu")
+    names = convert_to_fp8(model, min_dim=128, fast_accum=fast_accum)
+    config = model.get_submodule(names[0]).config
+    assert config.gemm_config_output.use_fast_accum  # torchao's own default, either way
+    assert config.gemm_config_grad_input.use_fast_accum == fast_accum
+    assert config.gemm_config_grad_weight.use_fast_accum == fast_accum
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (pip install torchao)")
 def test_fp8_lm_head_on_our_gpt_says_why_not():
     with pytest.raises(ValueError, match="fused loss kernel"):
         convert_to_fp8(tiny_gpt(), min_dim=64, include_lm_head=True)
@@ -181,11 +192,13 @@ def test_flags_parse_and_pass_through(monkeypatch):
                                       "--fp8_lm_head"])
     assert (train.arch, train.precision, train.fp8_recipe, train.fp8_min_dim, train.fp8_lm_head) == \
         ("te", "fp8", "rowwise", 256, True)
-    bench = parse_flags(BenchConfig, ["--precision=bf16,fp8", "--fp8_recipe=rowwise", "--fp8_min_dim=512"])
+    bench = parse_flags(BenchConfig, ["--precision=bf16,fp8", "--fp8_recipe=rowwise", "--fp8_min_dim=512",
+                                      "--fp8_fast_accum"])
     argv = row_argv(bench, {"arch": "gpt", "kernel": "current", "attn": "auto", "precision": "fp8", "depth": 4,
                             "device_batch_size": 2, "max_seq_len": 64, "window_pattern": "L"})
     prof = parse_flags(ProfileConfig, argv)
-    assert (prof.precision, prof.fp8_recipe, prof.fp8_min_dim, prof.fp8_lm_head) == ("fp8", "rowwise", 512, False)
+    assert (prof.precision, prof.fp8_recipe, prof.fp8_min_dim, prof.fp8_lm_head, prof.fp8_fast_accum) == \
+        ("fp8", "rowwise", 512, False, True)
 
 
 def test_auto_expectations_add_fp8_gemms(monkeypatch):

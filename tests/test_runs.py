@@ -209,6 +209,8 @@ H200_PARTS = {
     "step_kernels": {"scripts.bench"},
     "autotune": {"scripts.bench"},
     "memory": {"scripts.bench"},
+    "pointwise": {"scripts.bench"},
+    "fp8_fast": {"scripts.bench"},
     "fp8": {"scripts.bench"},
     "fp8_loss24": {"scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
