@@ -61,7 +61,8 @@ def recompute_pointwise_in_backward() -> None:
 
 
 def check_recompute(recompute: str, compile: bool) -> None:
-    """"pointwise" is a setting of the compiler's partitioner: without torch.compile it would do nothing."""
+    """Refuse --recompute pointwise without torch.compile: it is a setting of the compiler's partitioner, and
+    an eager run would silently keep every activation."""
     if recompute == "pointwise" and not compile:
         raise ValueError("--recompute pointwise is done by torch.compile's partitioner and needs --compile true; "
                          "without compiling use --recompute mlp or block")
