@@ -11,6 +11,8 @@
 #                                      #   vs pointwise (issue 6)
 #   bash benchmarks/h200.sh fp8_fast   # carry [".whl", ".carry"]: d24 bf16 vs fp8 vs fp8 with fast accumulation in
 #                                      #   every GEMM (issue 7)
+#   bash benchmarks/h200.sh fp8_skip   # carry [".whl", ".carry"]: d24 bf16 vs fp8 (fast accumulation) with and without
+#                                      #   the attention output projections in bf16 (--fp8_skip; issue 7)
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
@@ -44,7 +46,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -76,7 +78,7 @@ loss_inputs)
   done
   ;;
 decode)
-  TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+  TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128 --attention torch
   TAIL=6 run infer_triton 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton
   TAIL=6 run infer_triton_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton --kv_fp8 true
   ;;
@@ -113,6 +115,13 @@ fp8_fast)
       --kernel triton --warmup 2 --steps 4 --timeout 250"
   TAIL=5 run bench_fp8 330 $BENCH --precision bf16,fp8 --out_dir "$OUT/fp8"
   TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --out_dir "$OUT/fp8_fast"
+  ;;
+fp8_skip)
+  # d24: bf16 and fp8 with fast accumulation, then the same fp8 with each attention output projection in bf16
+  BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
+      --kernel triton --warmup 2 --steps 4 --fp8_fast_accum"
+  TAIL=5 run bench_fp8_fast 300 $BENCH --precision bf16,fp8 --timeout 250 --out_dir "$OUT/fp8_fast"
+  TAIL=4 run bench_fp8_skip 230 $BENCH --precision fp8 --fp8_skip "*.attn.c_proj" --timeout 220 --out_dir "$OUT/fp8_skip"
   ;;
 memory)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140 --kernel triton"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.calculator import calculate
+from nanochat.common import log0
 from nanochat.gpt import KVCache, embed, lm_head_output, norm
 
 
@@ -169,7 +170,18 @@ class TextStream:
         return self.tokenizer.decode(self.tokens)
 
 
-DECODE_ATTENTIONS = ("torch", "triton", "triton_dot")
+DECODE_ATTENTIONS = ("auto", "torch", "triton", "triton_dot")
+
+
+def resolve_decode_attention(attention: str, device: torch.device, head_dim: int, kv_fp8: bool) -> str:
+    """"auto" -> the faster decode kernel on CUDA (BENCHMARKS.md, H200 at batch 128: the tensor-core
+    variant on a bf16 cache, 1.16x the torch path; the CUDA-core one on an fp8 cache), when head_dim is a
+    power of two (the kernels' tiles); the masked torch path elsewhere (the CPU). Other names pass through."""
+    if attention != "auto":
+        return attention
+    if device.type == "cuda" and head_dim & (head_dim - 1) == 0:
+        return "triton" if kv_fp8 else "triton_dot"
+    return "torch"
 
 
 def masked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -221,19 +233,24 @@ class StaticDecoder:
     attention="triton" replaces the masked torch attention by `kernels.decode_attention`, one kernel that
     reads only each row's filled positions ("triton_dot": its tensor-core variant, one program per kv head);
     with either, kv_fp8=True stores the cache in float8 (e4m3) with a scale per vector, halving the bytes a
-    batched step reads (not exact: greedy tokens can differ).
+    batched step reads (not exact: greedy tokens can differ). "auto" (the default) takes the faster kernel on
+    CUDA and the torch path elsewhere (`resolve_decode_attention`), and logs its pick.
     """
 
     def __init__(self, model, slots: int, max_seq_len: int, compile: bool = False,
-                 cuda_graph: bool | None = None, fuse_qkv: bool | None = None, attention: str = "torch",
+                 cuda_graph: bool | None = None, fuse_qkv: bool | None = None, attention: str = "auto",
                  kv_fp8: bool = False):
         if attention not in DECODE_ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(DECODE_ATTENTIONS)}, got {attention!r}")
-        if kv_fp8 and attention == "torch":
-            raise ValueError("an fp8 KV cache is read by the triton decode kernel only: pass attention='triton'")
         cfg = model.config
         self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
         self.device = next(model.parameters()).device
+        if attention == "auto":
+            attention = resolve_decode_attention(attention, self.device, cfg.head_dim, kv_fp8)
+            log0(f"decode attention: auto -> {attention}")
+        if kv_fp8 and attention == "torch":
+            raise ValueError("an fp8 KV cache is read by the triton decode kernel only: pass attention='triton' "
+                             "(on CUDA, or with TRITON_INTERPRET=1 on the CPU)")
         self.dtype = cache_dtype(self.device)
         self.attention, self._kernel = attention, None
         if attention != "torch":

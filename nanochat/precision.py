@@ -9,7 +9,8 @@ first and compile after. nvfp4 needs Blackwell and runs inside Transformer Engin
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from fnmatch import fnmatch
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,27 +42,32 @@ def check_precision(precision: str, device: torch.device, fp8_recipe: str = "ten
                            f"newer); {name} has compute capability {major}.{minor}. Use --precision bf16.")
 
 
-def fp8_filter(min_dim: int = 1024, include_lm_head: bool = False) -> Callable[[nn.Module, str], bool]:
+def fp8_filter(min_dim: int = 1024, include_lm_head: bool = False,
+               skip: Sequence[str] = ()) -> Callable[[nn.Module, str], bool]:
     """Which linears gain from fp8: both dims multiples of 16 (the fp8 GEMM needs it) and the smaller one at
-    least `min_dim`, so that the faster GEMM pays for the amax/cast kernels around it."""
+    least `min_dim`, so that the faster GEMM pays for the amax/cast kernels around it. `skip`: name
+    patterns (fnmatch, e.g. "*.attn.c_proj") kept in bf16 whatever their size."""
     def keep(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear):
             return False
         if fqn.split(".")[-1] == "lm_head" and not include_lm_head:
+            return False
+        if any(fnmatch(fqn, pattern) for pattern in skip):
             return False
         dims = (module.in_features, module.out_features)
         return all(d % 16 == 0 for d in dims) and min(dims) >= min_dim
     return keep
 
 
-def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = False) -> list[str]:
+def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = False,
+                 skip: Sequence[str] = ()) -> list[str]:
     """Names of the linear layers that `--precision fp8` would convert."""
-    keep = fp8_filter(min_dim, include_lm_head)
+    keep = fp8_filter(min_dim, include_lm_head, skip)
     return [fqn for fqn, mod in model.named_modules() if keep(mod, fqn)]
 
 
 def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int = 1024,
-                   include_lm_head: bool = False, fast_accum: bool = False) -> list[str]:
+                   include_lm_head: bool = False, fast_accum: bool = False, skip: Sequence[str] = ()) -> list[str]:
     """Swap the eligible nn.Linear layers for torchao Float8Linear (no device check: CPU modules convert
     too, but only CUDA sm89+ can run them). Returns the converted layer names. torchao accumulates with
     Hopper's fast (lower-precision) fp8 accumulation in the forward GEMM only; `fast_accum` uses it in the
@@ -78,7 +84,7 @@ def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int
     except ImportError as exc:
         raise RuntimeError("--precision fp8 needs torchao (>= 0.10): pip install torchao "
                            "(or pip install 'nanochat[gpu]')") from exc
-    names = fp8_eligible(model, min_dim, include_lm_head)
+    names = fp8_eligible(model, min_dim, include_lm_head, skip)
     if names:
         keep = set(names)
         config = Float8LinearConfig.from_recipe_name(recipe)
@@ -90,7 +96,8 @@ def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int
 
 
 def apply_precision(model: nn.Module, precision: str, device: torch.device, *, fp8_recipe: str = "tensorwise",
-                    fp8_min_dim: int = 1024, fp8_lm_head: bool = False, fp8_fast_accum: bool = False) -> int:
+                    fp8_min_dim: int = 1024, fp8_lm_head: bool = False, fp8_fast_accum: bool = False,
+                    fp8_skip: Sequence[str] = ()) -> int:
     """Prepare `model` for training at `precision` (before torch.compile); returns the number of layers
     converted. bf16 changes nothing (the caller's autocast does it); nvfp4 goes to the model's own
     `set_precision` (Transformer Engine layers)."""
@@ -106,10 +113,10 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
         model.set_precision("fp8", fp8_recipe=fp8_recipe)
         return len(getattr(model, "blocks", []))
     names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head,
-                           fast_accum=fp8_fast_accum)
+                           fast_accum=fp8_fast_accum, skip=fp8_skip)
     if not names:
-        log0(f"fp8 ({fp8_recipe}): no linear layer has both dims multiples of 16 and >= {fp8_min_dim}; nothing "
-             "converted (lower --fp8_min_dim or use a wider model)")
+        log0(f"fp8 ({fp8_recipe}): no linear layer has both dims multiples of 16 and >= {fp8_min_dim} outside "
+             f"--fp8_skip {list(fp8_skip)}; nothing converted (lower --fp8_min_dim or use a wider model)")
     else:
         log0(f"fp8 ({fp8_recipe}{', fast accumulation in every GEMM' if fp8_fast_accum else ''}): {len(names)} "
              f"linear layers converted (min dim {fp8_min_dim}), e.g. {names[0]}")

@@ -86,6 +86,7 @@ class TrainConfig:
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
+    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
     seed: int = 42
     run: str = field(default="", metadata={"help": "wandb run name; empty = no wandb (needs `pip install wandb`)"})
 
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.init_weights()
     kernels.set_kernel_backend(cfg.kernel)
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum)  # before torch.compile
+                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
+                    fp8_skip=cfg.fp8_skip)  # before torch.compile
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     num_iterations = cfg.num_iterations

@@ -41,6 +41,7 @@ class BenchConfig:
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})
+    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16"})
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
     vocab_size: int = 32768
     warmup: int = 3
@@ -59,7 +60,7 @@ def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
         f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1", "--expect_auto",
         f"--fp8_recipe={cfg.fp8_recipe}", f"--fp8_min_dim={cfg.fp8_min_dim}", f"--fp8_lm_head={cfg.fp8_lm_head}",
         f"--fp8_fast_accum={cfg.fp8_fast_accum}",
-    ]
+    ] + ([f"--fp8_skip={','.join(cfg.fp8_skip)}"] if cfg.fp8_skip else [])
 
 
 def failure_reason(stderr: str, returncode: int) -> str:

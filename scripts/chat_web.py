@@ -27,8 +27,8 @@ class WebConfig:
     port: int = 8000
     slots: int = 32                 # sequences decoded together per worker
     compile: bool = True            # compiled decode step + CUDA graph (CUDA only)
-    attention: str = "torch"        # decode attention: torch (masked) | triton (kernels.decode_attention) | triton_dot
-    kv_fp8: bool = False            # fp8 KV cache, half the bytes per step (a triton attention only; not exact)
+    attention: str = "auto"         # decode attention: auto | torch (masked) | triton (kernels.decode_attention) | triton_dot
+    kv_fp8: bool = False            # fp8 KV cache, half the bytes per step (a decode kernel reads it; not exact)
     max_messages: int = 500
     max_chars_per_message: int = 8000
     max_tokens: int = 2048

@@ -1,14 +1,16 @@
 """Inference speed on one GPU: prefill latency, time per output token, tokens/s, memory, bandwidth use.
 
     python -m scripts.infer_bench                    # d20, random weights, prompt 1024, 256 new tokens
-    python -m scripts.infer_bench --attention triton --kv_fp8 true --batch_sizes 1,128   # the decode kernel
+    python -m scripts.infer_bench --kv_fp8 true --batch_sizes 1,128   # an fp8 KV cache (the CUDA-core kernel)
+    python -m scripts.infer_bench --attention torch  # the masked torch path instead of a decode kernel
 
 Greedy decoding through the engine's StaticDecoder (static KV cache, per-row positions), with the
 decode step compiled and replayed as a CUDA graph. Each batch size gets its own random prompts
 (distinct rows, so nothing is shared between them). Decode bandwidth utilization = bytes one step must
-read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth; with
---attention triton the kernel reads only the filled positions (~90% of the cache here, on average), so
-there the figure is an upper bound on the bytes and overstates the utilization by up to ~10%.
+read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth; a decode
+kernel (`--attention auto`, the default, picks one on CUDA) reads only the filled positions (~90% of the
+cache here, on average), so there the figure is an upper bound on the bytes and overstates the utilization
+by up to ~10%.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -33,9 +35,10 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
     compile: bool = True
     cuda_graph: bool = True
-    attention: str = field(default="torch", metadata={
-        "help": "decode attention: torch (masked), triton (kernel) or triton_dot (its tensor-core variant)"})
-    kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (needs --attention triton or triton_dot)"})
+    attention: str = field(default="auto", metadata={
+        "help": "decode attention: auto (the faster kernel on CUDA), torch (masked), triton (kernel) or triton_dot "
+                "(its tensor-core variant)"})
+    kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (read by a decode kernel: attention auto on CUDA, triton or triton_dot)"})
     prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
     peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
     profile_batches: list[int] = field(default_factory=lambda: [1, 128])  # kernel breakdown of these steps
@@ -176,7 +179,7 @@ def engine_tpot(engine, cfg: BenchConfig) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(BenchConfig, argv, description=__doc__)
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, resolve_decode_attention
     from nanochat.runtime import setup_torch_env
     from nanochat.tokenizer import SPECIAL_TOKENS
 
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"engine.generate TPOT at batch 1 (host loop, sampling, sync): {eng_tpot} ms")
     print(json.dumps({"device": device_name(device), "depth": cfg.depth, "prompt_len": cfg.prompt_len,
                       "new_tokens": cfg.new_tokens, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
-                      "attention": cfg.attention, "kv_fp8": cfg.kv_fp8,
+                      "attention": resolve_decode_attention(cfg.attention, device, model.config.head_dim, cfg.kv_fp8),
+                      "kv_fp8": cfg.kv_fp8,
                       "engine_tpot_ms_b1": eng_tpot, "results": rows}))
 
 

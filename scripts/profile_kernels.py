@@ -56,6 +56,7 @@ class ProfileConfig:
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
+    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
@@ -80,7 +81,8 @@ def build(cfg: ProfileConfig, device: torch.device):
     model.to_empty(device=device)
     model.init_weights()
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum)  # bf16: a no-op; before torch.compile
+                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
+                    fp8_skip=cfg.fp8_skip)  # bf16: a no-op; before torch.compile
     return model, build_optimizer(model)
 
 

@@ -121,7 +121,17 @@ def test_decoder_attention_arguments(model):
     with pytest.raises(ValueError, match="attention must be"):
         StaticDecoder(model, slots=1, max_seq_len=16, attention="flash")
     with pytest.raises(ValueError, match="attention='triton'"):
-        StaticDecoder(model, slots=1, max_seq_len=16, kv_fp8=True)
+        StaticDecoder(model, slots=1, max_seq_len=16, kv_fp8=True)  # auto on the CPU is the torch path
+    assert StaticDecoder(model, slots=1, max_seq_len=16).attention == "torch"
+
+
+def test_auto_decode_attention_picks_the_kernel_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert engine_mod.resolve_decode_attention("auto", cuda, 128, kv_fp8=False) == "triton_dot"
+    assert engine_mod.resolve_decode_attention("auto", cuda, 128, kv_fp8=True) == "triton"
+    assert engine_mod.resolve_decode_attention("auto", cuda, 96, kv_fp8=False) == "torch"  # tiles need 2^k
+    assert engine_mod.resolve_decode_attention("auto", cpu, 128, kv_fp8=False) == "torch"
+    assert engine_mod.resolve_decode_attention("triton", cpu, 96, kv_fp8=False) == "triton"  # asked for: as is
 
 
 def test_stacked_qkv_weights_follow_the_model():
@@ -357,3 +367,30 @@ def test_compiled_decode_step_with_the_decode_kernel():
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(compiled.step(), eager.step(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["triton", "triton_dot"])
+def test_decode_kernels_follow_the_torch_path_on_the_gpu(tok, attention):
+    """On CUDA (bf16 caches), compiled with a CUDA graph: each decode kernel's steps give the masked torch
+    path's logits on the same tokens, rows at different positions, past the "SL" model's window."""
+    model = tiny_model(window_pattern="SL").cuda()
+    eng = Engine(model, tok)
+    ps = prompts(tok)[1:]
+    want_dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, compile=True)
+    got_dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, compile=True, attention=attention)
+    logits = []
+    for slot, p in enumerate(ps):
+        lg, cache = eng.prefill(p)
+        for dec in (want_dec, got_dec):
+            dec.load_prompt([slot], cache)
+        logits.append(lg[0])
+    nxt = torch.stack(logits).argmax(-1)
+    with torch.inference_mode():
+        for _ in range(40):
+            for dec in (want_dec, got_dec):
+                dec.tokens.copy_(nxt)
+            want, got = want_dec.step().clone(), got_dec.step()
+            assert (got - want).abs().max() <= 0.01 * want.abs().max()  # both bf16 caches: rounding only
+            nxt = want.argmax(-1)

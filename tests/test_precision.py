@@ -97,6 +97,9 @@ def test_fp8_filter_by_min_dim_and_lm_head():
     per_block = ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert names == [f"blocks.{i}.{n}" for i in range(4) for n in per_block]
     assert fp8_eligible(model, min_dim=256, include_lm_head=True) == names + ["lm_head"]
+    kept = fp8_eligible(model, min_dim=256, skip=["*.attn.c_proj", "blocks.0.*"])
+    assert kept == [n for n in names if not n.endswith("attn.c_proj") and not n.startswith("blocks.0.")]
+    assert len(kept) == len(names) - 3 - 6  # attn.c_proj of blocks 1-3, and all six linears of block 0
     # dims must be multiples of 16: a 1000-wide layer never converts
     odd = nn.Sequential(nn.Linear(1024, 1000, bias=False), nn.Linear(1024, 2048, bias=False))
     assert fp8_eligible(odd, min_dim=1024) == ["1"]
@@ -193,12 +196,12 @@ def test_flags_parse_and_pass_through(monkeypatch):
     assert (train.arch, train.precision, train.fp8_recipe, train.fp8_min_dim, train.fp8_lm_head) == \
         ("te", "fp8", "rowwise", 256, True)
     bench = parse_flags(BenchConfig, ["--precision=bf16,fp8", "--fp8_recipe=rowwise", "--fp8_min_dim=512",
-                                      "--fp8_fast_accum"])
+                                      "--fp8_fast_accum", "--fp8_skip=*.attn.c_proj,*.c_q"])
     argv = row_argv(bench, {"arch": "gpt", "kernel": "current", "attn": "auto", "precision": "fp8", "depth": 4,
                             "device_batch_size": 2, "max_seq_len": 64, "window_pattern": "L"})
     prof = parse_flags(ProfileConfig, argv)
-    assert (prof.precision, prof.fp8_recipe, prof.fp8_min_dim, prof.fp8_lm_head, prof.fp8_fast_accum) == \
-        ("fp8", "rowwise", 512, False, True)
+    assert (prof.precision, prof.fp8_recipe, prof.fp8_min_dim, prof.fp8_lm_head, prof.fp8_fast_accum, prof.fp8_skip) == \
+        ("fp8", "rowwise", 512, False, True, ["*.attn.c_proj", "*.c_q"])
 
 
 def test_auto_expectations_add_fp8_gemms(monkeypatch):

@@ -211,6 +211,7 @@ H200_PARTS = {
     "memory": {"scripts.bench"},
     "pointwise": {"scripts.bench"},
     "fp8_fast": {"scripts.bench"},
+    "fp8_skip": {"scripts.bench"},
     "fp8": {"scripts.bench"},
     "fp8_loss24": {"scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},

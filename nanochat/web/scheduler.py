@@ -56,7 +56,7 @@ class BatchScheduler:
     _seeds = itertools.count(1)
 
     def __init__(self, model, tokenizer, slots: int = 32, compile: bool = False, name: str = "worker0",
-                 attention: str = "torch", kv_fp8: bool = False):
+                 attention: str = "auto", kv_fp8: bool = False):
         self.engine = Engine(model, tokenizer)
         self.tokenizer = tokenizer
         self.decoder = StaticDecoder(model, slots, model.config.sequence_len, compile=compile,
