@@ -174,9 +174,10 @@ DECODE_ATTENTIONS = ("auto", "torch", "triton", "triton_dot")
 
 
 def resolve_decode_attention(attention: str, device: torch.device, head_dim: int, kv_fp8: bool) -> str:
-    """"auto" -> the faster decode kernel on CUDA (BENCHMARKS.md, H200 at batch 128: the tensor-core
-    variant on a bf16 cache, 1.16x the torch path; the CUDA-core one on an fp8 cache), when head_dim is a
-    power of two (the kernels' tiles); the masked torch path elsewhere (the CPU). Other names pass through."""
+    """The decode attention that `attention` names. For "auto": the faster decode kernel on CUDA
+    (BENCHMARKS.md, H200 at batch 128: the tensor-core variant on a bf16 cache, 1.16x the torch path; the
+    CUDA-core one on an fp8 cache) when head_dim is a power of two (the kernels' tiles); the masked torch
+    path elsewhere (the CPU). Other names pass through."""
     if attention != "auto":
         return attention
     if device.type == "cuda" and head_dim & (head_dim - 1) == 0:
