@@ -108,14 +108,6 @@ pointwise)
       --device_batch_size 32 --max_seq_len 2048"
   TAIL=5 run bench_pointwise 400 $BENCH --recompute none,pointwise --out_dir "$OUT/pointwise"
   ;;
-fp8_fast)
-  # d24: bf16, fp8 (torchao tensorwise: fast accumulation in the forward GEMM only), then fp8 with fast accumulation
-  # in the backward GEMMs too
-  BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
-      --kernel triton --warmup 2 --steps 4 --timeout 250"
-  TAIL=5 run bench_fp8 330 $BENCH --precision bf16,fp8 --out_dir "$OUT/fp8"
-  TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --out_dir "$OUT/fp8_fast"
-  ;;
 fp8_skip)
   # d24: bf16 and fp8 with fast accumulation, then the same fp8 with each attention output projection in bf16
   BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
@@ -129,9 +121,14 @@ memory)
   TAIL=4 run bench_recompute 300 $BENCH --device_batch_size 32 --max_seq_len 2048 --recompute mlp,block \
       --out_dir "$OUT/bench_recompute"
   ;;
-fp8)
-  TAIL=5 run bench_fp8 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
-      --total_batch_size 262144 --kernel triton --precision bf16,fp8 --warmup 2 --steps 4 --timeout 280 --out_dir "$OUT/fp8"
+fp8|fp8_fast)
+  # d24: bf16 and fp8 (torchao tensorwise: fast accumulation in the forward GEMM only); fp8_fast adds fp8 with fast
+  # accumulation in the backward GEMMs too
+  BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
+      --kernel triton --warmup 2 --steps 4"
+  TAIL=5 run bench_fp8 330 $BENCH --precision bf16,fp8 --timeout 280 --out_dir "$OUT/fp8"
+  [ "$PART" = fp8_fast ] && TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --timeout 250 \
+      --out_dir "$OUT/fp8_fast"
   ;;
 fp8_rowwise)
   # the whole call: the rowwise row did not finish in 330 s after its bf16 row (session 6)
