@@ -17,7 +17,8 @@ Each Triton row is checked against the torch path's output (bf16: <= --tol; fp8:
 relative Frobenius error). Prints a markdown table (fastest bf16 and fp8 config per batch marked) and
 one JSON line last. Calls are queued from Python, one launch pair per layer: below ~100 us of GPU work per
 call (on the H200: batch 32 and less) the host's ~80 us per call is what the rows measure, so only the
-large-batch rows rank kernel configs; `scripts.infer_bench` times the kernel inside the CUDA graph.
+large-batch rows rank kernel configs; `--graph` replays each burst as one CUDA graph instead (the decode
+step's own way), which times the kernels alone at any batch.
 """
 from __future__ import annotations
 
@@ -49,26 +50,31 @@ class BenchConfig:
     tol: float = 2e-2
     fp8_tol: float = 0.15
     device: str = field(default="cuda", metadata={"help": "cpu: a smoke run in Triton's interpreter (tiny shapes)"})
+    graph: bool = field(default=False, metadata={"help": "time each burst as one CUDA graph replay (no host cost)"})
 
 
-def time_layers(fn, caches, repeats: int) -> float:
+def time_layers(fn, caches, repeats: int, graph: bool = False) -> float:
     """Median ms per layer: each repeat runs fn over every layer's cache between two CUDA events (on the
-    CPU: wall clock)."""
+    CPU: wall clock); with graph, the calls are captured once and each repeat replays them."""
     fn(*caches[0])
+    burst = lambda: [fn(*cache) for cache in caches]  # noqa: E731
+    if graph and caches[0][0].is_cuda:
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            burst()
+        burst = cuda_graph.replay
     times = []
     for _ in range(repeats):
         if caches[0][0].is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for cache in caches:
-                fn(*cache)
+            burst()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / len(caches))
         else:
             t0 = time.perf_counter()
-            for cache in caches:
-                fn(*cache)
+            burst()
             times.append((time.perf_counter() - t0) * 1e3 / len(caches))
     return statistics.median(times)
 
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         gb_full = 2 * S * H * L * D * 2 / 1e9
         gb_bf16 = 2 * filled * H * D * 2 / 1e9
         gb_fp8 = 2 * filled * H * (D + 4) / 1e9
-        ms = time_layers(lambda k, v: masked_decode_attention(q, k, v, pos, key_pos), bf16, args.repeats)
+        timed = lambda fn, caches: time_layers(fn, caches, args.repeats, args.graph)  # noqa: E731
+        ms = timed(lambda k, v: masked_decode_attention(q, k, v, pos, key_pos), bf16)
         rows.append(dict(batch=S, row="torch", ms=ms, gb=gb_full, err=0.0))
         for cfg, dot in configs:
             for splits in args.splits:
@@ -108,12 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
                 kw = dict(config=cfg, splits=splits or None, dot=dot)
                 try:
                     got = decode_attention(q, *bf16[0], lengths, **kw)
-                    ms = time_layers(lambda k, v: decode_attention(q, k, v, lengths, **kw), bf16, args.repeats)
+                    ms = timed(lambda k, v: decode_attention(q, k, v, lengths, **kw), bf16)
                     rows.append(dict(batch=S, row=f"triton bf16 {name}", ms=ms, gb=gb_bf16, err=rel_fro(got, want)))
                     kq, ks, vq, vs = fp8[0]
                     got = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, **kw)
-                    ms = time_layers(lambda kq, ks, vq, vs: decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs,
-                                                                             **kw), fp8, args.repeats)
+                    ms = timed(lambda kq, ks, vq, vs: decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs,
+                                                                       **kw), fp8)
                     rows.append(dict(batch=S, row=f"triton fp8 {name}", ms=ms, gb=gb_fp8, err=rel_fro(got, want)))
                 except Exception as exc:  # a config that does not compile (shared memory, registers) is a row, not a stop
                     rows.append(dict(batch=S, row=f"triton {name}", ms=None, gb=None, err=None,

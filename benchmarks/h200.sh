@@ -13,6 +13,14 @@
 #                                      #   every GEMM (issue 7)
 #   bash benchmarks/h200.sh fp8_skip   # carry [".whl", ".carry"]: d24 bf16 vs fp8 (fast accumulation) with and without
 #                                      #   the attention output projections in bf16 (--fp8_skip; issue 7)
+#   bash benchmarks/h200.sh fp8_study  # carry [".whl"]: two d24-wide layers in fp8: the generated code (output_code log),
+#                                      #   and the cast kernels under inductor tiling settings (issue 7)
+#   bash benchmarks/h200.sh sssl_tuned # carry [".whl"]: d20 B=32 T=2048 L vs SSSL, and SSSL with its FlexAttention kernels
+#                                      #   autotuned (max_autotune, GEMMs kept on cuBLAS; issue 6)
+#   bash benchmarks/h200.sh tuning     # carry [".whl"]: inductor's coordinate-descent tuning (block sizes, warps of its
+#                                      #   Triton kernels) on fp8_study's layers and on the d20 B=32 step (issues 6, 7)
+#   bash benchmarks/h200.sh clocks     # carry [".whl"]: SM clock and power during one MLP GEMM alone and during the d20
+#                                      #   B=32 T=2048 step, run twice (the second compiles from the warm cache; issue 6)
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
@@ -37,6 +45,8 @@
 #                                      #   decode kernel with bf16 and fp8 KV caches at batch 1 and 128
 #   bash benchmarks/h200.sh decode_dot # carry [".whl", ".carry"]: the tensor-core decode kernel (attention triton_dot):
 #                                      #   config sweep at batch 128, infer_bench with bf16 and fp8 caches
+#   bash benchmarks/h200.sh decode_tune  # carry [".whl"]: GPU tests of the decoder, the decode kernels' configs timed
+#                                      #   inside CUDA graphs, infer_bench with the fp8 cache (issue 8)
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
 #   bash benchmarks/h200.sh loss_inputs  # carry [".whl"]: loss kernels on flatter logits (std 1, 0.05), where CCE's
@@ -46,7 +56,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -56,6 +66,8 @@ source benchmarks/gpu_env.sh
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
         echo "rc=$? ($name)"; grep -v "^\[nanochat\] attention: layer" "$OUT/$name.txt" | tail -n "${TAIL:-4}" | cut -c1-1200; }
 TRAIN="python3 -m scripts.base_train --data_dir .carry/data --save_every 0 --sample_every 0"
+# two d24-wide layers in fp8: quick compiles for studying the cast kernels
+STUDY="--depth 2 --aspect_ratio 768 --device_batch_size 16 --max_seq_len 2048 --kernel triton --fp8_fast_accum"
 LR_QUARTER="--matrix_lr 0.005 --embedding_lr 0.05 --unembedding_lr 0.001 --scalar_lr 0.125"
 
 case "$PART" in
@@ -90,6 +102,13 @@ decode_dot)
   TAIL=6 run infer_dot 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton_dot
   TAIL=6 run infer_dot_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --attention triton_dot --kv_fp8 true
   ;;
+decode_tune)
+  TAIL=3 run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_engine.py \
+      -k "gpu or benchmark_script"
+  TAIL=16 run bench_decode_graph 150 python3 -m benchmarks.bench_decode_attention --batches 1,32,128 --splits 0 --graph \
+      --configs 128/2/2,128/4/2,128/4/2/dot,128/4/3/dot
+  TAIL=6 run infer_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --kv_fp8 true
+  ;;
 step|step_kernels)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"
   TAIL=8 run bench_kernels 300 $BENCH --kernel "${KERNELS:-triton,liger,cce,current}" --device_batch_size 32 \
@@ -114,6 +133,35 @@ fp8_skip)
       --kernel triton --warmup 2 --steps 4 --fp8_fast_accum"
   TAIL=5 run bench_fp8_fast 300 $BENCH --precision bf16,fp8 --timeout 250 --out_dir "$OUT/fp8_fast"
   TAIL=4 run bench_fp8_skip 230 $BENCH --precision fp8 --fp8_skip "*.attn.c_proj" --timeout 220 --out_dir "$OUT/fp8_skip"
+  ;;
+fp8_study)
+  TORCH_LOGS=output_code TAIL=36 run fp8_code 200 python3 -m scripts.profile_kernels $STUDY --precision fp8 \
+      --warmup 2 --steps 2 --top 30
+  gzip -f "$OUT/fp8_code.txt"
+  TAIL=6 run bench_fp8_tiling 330 python3 -m scripts.bench $STUDY --precision fp8 --total_batch_size 262144 \
+      --warmup 2 --steps 3 --timeout 100 --out_dir "$OUT/fp8_tiling" \
+      --inductor "default,triton.prefer_nd_tiling=True,triton.prefer_nd_tiling=True;triton.tile_reductions=True"
+  ;;
+sssl_tuned)
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 6 --kernel triton \
+      --device_batch_size 32 --max_seq_len 2048"
+  TAIL=3 run bench_full 160 $BENCH --timeout 150 --out_dir "$OUT/full"
+  TAIL=4 run bench_sssl_tuned 430 $BENCH --timeout 210 --window_pattern SSSL --out_dir "$OUT/sssl_tuned" \
+      --inductor "default,max_autotune=True;max_autotune_gemm_backends='ATEN'"
+  ;;
+tuning)
+  TAIL=6 run bench_tuning_fp8 280 python3 -m scripts.bench $STUDY --precision fp8 --total_batch_size 262144 \
+      --warmup 2 --steps 3 --timeout 130 --out_dir "$OUT/tuning_fp8" \
+      --inductor "default,coordinate_descent_tuning=True,max_autotune_pointwise=True"
+  TAIL=5 run bench_tuning_d20 300 python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 \
+      --timeout 200 --kernel triton --device_batch_size 32 --max_seq_len 2048 --out_dir "$OUT/tuning_d20" \
+      --inductor "default,coordinate_descent_tuning=True"
+  ;;
+clocks)
+  TAIL=2 run clocks_gemm 60 python3 -m benchmarks.gpu_clocks --gemm 65536x1280x5120 --seconds 20
+  TAIL=8 run clocks_step 330 python3 -m benchmarks.gpu_clocks -- python3 -m scripts.bench --depth 20 \
+      --total_batch_size 262144 --warmup 2 --steps 5 --timeout 150 --kernel triton --device_batch_size 32 \
+      --max_seq_len 2048 --recompute none,none --out_dir "$OUT/clocks_step"
   ;;
 memory)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140 --kernel triton"
@@ -221,7 +269,8 @@ esac
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-keys = ("tok_per_s", "median_tok_per_s", "peak_memory_gib", "mfu", "val_bpb", "speedup", "status", "rows")
+keys = ("tok_per_s", "median_tok_per_s", "peak_memory_gib", "mfu", "val_bpb", "speedup", "status", "rows", "tflops",
+        "sm_mhz", "power_w", "throttle")
 print("\n| log | figures |\n| --- | --- |")
 for path in sorted(Path(sys.argv[1]).glob("*.txt")):
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith("{")]

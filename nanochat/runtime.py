@@ -66,3 +66,35 @@ def check_recompute(recompute: str, compile: bool) -> None:
     if recompute == "pointwise" and not compile:
         raise ValueError("--recompute pointwise is done by torch.compile's partitioner and needs --compile true; "
                          "without compiling use --recompute mlp or block")
+
+
+def apply_inductor_config(spec: str) -> dict[str, object]:
+    """`--inductor "triton.prefer_nd_tiling=True;triton.tile_reductions=True"`: set torch._inductor.config
+    entries (values are Python literals) for every graph compiled afterwards, process-wide. For kernel
+    studies: the benchmark harness compares settings row by row. "" or "default" changes nothing."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    settings: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        if item == "default":
+            continue
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"--inductor: {item!r} is not KEY=VALUE with KEY a torch._inductor.config entry (e.g. "
+                             "triton.prefer_nd_tiling=True; torch._inductor.config.get_config_copy() lists them)")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"--inductor: the value of {key} must be a Python literal (True, 3, 'ATEN'); "
+                             f"got {text.strip()!r}") from exc
+        *path, name = key.split(".")
+        owner = inductor_config
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, value)
+        settings[key] = value
+    return settings

@@ -37,6 +37,10 @@ class BenchConfig:
     recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, pointwise, mlp, block"})
     compile_mode: list[str] = field(default_factory=lambda: ["default"],
                                     metadata={"help": "default, max-autotune-no-cudagraphs"})
+    inductor: list[str] = field(default_factory=lambda: ["default"], metadata={
+        "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
+                "default,triton.prefer_nd_tiling=True"})
+    aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
@@ -56,10 +60,10 @@ def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
     tokens = combo["device_batch_size"] * combo["max_seq_len"]
     accum = max(1, cfg.total_batch_size // tokens) if cfg.total_batch_size > 0 else 1
     return [f"--{k}={v}" for k, v in combo.items()] + [
-        f"--vocab_size={cfg.vocab_size}", f"--warmup={cfg.warmup}", f"--timed_steps={cfg.steps}",
-        f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1", "--expect_auto",
-        f"--fp8_recipe={cfg.fp8_recipe}", f"--fp8_min_dim={cfg.fp8_min_dim}", f"--fp8_lm_head={cfg.fp8_lm_head}",
-        f"--fp8_fast_accum={cfg.fp8_fast_accum}",
+        f"--vocab_size={cfg.vocab_size}", f"--aspect_ratio={cfg.aspect_ratio}", f"--warmup={cfg.warmup}",
+        f"--timed_steps={cfg.steps}", f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1",
+        "--expect_auto", f"--fp8_recipe={cfg.fp8_recipe}", f"--fp8_min_dim={cfg.fp8_min_dim}",
+        f"--fp8_lm_head={cfg.fp8_lm_head}", f"--fp8_fast_accum={cfg.fp8_fast_accum}",
     ] + ([f"--fp8_skip={','.join(cfg.fp8_skip)}"] if cfg.fp8_skip else [])
 
 
@@ -99,6 +103,12 @@ def state_and_rest(mem: dict | None) -> str:
     return f"{mem['weights'] + mem['grads'] + mem['optimizer']:.1f} / {mem['rest']:.1f}"
 
 
+def compile_label(row: dict) -> str:
+    """The compile mode, plus the row's inductor settings when it has any."""
+    extra = row.get("inductor", "default")
+    return row["compile_mode"] + ("" if extra == "default" else f" + {extra}")
+
+
 def format_table(rows: list[dict], baseline: int) -> str:
     base = rows[baseline].get("tok_per_s") if 0 <= baseline < len(rows) else None
     head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | compile | tok/s | step ms | peak GiB "
@@ -108,7 +118,7 @@ def format_table(rows: list[dict], baseline: int) -> str:
         tps = r.get("tok_per_s")
         ran = r.get("kernels_ran", {})
         cells = [r["arch"], r["kernel"], r["attn"], r["precision"], r["depth"], r["device_batch_size"],
-                 r["max_seq_len"], r["window_pattern"], r["recompute"], r["compile_mode"],
+                 r["max_seq_len"], r["window_pattern"], r["recompute"], compile_label(r),
                  f"{tps:,.0f}" if tps else "-", f"{r['step_ms']:.1f}" if tps else "-",
                  f"{r['peak_memory_gib']:.2f}" if tps else "-", state_and_rest(r.get("memory_gib")),
                  f"{100 * r['mfu']:.1f}%" if tps and r.get("mfu") else "n/a",
@@ -127,7 +137,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{r['precision']}\nd{r['depth']} B{r['device_batch_size']} "
               f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" {r['recompute']}")
-              + ("" if r["compile_mode"] == "default" else " autotune") for r in rows]
+              + ("" if r["compile_mode"] == "default" else " autotune")
+              + ("" if r.get("inductor", "default") == "default" else f"\n{r['inductor']}") for r in rows]
     values = [r.get("tok_per_s") or 0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
     bars = ax.bar(range(len(rows)), values, color=["tab:blue" if r["status"] == "ok" else "tab:red" for r in rows])
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = {"arch": cfg.arch, "kernel": cfg.kernel, "attn": cfg.attn, "precision": cfg.precision,
             "depth": cfg.depth, "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
-            "window_pattern": cfg.window_pattern, "recompute": cfg.recompute, "compile_mode": cfg.compile_mode}
+            "window_pattern": cfg.window_pattern, "recompute": cfg.recompute, "compile_mode": cfg.compile_mode,
+            "inductor": cfg.inductor}
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     rows = []
     for i, combo in enumerate(combos):
@@ -169,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(json.dumps({"out_dir": str(out_dir), "rows": [
         {k: r.get(k) for k in ("kernel", "attn", "precision", "device_batch_size", "max_seq_len",
-                               "window_pattern", "recompute", "compile_mode", "tok_per_s", "peak_memory_gib", "mfu",
-                               "status")}
+                               "window_pattern", "recompute", "compile_mode", "inductor", "tok_per_s",
+                               "peak_memory_gib", "mfu", "status")}
         for r in rows]}))
     return result
 

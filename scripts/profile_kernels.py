@@ -35,7 +35,7 @@ from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
 from nanochat.optim import build_optimizer
 from nanochat.precision import apply_precision
-from nanochat.runtime import check_recompute, compile_model, default_compile
+from nanochat.runtime import apply_inductor_config, check_recompute, compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 
@@ -44,6 +44,8 @@ _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 class ProfileConfig:
     arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers)"})
     depth: int = 12
+    aspect_ratio: int = field(default=64, metadata={
+        "help": "width = depth * aspect_ratio (--depth 2 --aspect_ratio 768: two d24-wide layers, quick to compile)"})
     device_batch_size: int = 16
     max_seq_len: int = 2048
     vocab_size: int = 32768
@@ -59,6 +61,7 @@ class ProfileConfig:
     fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
+    inductor: str = field(default="default", metadata={"help": "torch._inductor.config entries, KEY=VALUE;KEY=VALUE"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
     steps: int = field(default=3, metadata={"help": "profiled training steps"})
     top: int = 20
@@ -74,8 +77,8 @@ class ProfileConfig:
 def build(cfg: ProfileConfig, device: torch.device):
     """GPT with random weights + its optimizer, through the pinned interfaces only."""
     model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
-                                     window_pattern=cfg.window_pattern, attn_backend=cfg.attn,
-                                     recompute=cfg.recompute)
+                                     aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern,
+                                     attn_backend=cfg.attn, recompute=cfg.recompute)
     with torch.device("meta"):
         model = model_class(cfg.arch)(model_config)
     model.to_empty(device=device)
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.compile is None:
             cfg.compile = default_compile(device.type, cfg.arch)
         check_recompute(cfg.recompute, cfg.compile)
+        apply_inductor_config(cfg.inductor)  # before compiling; a typo fails even without --compile
         kernels.set_kernel_backend(cfg.kernel)
         model, optimizer = build(cfg, device)
         if cfg.compile:

@@ -105,3 +105,52 @@ def test_compile_mode_reaches_the_model_and_unknown_modes_are_refused(monkeypatc
     assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}, {"dynamic": False, "mode": None}]
     with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
         runtime.compile_model(model, "max-autotune")
+
+
+def test_inductor_settings_are_applied_and_bad_ones_named():
+    from torch._inductor import config as inductor_config
+
+    from nanochat import runtime
+
+    before = inductor_config.triton.prefer_nd_tiling, inductor_config.max_fusion_size
+    try:
+        applied = runtime.apply_inductor_config("triton.prefer_nd_tiling=True; max_fusion_size=7;default")
+        assert applied == {"triton.prefer_nd_tiling": True, "max_fusion_size": 7}
+        assert inductor_config.triton.prefer_nd_tiling is True and inductor_config.max_fusion_size == 7
+    finally:
+        inductor_config.triton.prefer_nd_tiling, inductor_config.max_fusion_size = before
+    assert runtime.apply_inductor_config("default") == {} and runtime.apply_inductor_config("") == {}
+    with pytest.raises(ValueError, match="triton.no_such_knob"):
+        runtime.apply_inductor_config("triton.no_such_knob=1")
+    with pytest.raises(ValueError, match="Python literal"):
+        runtime.apply_inductor_config("max_fusion_size=seven")
+
+
+def test_bench_rows_carry_inductor_settings_and_width(tmp_path):
+    cfg = bench.BenchConfig(aspect_ratio=768)
+    combo = {"kernel": "triton", "inductor": "triton.prefer_nd_tiling=True", "compile_mode": "default"}
+    argv = bench.row_argv(cfg, {**combo, "device_batch_size": 2, "max_seq_len": 8})
+    assert "--inductor=triton.prefer_nd_tiling=True" in argv and "--aspect_ratio=768" in argv
+    assert bench.compile_label(combo) == "default + triton.prefer_nd_tiling=True"
+    assert bench.compile_label({**combo, "inductor": "default"}) == "default"
+    # profile_kernels builds the width from depth x aspect_ratio (rounded up to head_dim 128: 128, then 256)
+    flops = [profile_kernels.main([*TINY, f"--aspect_ratio={a}", "--steps=1", "--timed_steps=1", "--compile=false",
+                                   "--max_seq_len=8"])["timing"]["flops_per_token"] for a in (64, 256)]
+    assert flops[1] > 2 * flops[0]
+
+
+def test_gpu_clocks_summarizes_busy_samples_and_throttle_reasons():
+    from benchmarks import gpu_clocks
+
+    lines = ["100, 1470, 3201, 691.8, 63, 0x0000000000000004", "97, 1620, 3201, 650.0, 62, 0x0000000000000000",
+             "0, 345, 3201, 80.0, 40, 0x0000000000000001", "[N/A], 1, 2"]
+    samples = [s for s in map(gpu_clocks.parse_sample, lines) if s]
+    assert len(samples) == 3 and samples[0]["reasons"] == 4
+    out = gpu_clocks.summarize(samples, busy_pct=90)
+    assert out["busy_samples"] == 2 and out["sm_mhz"] == 1545 and out["sm_mhz_min"] == 1470
+    assert out["throttle"] == {"sw_power_cap": 0.5}  # the idle sample's gpu_idle bit is not counted
+    assert gpu_clocks.summarize(samples[2:], busy_pct=90) == {"busy_samples": 0, "samples": 1}
+    with pytest.raises(SystemExit, match="either --gemm"):
+        gpu_clocks.main(["--gemm", "8x8x8", "--", "true"])
+    with pytest.raises(SystemExit, match="either --gemm"):
+        gpu_clocks.main([])

@@ -82,6 +82,14 @@ def test_ignores_positions_past_each_row(dot, gen):
     a = decode_attention(q, k, v, lengths, splits=4, config=SMALL, dot=dot)
     k[0, :, 20:], v[1, :, 33:] = 1e4, -1e4
     torch.testing.assert_close(decode_attention(q, k, v, lengths, splits=4, config=SMALL, dot=dot), a, rtol=0, atol=0)
+    # an fp8 cache: even NaN bit patterns in the stale values and scales stay out
+    (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
+    def fp8() -> torch.Tensor:
+        return decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, splits=4, config=SMALL, dot=dot)
+    before = fp8()
+    for x in (kq, vq, ks, vs):
+        x[0, :, 20:], x[1, :, 33:] = float("nan"), float("nan")
+    torch.testing.assert_close(fp8(), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dot", [False, True])
@@ -147,7 +155,7 @@ def test_benchmark_script_runs_and_checks_every_row():
     from benchmarks import bench_decode_attention
     result = bench_decode_attention.main([f"--device={DEVICE}", "--batches=2", "--heads=2", "--head_dim=16",
                                           "--max_seq_len=80", "--prompt=40", "--layers=2", "--repeats=1",
-                                          "--configs=16/4/1,32/4/2/dot", "--splits=0,2"])
+                                          "--configs=16/4/1,32/4/2/dot", "--splits=0,2", "--graph"])
     triton_rows = [r for r in result["rows"] if r["row"] != "torch"]
     assert len(triton_rows) == 2 * 2 * 2 and all(r.get("ok") for r in triton_rows)
     assert set(result["best"]) == {"2 bf16", "2 fp8"}

@@ -126,6 +126,7 @@ CONFIG_CLASSES = {
     "benchmarks.bench_loss": "BenchConfig", "benchmarks.bench_attention": "BenchConfig",
     "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
     "benchmarks.check_train_grads": "CheckConfig", "benchmarks.bench_decode_attention": "BenchConfig",
+    "scripts.profile_kernels": "ProfileConfig", "benchmarks.gpu_clocks": "ClockConfig",
 }
 NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
 
@@ -165,6 +166,9 @@ def check_commands(commands: list[list[str]]) -> set[str]:
         i = argv.index("-m")
         module, args = argv[i + 1], argv[i + 2:]
         seen.add(module)
+        if "--" in args:  # a wrapper (benchmarks.gpu_clocks -- CMD): its own flags, then the wrapped command
+            seen |= check_commands([args[args.index("--") + 1:]])
+            args = args[:args.index("--")]
         if module in NOT_OURS:
             continue
         short = {"scripts.chat_eval": chat_eval.SHORT_FLAGS, "scripts.chat_web": chat_web.SHORT_FLAGS}.get(module)
@@ -201,6 +205,7 @@ H200_PARTS = {
     "attention": {"benchmarks.bench_attention"},
     "loss_inputs": {"benchmarks.bench_loss"},
     "decode": {"scripts.infer_bench"},
+    "decode_tune": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "decode_dot": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "te": {"scripts.bench"},
     "fp8_rowwise": {"scripts.bench"},
@@ -212,6 +217,10 @@ H200_PARTS = {
     "pointwise": {"scripts.bench"},
     "fp8_fast": {"scripts.bench"},
     "fp8_skip": {"scripts.bench"},
+    "fp8_study": {"scripts.profile_kernels", "scripts.bench"},
+    "tuning": {"scripts.bench"},
+    "sssl_tuned": {"scripts.bench"},
+    "clocks": {"benchmarks.gpu_clocks", "scripts.bench"},
     "fp8": {"scripts.bench"},
     "fp8_loss24": {"scripts.base_train"},
     "fp8_loss20": {"scripts.base_train"},
