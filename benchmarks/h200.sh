@@ -142,13 +142,6 @@ fp8_study)
       --warmup 2 --steps 3 --timeout 100 --out_dir "$OUT/fp8_tiling" \
       --inductor "default,triton.prefer_nd_tiling=True,triton.prefer_nd_tiling=True;triton.tile_reductions=True"
   ;;
-sssl_tuned)
-  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 6 --kernel triton \
-      --device_batch_size 32 --max_seq_len 2048"
-  TAIL=3 run bench_full 160 $BENCH --timeout 150 --out_dir "$OUT/full"
-  TAIL=4 run bench_sssl_tuned 430 $BENCH --timeout 210 --window_pattern SSSL --out_dir "$OUT/sssl_tuned" \
-      --inductor "default,max_autotune=True;max_autotune_gemm_backends='ATEN'"
-  ;;
 tuning)
   TAIL=6 run bench_tuning_fp8 280 python3 -m scripts.bench $STUDY --precision fp8 --total_batch_size 262144 \
       --warmup 2 --steps 3 --timeout 130 --out_dir "$OUT/tuning_fp8" \
@@ -184,9 +177,13 @@ fp8_rowwise)
       --total_batch_size 262144 --kernel triton --precision bf16,fp8 --fp8_recipe rowwise --warmup 2 --steps 4 \
       --timeout 470 --out_dir "$OUT/fp8_rowwise"
   ;;
-sssl)
-  TAIL=5 run bench_sssl 260 python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 6 \
-      --timeout 200 --kernel triton --device_batch_size 32 --max_seq_len 2048 --window_pattern L,SSSL --out_dir "$OUT/sssl"
+sssl|sssl_tuned)
+  BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 6 --kernel triton \
+      --device_batch_size 32 --max_seq_len 2048"
+  TAIL=5 run bench_sssl 260 $BENCH --timeout 200 --window_pattern L,SSSL --out_dir "$OUT/sssl"
+  # sssl_tuned adds SSSL with FlexAttention's kernels autotuned (max_autotune; every GEMM stays on cuBLAS)
+  [ "$PART" = sssl_tuned ] && TAIL=4 run bench_sssl_tuned 280 $BENCH --timeout 250 --window_pattern SSSL \
+      --inductor "max_autotune=True;max_autotune_gemm_backends='ATEN'" --out_dir "$OUT/sssl_tuned"
   ;;
 te)
   # after benchmarks/te_build.sh on the same warm machine (its /tmp/te_site): TE's GPT in bf16 and fp8 beside ours
