@@ -5,8 +5,10 @@
     python -m scripts.infer_bench --attention torch  # the masked torch path instead of a decode kernel
 
 Greedy decoding through the engine's StaticDecoder (static KV cache, per-row positions), with the
-decode step compiled and replayed as a CUDA graph. Each batch size gets its own random prompts
-(distinct rows, so nothing is shared between them). Decode bandwidth utilization = bytes one step must
+decode step compiled and replayed as a CUDA graph. `--prompts distinct` (the default): each row of a batch
+has its own random prompt, nothing is shared (a server's load). `--prompts shared`: the rows continue one
+prompt, prefilled once and stored once (n samples of a prompt: Engine.generate, RL rollouts, and how the
+public nanochat's engine batches). `--prompts distinct,shared` runs both. Decode bandwidth utilization = bytes one step must
 read (bf16 weights + the static KV cache it attends over) / TPOT / the device's copy bandwidth; a decode
 kernel (`--attention auto`, the default, picks one on CUDA) reads only the filled positions (~90% of the
 cache here, on average), so there the figure is an upper bound on the bytes and overstates the utilization
@@ -33,6 +35,8 @@ class BenchConfig:
     prompt_len: int = 1024
     new_tokens: int = 256
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    prompts: list[str] = field(default_factory=lambda: ["distinct"], metadata={
+        "help": "distinct (a random prompt per row) and/or shared (all rows continue one prompt, stored once)"})
     compile: bool = True
     cuda_graph: bool = True
     attention: str = field(default="auto", metadata={
@@ -72,33 +76,37 @@ def weight_bytes_per_step(model) -> int:
 
 
 @torch.inference_mode()
-def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
+def run_batch(model, cfg: BenchConfig, batch: int, device, shared: bool = False) -> dict:
     from nanochat.engine import StaticDecoder
     from nanochat.gpt import KVCache
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
-    prompts = torch.randint(0, cfg.vocab_size, (batch, cfg.prompt_len), generator=gen)
+    prompts = torch.randint(0, cfg.vocab_size, (1 if shared else batch, cfg.prompt_len), generator=gen)
     max_len = cfg.prompt_len + cfg.new_tokens
     decoder = StaticDecoder(model, batch, max_len, compile=cfg.compile, cuda_graph=cfg.cuda_graph,
-                            attention=cfg.attention, kv_fp8=cfg.kv_fp8)
+                            attention=cfg.attention, kv_fp8=cfg.kv_fp8,
+                            shared_prompt_len=cfg.prompt_len if shared else 0)
     # warm-up: compile / capture the decode step before timing anything
     t0 = time.perf_counter()
     decoder.step()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    decoder.pos.zero_()
+    decoder.pos.fill_(decoder.shared_prompt_len)
 
     def prefill() -> torch.Tensor:
         first = []
         mc = model.config
-        for start in range(0, batch, cfg.prefill_rows):
-            rows = list(range(start, min(batch, start + cfg.prefill_rows)))
+        for start in range(0, len(prompts), cfg.prefill_rows):
+            rows = list(range(start, min(len(prompts), start + cfg.prefill_rows)))
             cache = KVCache(len(rows), mc.n_layer, mc.n_kv_head, mc.head_dim, cfg.prompt_len, device, torch.bfloat16)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(prompts[rows].to(device), kv_cache=cache)[:, -1].float()
-            decoder.load_prompt(rows, cache)
+            if shared:
+                decoder.load_shared_prompt(cache)
+            else:
+                decoder.load_prompt(rows, cache)
             first.append(logits.argmax(-1))
-        return torch.cat(first)
+        return torch.cat(first).expand(batch)
 
     prefill()  # warm the prefill path (attention backend choice, allocator)
     torch.cuda.synchronize()
@@ -122,10 +130,11 @@ def run_batch(model, cfg: BenchConfig, batch: int, device) -> dict:
         except Exception as exc:  # the timings above stand without it; the row says why it is missing
             profile = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     kv_bytes = sum(t.numel() * t.element_size() for t in decoder.k + decoder.v + (decoder.k_scale or [])
-                   + (decoder.v_scale or []))  # the whole static cache: the torch path reads all of it
-    step_bytes = weight_bytes_per_step(model) + kv_bytes
+                   + (decoder.v_scale or []) + (decoder.prompt_k or []) + (decoder.prompt_v or []))
+    step_bytes = weight_bytes_per_step(model) + kv_bytes  # the whole static cache: the torch path reads all of it
     return {
         "batch": batch,
+        "prompts": "shared" if shared else "distinct",
         "ttft_ms": round(ttft * 1e3, 2),
         "tpot_ms": round(tpot * 1e3, 3),
         "decode_tok_s": round(batch / tpot, 1),
@@ -179,6 +188,8 @@ def engine_tpot(engine, cfg: BenchConfig) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(BenchConfig, argv, description=__doc__)
+    if unknown := set(cfg.prompts) - {"distinct", "shared"}:
+        raise SystemExit(f"--prompts takes distinct and/or shared, got {sorted(unknown)}")
     from nanochat.engine import Engine, resolve_decode_attention
     from nanochat.runtime import setup_torch_env
     from nanochat.tokenizer import SPECIAL_TOKENS
@@ -204,25 +215,26 @@ def main(argv: list[str] | None = None) -> None:
     log0(f"d{cfg.depth}: {model.num_params() / 1e6:.0f}M params on {device_name(device)}; "
          f"prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, greedy")
     rows = []
-    for batch in cfg.batch_sizes:
-        try:
-            rows.append(run_batch(model, cfg, batch, device))
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append({"batch": batch, "error": f"OOM: {exc}"[:200]})
-        torch.cuda.empty_cache()
-        log0(json.dumps(rows[-1]))
+    for mode in cfg.prompts:
+        for batch in cfg.batch_sizes:
+            try:
+                rows.append(run_batch(model, cfg, batch, device, shared=mode == "shared"))
+            except torch.cuda.OutOfMemoryError as exc:
+                rows.append({"batch": batch, "prompts": mode, "error": f"OOM: {exc}"[:200]})
+            torch.cuda.empty_cache()
+            log0(json.dumps(rows[-1]))
     try:
         eng_tpot = round(engine_tpot(engine, cfg) * 1e3, 3)
     except Exception as exc:  # report, do not lose the table above
         eng_tpot = f"{type(exc).__name__}: {exc}"[:200]
-    print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'decode tok/s':>13} {'e2e tok/s':>11} "
+    print(f"{'prompts':>8} {'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'decode tok/s':>13} {'e2e tok/s':>11} "
           f"{'peak GiB':>9} {'step GB':>8} {'BW util':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['batch']:>6} {r['error']}")
+            print(f"{r['prompts']:>8} {r['batch']:>6} {r['error']}")
             continue
-        print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['tpot_ms']:>9} {r['decode_tok_s']:>13} {r['e2e_tok_s']:>11} "
-              f"{r['peak_mem_gib']:>9} {r['step_gb']:>8} {r['bw_util']:>8}")
+        print(f"{r['prompts']:>8} {r['batch']:>6} {r['ttft_ms']:>9} {r['tpot_ms']:>9} {r['decode_tok_s']:>13} "
+              f"{r['e2e_tok_s']:>11} {r['peak_mem_gib']:>9} {r['step_gb']:>8} {r['bw_util']:>8}")
     print(f"engine.generate TPOT at batch 1 (host loop, sampling, sync): {eng_tpot} ms")
     print(json.dumps({"device": device_name(device), "depth": cfg.depth, "prompt_len": cfg.prompt_len,
                       "new_tokens": cfg.new_tokens, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,

@@ -74,6 +74,38 @@ def test_matches_float64_softmax(S, H, Hkv, L, D, window, splits, config, dot, g
     assert rel_err(got, reference(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), window)) <= FP32_TOL
 
 
+def reference_lse(q, k, lengths, window):
+    """float64 log-sum-exp of the scaled scores each row's softmax normalizes, [S, H]."""
+    S, H, D = q.shape
+    G = H // k.size(1)
+    lse = torch.empty(S, H, dtype=torch.float64)
+    for s in range(S):
+        n = int(lengths[s])
+        lo = max(0, n - window) if window else 0
+        keys = k[s, :, lo:n].double().repeat_interleave(G, dim=0)
+        lse[s] = (torch.einsum("hd,hld->hl", q[s].double(), keys) * D ** -0.5).logsumexp(-1)
+    return lse
+
+
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_log_sum_exp_matches_float64(dot, fp8, gen):
+    """return_lse: the log of each row's softmax denominator, what merging with other keys needs (with an
+    fp8 cache: of the dequantized keys, which the reference is given)."""
+    q, k, v, lengths = make(3, 4, 2, 100, 32, gen)
+    window = 40
+    if fp8:
+        (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
+        out, lse = decode_attention(q, kq, vq, lengths, window=window, k_scale=ks, v_scale=vs, splits=3,
+                                    config=SMALL, dot=dot, return_lse=True)
+        k = kq.float() * ks.unsqueeze(-1)
+    else:
+        out, lse = decode_attention(q, k, v, lengths, window=window, splits=3, config=SMALL, dot=dot,
+                                    return_lse=True)
+    assert lse.shape == q.shape[:2] and lse.dtype == torch.float32
+    assert (lse.double().cpu() - reference_lse(q.cpu(), k.cpu(), lengths.cpu(), window)).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("dot", [False, True])
 def test_ignores_positions_past_each_row(dot, gen):
     """What lies beyond a row's length (stale keys of an earlier request) must not change its output."""

@@ -124,6 +124,59 @@ def test_fp8_kv_cache_stays_close_to_bf16_exact_decode(tok, model):
     assert max(gaps) <= 0.015, gaps  # measured <= 0.8%; a 10% scale error: 2.2%
 
 
+def shared_prompt_gaps(eng, prompt, copies, shared, steps: int) -> list[float]:
+    """`copies` holds the prompt in every slot (load_prompt), `shared` once (load_shared_prompt); both
+    stepped on the same tokens, rows different from the first step on (copies' greedy picks after that):
+    per step, the largest logit gap relative to copies' largest |logit|."""
+    _, cache = eng.prefill(prompt)
+    copies.load_prompt(list(range(copies.slots)), cache)
+    shared.load_shared_prompt(cache)
+    nxt, gaps = torch.arange(5, 5 + copies.slots), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            for dec in (copies, shared):
+                dec.tokens.copy_(nxt)
+            want, got = copies.step().clone(), shared.step()
+            gaps.append(((got.cpu() - want.cpu()).abs().max() / want.abs().max()).item())
+            nxt = want.argmax(-1)
+    return gaps
+
+
+@pytest.mark.parametrize("attention,kv_fp8,tol", [
+    ("torch", False, 1e-5),
+    pytest.param("triton", False, 1e-5, marks=needs_triton_interpreter),
+    pytest.param("triton_dot", False, 1e-5, marks=needs_triton_interpreter),
+    pytest.param("triton", True, 0.015, marks=needs_triton_interpreter),  # e4m3 rows: as the fp8 test above
+])
+def test_shared_prompt_decoder_matches_a_copy_per_row(tok, model, attention, kv_fp8, tol):
+    """A prompt stored once and attended by every row (merged with each row's own keys by log-sum-exp)
+    gives the logits of a decoder holding a copy per row; 20 steps past the prompt also take the "SL"
+    model's 16-token window past it (its short-window layers then see none of the prompt)."""
+    prompt = prompts(tok)[3]
+    assert len(prompt) > 16
+    n = len(prompt) + 24
+    copies = StaticDecoder(model, slots=3, max_seq_len=n, attention="torch")
+    shared = StaticDecoder(model, slots=3, max_seq_len=n, attention=attention, kv_fp8=kv_fp8,
+                           shared_prompt_len=len(prompt))
+    assert shared.k[0].size(2) == 24  # rows hold only their own positions
+    gaps = shared_prompt_gaps(Engine(model, tok), prompt, copies, shared, steps=20)
+    assert max(gaps) <= tol, gaps
+
+
+def test_shared_prompt_arguments(tok, model):
+    eng = Engine(model, tok)
+    _, cache = eng.prefill(prompts(tok)[1])
+    with pytest.raises(ValueError, match="shared_prompt_len must be"):
+        StaticDecoder(model, slots=2, max_seq_len=16, shared_prompt_len=16)
+    shared = StaticDecoder(model, slots=2, max_seq_len=64, shared_prompt_len=cache.pos)
+    with pytest.raises(ValueError, match="load_shared_prompt"):
+        shared.load_prompt([0], cache)
+    with pytest.raises(ValueError, match=f"batch-1 cache of {cache.pos + 1} positions"):
+        StaticDecoder(model, slots=2, max_seq_len=64, shared_prompt_len=cache.pos + 1).load_shared_prompt(cache)
+    with pytest.raises(ValueError, match="use load_prompt"):
+        StaticDecoder(model, slots=2, max_seq_len=64).load_shared_prompt(cache)
+
+
 def test_decoder_attention_arguments(model):
     with pytest.raises(ValueError, match="attention must be"):
         StaticDecoder(model, slots=1, max_seq_len=16, attention="flash")
@@ -387,4 +440,20 @@ def test_decode_kernels_follow_the_torch_path_on_the_gpu(tok, attention):
     torch_path = StaticDecoder(model, slots=len(ps), max_seq_len=128, compile=True, attention="torch")
     kernel = StaticDecoder(model, slots=len(ps), max_seq_len=128, compile=True, attention=attention)
     gaps = lockstep_logit_gaps(Engine(model, tok), ps, torch_path, kernel, steps=40)
+    assert max(gaps) <= 0.01, gaps  # both bf16 caches: rounding only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["triton", "triton_dot"])
+def test_shared_prompt_decoder_on_the_gpu(tok, attention):
+    """Compiled with a CUDA graph on bf16 caches: the shared-prompt decoder follows a copy-per-row decoder
+    (the torch path), past the "SL" model's window."""
+    model = tiny_model(window_pattern="SL").cuda()
+    prompt = prompts(tok)[3]
+    n = len(prompt) + 48
+    copies = StaticDecoder(model, slots=4, max_seq_len=n, compile=True, attention="torch")
+    shared = StaticDecoder(model, slots=4, max_seq_len=n, compile=True, attention=attention,
+                           shared_prompt_len=len(prompt))
+    gaps = shared_prompt_gaps(Engine(model, tok), prompt, copies, shared, steps=40)
     assert max(gaps) <= 0.01, gaps  # both bf16 caches: rounding only

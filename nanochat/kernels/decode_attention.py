@@ -131,7 +131,7 @@ def _decode_chunks_dot_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
 
 
 @triton.jit
-def _combine_kernel(Acc, M, Lsum, Out, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_s, so_h,
+def _combine_kernel(Acc, M, Lsum, Out, Lse, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_s, so_h, sl_s,
                     D: tl.constexpr, NS: tl.constexpr):
     s, h = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, NS)
@@ -141,8 +141,10 @@ def _combine_kernel(Acc, M, Lsum, Out, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_
     weight = tl.where(in_range, tl.exp(m - tl.max(m, axis=0)), 0.0)  # a chunk with no position: m = -inf, 0
     d = tl.arange(0, D)
     acc = tl.load(Acc + s * sa_s + h * sa_h + j[:, None] * sa_j + d[None, :], mask=in_range[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    total = tl.sum(l * weight, axis=0)
+    out = tl.sum(acc * weight[:, None], axis=0) / total
     tl.store(Out + s * so_s + h * so_h + d, out.to(Out.dtype.element_ty))
+    tl.store(Lse + s * sl_s + h, tl.max(m, axis=0) + tl.log(total))  # log of the softmax's denominator
 
 
 def _mma_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> tl.dtype:
@@ -158,8 +160,8 @@ def _mma_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> tl.dtype:
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, window: int,
                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int,
-               block: int, warps: int, stages: int, dot: bool) -> torch.Tensor:
-    """The two launches, opaque to torch.compile (captured as they are in a CUDA graph)."""
+               block: int, warps: int, stages: int, dot: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launches, opaque to torch.compile (captured as they are in a CUDA graph) -> (out, lse)."""
     S, H, D = q.shape
     chunk = triton.cdiv(triton.cdiv(k_cache.size(2), splits), block) * block
     splits = triton.cdiv(k_cache.size(2), chunk)
@@ -168,6 +170,7 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
     m = torch.empty(S, H, splits, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     out = torch.empty_like(q)
+    lse = torch.empty(S, H, device=q.device, dtype=torch.float32)
     scaled = k_scale is not None
     ks = k_scale if scaled else m  # any fp32 pointer: not read without SCALED
     vs = v_scale if scaled else m
@@ -185,28 +188,32 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
     else:
         _decode_chunks_kernel[(S, H, splits)](*args, G=G, D=D, SCALED=scaled, BLOCK=block,
                                               num_warps=warps, num_stages=stages)
-    _combine_kernel[(S, H)](acc, m, lsum, out, splits, acc.stride(0), acc.stride(1), acc.stride(2),
-                            m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+    _combine_kernel[(S, H)](acc, m, lsum, out, lse, splits, acc.stride(0), acc.stride(1), acc.stride(2),
+                            m.stride(0), m.stride(1), out.stride(0), out.stride(1), lse.stride(0),
                             D=D, NS=triton.next_power_of_2(splits))
-    return out
+    return out, lse
 
 
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits, block, warps, stages, dot):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:2], dtype=torch.float32))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      window: int | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, splits: int | None = None,
-                     config: tuple[int, int, int] | None = None, dot: bool = False) -> torch.Tensor:
+                     config: tuple[int, int, int] | None = None, dot: bool = False,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q [S, H, D] over the first lengths[s] positions of row s of the caches
     [S, Hkv, L, D] (the last `window` of them when given) -> [S, H, D] in q's dtype. With k_scale and
     v_scale [S, Hkv, L] the caches hold values / scale (e.g. `quantize_fp8`). lengths must be >= 1.
     `splits` chunks the positions (default: enough programs to fill the GPU); `config` is
     (positions per inner step, warps, pipeline stages), default `default_config`. dot=True runs the
     tensor-core kernel: one program per kv head for all its query heads, 16-bit operands
-    (benchmarks/bench_decode_attention.py times both kernels)."""
+    (benchmarks/bench_decode_attention.py times both kernels). return_lse=True also returns the fp32 log of
+    each softmax's denominator [S, H] (of the scaled scores), to merge with attention over other keys
+    (`merge_attention`: a prompt shared by every row)."""
     S, H, D = q.shape
     L = k_cache.size(2)
     if (k_scale is None) != (v_scale is None):
@@ -223,5 +230,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits is None:
         programs_per_split = S * (k_cache.size(1) if dot else H)
         splits = max(1, min(triton.cdiv(L, block), triton.cdiv(TARGET_PROGRAMS, programs_per_split)))
-    return _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits, block, warps, stages,
-                      dot)
+    out, lse = _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits, block, warps,
+                          stages, dot)
+    return (out, lse) if return_lse else out
