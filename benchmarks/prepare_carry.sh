@@ -21,7 +21,7 @@ python -m pip download -q --no-deps --only-binary=:all: --dest .whl \
 # the web stack with its whole dependency closure (newer copies of what the image has shadow it in /tmp/site)
 python -m pip download -q --only-binary=:all: --dest .whl \
     --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-    "fastapi==0.165.0" "uvicorn==0.54.0"
+    "fastapi==0.165.0" "uvicorn==0.54.0" "uvloop==0.23.0" "httptools==0.9.0"
 cp "$DATA/pretrain/shard_00000.parquet" "$DATA/pretrain/shard_00006.parquet" .carry/data/
 rm -rf .carry/eval/core .carry/eval/hellaswag .shards_a .shards_b
 cp -r "$DATA/eval/core" "$DATA/eval/hellaswag" .carry/eval/

@@ -161,6 +161,7 @@ def test_web_load_warms_up_then_measures_each_row(server, capsys):
     assert lines[0].startswith("warm-up: 3 requests")  # one per client of the largest row, not counted
     rows = json.loads(lines[-1])["results"]
     assert [r["clients"] for r in rows] == [1, 3]
+    assert [r["processes"] for r in rows] == [1, 3]  # a row's clients spread over client processes
     assert all(1 <= r["requests"] <= 2 * r["clients"] and r["tokens"] > 0 for r in rows), rows
 
 
