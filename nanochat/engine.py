@@ -161,7 +161,7 @@ class TextStream:
     def add(self, token: int) -> str:
         """Append `token`; returns the new text to show ("" while a character is incomplete)."""
         self.tokens.append(token)
-        return self._utf8.decode(self.tokenizer.decode_bytes([token]))
+        return self._utf8.decode(self.tokenizer.token_piece(token))
 
     def finish(self) -> str:
         """The text still held back once the tokens end: U+FFFD for a character left incomplete, else ""."""

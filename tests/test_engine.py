@@ -269,9 +269,9 @@ class CountingTokenizer:
     def __init__(self, tok):
         self.tok, self.decoded = tok, 0
 
-    def decode_bytes(self, ids):
-        self.decoded += len(ids)
-        return self.tok.decode_bytes(ids)
+    def token_piece(self, token):
+        self.decoded += 1
+        return self.tok.token_piece(token)
 
 
 def test_text_stream_holds_split_characters_and_adds_up_to_the_full_decode():

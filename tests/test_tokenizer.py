@@ -92,6 +92,13 @@ def test_vocab_size_and_id_layout(tok):
     assert [tok.decode_bytes([i]) for i in range(256)] == [bytes([i]) for i in range(256)]
 
 
+def test_token_piece_is_each_tokens_bytes(tok):
+    """The streaming server's per-token table holds decode_bytes of every id, special tokens included."""
+    ids = range(tok.get_vocab_size())
+    assert [tok.token_piece(i) for i in ids] == [tok.decode_bytes([i]) for i in ids]
+    assert tok.token_piece(tok.get_bos_token_id()) == b"<|bos|>"
+
+
 def test_matches_reference_bpe(tok, heldout_docs):
     rng = random.Random()
     text = heldout_docs[0][:3000] + random_unicode(rng, 300) + " 1234567 3.14159 2024-05-09"
