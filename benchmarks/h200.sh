@@ -47,6 +47,8 @@
 #                                      #   config sweep at batch 128, infer_bench with bf16 and fp8 caches
 #   bash benchmarks/h200.sh decode_tune  # carry [".whl"]: GPU tests of the decoder, the decode kernels' configs timed
 #                                      #   inside CUDA graphs, infer_bench with the fp8 cache (issue 8)
+#   bash benchmarks/h200.sh decode_shared  # carry [".whl"]: GPU tests of the decoder; infer_bench with n rows continuing
+#                                      #   one prompt stored once (--prompts shared) beside distinct prompts (issue 8)
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
 #   bash benchmarks/h200.sh loss_inputs  # carry [".whl"]: loss kernels on flatter logits (std 1, 0.05), where CCE's
@@ -56,7 +58,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -108,6 +110,12 @@ decode_tune)
   TAIL=16 run bench_decode_graph 150 python3 -m benchmarks.bench_decode_attention --batches 1,32,128 --splits 0 --graph \
       --configs 128/2/2,128/4/2,128/4/2/dot,128/4/3/dot
   TAIL=6 run infer_fp8 150 python3 -m scripts.infer_bench --batch_sizes 1,128 --kv_fp8 true
+  ;;
+decode_shared)
+  TAIL=3 run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_engine.py \
+      -k "gpu"
+  TAIL=8 run infer_fp8 240 python3 -m scripts.infer_bench --batch_sizes 1,128 --kv_fp8 true --prompts distinct,shared
+  TAIL=8 run infer_shared 240 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128 --prompts shared
   ;;
 step|step_kernels)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"
@@ -257,6 +265,9 @@ infer|web)
   SERVER=$!
   for _ in $(seq 90); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
   TAIL=6 run web_load 120 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 1,32 --duration_s 25
+  # the 32 clients again from one process (web_load before session 9): how much the load generator capped the row
+  TAIL=4 run web_load_one_process 60 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 32 \
+      --duration_s 20 --processes 1 --warmup false
   kill $SERVER
   ;;
 *) echo "unknown part $PART"; exit 2 ;;

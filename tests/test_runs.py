@@ -206,6 +206,7 @@ H200_PARTS = {
     "loss_inputs": {"benchmarks.bench_loss"},
     "decode": {"scripts.infer_bench"},
     "decode_tune": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
+    "decode_shared": {"pytest", "scripts.infer_bench"},
     "decode_dot": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "te": {"scripts.bench"},
     "fp8_rowwise": {"scripts.bench"},
