@@ -386,6 +386,7 @@ class StaticDecoder:
         S, H, D = self.slots, cfg.n_head, cfg.head_dim
         tok, pos = self.tokens, self.pos.clamp(self.shared_prompt_len, self.max_seq_len - 1)
         row_pos = pos - self.shared_prompt_len                                       # index in the row caches
+        shared = self.prompt_k is not None
         cos, sin = model.cos[0, pos].unsqueeze(1), model.sin[0, pos].unsqueeze(1)  # [S, 1, 1, D/2]
         x = x0 = embed(model.wte, tok.unsqueeze(1))                                 # [S, 1, C]
         for i, block in enumerate(model.blocks):
@@ -396,7 +397,6 @@ class StaticDecoder:
             fused = self.qkv_weights[i] if self.qkv_weights is not None else None
             q, k, v = attn.qkv(h, cos, sin, ve, fused)                                # the training math
             self._store(i, (self._rows, slice(None), row_pos), k[:, 0], v[:, 0])
-            shared = self.prompt_k is not None
             if self.attention != "torch":
                 y = self._kernel.decode_attention(q[:, 0], self.k[i], self.v[i], row_pos + 1, attn.window,
                                                   None if self.k_scale is None else self.k_scale[i],
