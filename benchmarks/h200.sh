@@ -24,14 +24,17 @@
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
+#   bash benchmarks/h200.sh fp8_triton # carry [".whl", ".carry"]: GPU tests of our fp8 recipe, its cast kernel against
+#                                      #   Inductor's, d24 bf16 vs fp8 --fp8_recipe triton (fast accumulation; issue 7)
 #   bash benchmarks/h200.sh fp8_rowwise  # carry [".whl", ".carry"]: d24 bf16 vs fp8 with rowwise scaling (issue 7)
 #   bash benchmarks/h200.sh sssl       # carry [".whl", ".carry"]: d20 B=32 T=2048, window L vs SSSL, 6 timed steps (issue 6)
 #   bash benchmarks/h200.sh te         # after benchmarks/te_build.sh on the same machine: d24 bench, --arch gpt,te
 #                                      #   bf16 and te fp8 (issue 7)
 #   bash benchmarks/h200.sh fp8_loss24 # carry [".whl", ".carry"]: d24 200-step losses, bf16 vs fp8, LR / 4 (issue 7);
-#                                      #   FAST=1: fp8 with --fp8_fast_accum
+#                                      #   FAST=1: fp8 with --fp8_fast_accum; RECIPE=triton: our fp8 recipe
 #   bash benchmarks/h200.sh stable_losses  # carry [".whl", ".carry"]: d20 200-step losses at LR / 4: current,
-#                                      #   triton, liger, fp8 (issues 5, 7); STABLE="fp8" runs a subset
+#                                      #   triton, liger, fp8 (issues 5, 7); STABLE="fp8" runs a subset; RECIPE, FAST
+#                                      #   as in fp8_loss24
 #   bash benchmarks/h200.sh fp8_loss20 # carry [".whl", ".carry"]: d20 200-step losses: fp8 vs bf16 (issue 7),
 #                                      #   triton vs current loss kernel (issue 5)
 #   bash benchmarks/h200.sh parity     # carry [".whl", ".carry"]: fp8_loss20's bf16 runs again: current, triton with
@@ -58,7 +61,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_triton|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -179,6 +182,14 @@ fp8|fp8_fast)
   [ "$PART" = fp8_fast ] && TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --timeout 250 \
       --out_dir "$OUT/fp8_fast"
   ;;
+fp8_triton)
+  TAIL=3 run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py tests/test_precision.py \
+      tests/test_audit.py
+  TAIL=12 run bench_fp8_cast 120 python3 -m benchmarks.bench_fp8_cast
+  TAIL=5 run bench_fp8_triton 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 262144 --kernel triton --warmup 2 --steps 4 --precision bf16,fp8 --fp8_recipe triton \
+      --fp8_fast_accum --timeout 280 --out_dir "$OUT/fp8_triton"
+  ;;
 fp8_rowwise)
   # the whole call: the rowwise row did not finish in 330 s after its bf16 row (session 6)
   TAIL=5 run bench_fp8_rowwise 590 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
@@ -207,9 +218,10 @@ fp8_loss24)
   # this batch spikes (19.08 at step 85, session 5), and a spiking run cannot show "within 1%"
   LOSS="$TRAIN --depth 24 --kernel triton --num_iterations 200 --warmup_steps 10 --device_batch_size 16 \
       --max_seq_len 2048 --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576 $LR_QUARTER"
+  RECIPE="${RECIPE:-tensorwise}"
   run loss200_d24_bf16 200 $LOSS --precision bf16
-  if [ "${FAST:-0}" = 1 ]; then run loss200_d24_fp8_fast 330 $LOSS --precision fp8 --fp8_fast_accum
-  else run loss200_d24_fp8 330 $LOSS --precision fp8; fi
+  if [ "${FAST:-0}" = 1 ]; then run "loss200_d24_fp8_${RECIPE}_fast" 330 $LOSS --precision fp8 --fp8_recipe "$RECIPE" --fp8_fast_accum
+  else run "loss200_d24_fp8_$RECIPE" 330 $LOSS --precision fp8 --fp8_recipe "$RECIPE"; fi
   ;;
 stable_losses)
   # d20, 200 steps of 32k tokens at a quarter of the default learning rates: current, triton, liger (issue 5's
@@ -217,7 +229,8 @@ stable_losses)
   LOSS="$TRAIN --depth 20 --num_iterations 200 --warmup_steps 10 --device_batch_size 16 --max_seq_len 2048 \
       --total_batch_size 32768 --eval_every 200 --eval_tokens 1048576 $LR_QUARTER"
   for k in ${STABLE:-current triton liger fp8}; do
-    if [ "$k" = fp8 ]; then run stable200_d20_fp8 280 $LOSS --kernel triton --precision fp8 --model_tag s_fp8
+    if [ "$k" = fp8 ]; then run "stable200_d20_fp8_${RECIPE:-tensorwise}" 280 $LOSS --kernel triton --precision fp8 \
+        --fp8_recipe "${RECIPE:-tensorwise}" $([ "${FAST:-0}" = 1 ] && echo --fp8_fast_accum) --model_tag s_fp8
     else run "stable200_d20_$k" 125 $LOSS --kernel "$k" --model_tag "s_$k"; fi
   done
   ;;
@@ -258,6 +271,7 @@ grads)
   ;;
 infer|web)
   [ "$PART" = infer ] && TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
+  [ "$PART" = web ] && TAIL=3 run web_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_web.py -k gpu
   # a d20 checkpoint to serve (one uncompiled step: the server's speed does not depend on the weights)
   run ckpt_d20 90 $TRAIN --depth 20 --num_iterations 1 --device_batch_size 4 --max_seq_len 1024 \
       --total_batch_size 4096 --eval_every 0 --compile false --model_tag web --save_every -1
@@ -265,9 +279,9 @@ infer|web)
   SERVER=$!
   for _ in $(seq 90); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
   TAIL=6 run web_load 120 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 1,32 --duration_s 25
-  # the 32 clients again from one process (web_load before session 9): how much the load generator capped the row
-  TAIL=4 run web_load_one_process 60 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 32 \
-      --duration_s 20 --processes 1 --warmup false
+  # the same rows again: the 32-vs-1 ratio of one call is not enough to call it robust
+  TAIL=6 run web_load_repeat 100 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 1,32 \
+      --duration_s 25 --warmup false
   kill $SERVER
   ;;
 *) echo "unknown part $PART"; exit 2 ;;

@@ -1,10 +1,13 @@
-"""Training precision: bf16 (autocast, fp32 master weights), fp8 (torchao float8), nvfp4 (Transformer Engine).
+"""Training precision: bf16 (autocast, fp32 master weights), fp8 (torchao float8 or our own layers), nvfp4
+(Transformer Engine).
 
-fp8 swaps eligible nn.Linear layers for torchao's Float8Linear in place. Float8Linear keeps the very same
-weight Parameter (fp32, same name), so the state_dict is unchanged: checkpoints load into a plain GPT for
-bf16 inference and evaluation, and Muon sees the same 2-D matrices. The fp8 casts (amax, scale, clamp,
-cast, transpose) are plain PyTorch ops that torch.compile fuses into a few Triton kernels, so convert
-first and compile after. nvfp4 needs Blackwell and runs inside Transformer Engine layers (--arch te).
+fp8 recipes: `tensorwise` and `rowwise` swap eligible nn.Linear layers for torchao's Float8Linear, whose
+casts (amax, scale, clamp, cast, transpose) are plain PyTorch ops that torch.compile fuses into Triton
+kernels; `triton` swaps them for our own layers (nanochat/fp8_linear.py: torchao's tensorwise math with
+our cast-and-transpose kernels and a fused ReLU² MLP). Either way the layers keep the very same weight
+Parameters (fp32, same names), so the state_dict is unchanged: checkpoints load into a plain GPT for
+bf16 inference and evaluation, and Muon sees the same 2-D matrices. Convert first, compile after. nvfp4
+needs Blackwell and runs inside Transformer Engine layers (--arch te).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.nn as nn
 from nanochat.common import log0
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
-FP8_RECIPES = ("tensorwise", "rowwise")
+FP8_RECIPES = ("tensorwise", "rowwise", "triton")
 
 
 def check_precision(precision: str, device: torch.device, fp8_recipe: str = "tensorwise") -> None:
@@ -68,16 +71,22 @@ def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = 
 
 def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int = 1024,
                    include_lm_head: bool = False, fast_accum: bool = False, skip: Sequence[str] = ()) -> list[str]:
-    """Swap the eligible nn.Linear layers for torchao Float8Linear (no device check: CPU modules convert
-    too, but only CUDA sm89+ can run them). Returns the converted layer names. torchao accumulates with
-    Hopper's fast (lower-precision) fp8 accumulation in the forward GEMM only; `fast_accum` uses it in the
-    two backward GEMMs as well, which makes them faster at some cost in gradient precision."""
+    """Swap the eligible nn.Linear layers for torchao Float8Linear, or for our Fp8Linear / Fp8MLP with
+    recipe "triton" (no device check: CPU modules convert too, but only CUDA sm89+ runs them at speed).
+    Returns the converted layer names. Both accumulate with Hopper's fast (lower-precision) fp8
+    accumulation in the forward GEMM only; `fast_accum` uses it in the two backward GEMMs as well, which
+    makes them faster at some cost in gradient precision."""
     if recipe not in FP8_RECIPES:
         raise ValueError(f"unknown fp8 recipe {recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
     if include_lm_head and getattr(model, "lm_head_in_loss_kernel", False):
         raise ValueError("--fp8_lm_head: this model hands lm_head.weight to the fused loss kernel "
-                         "(kernels.fused_linear_cross_entropy), so a Float8Linear lm_head would never run its fp8 "
+                         "(kernels.fused_linear_cross_entropy), so an fp8 lm_head would never run its fp8 "
                          "GEMM; drop --fp8_lm_head (the lm_head stays bf16)")
+    if recipe == "triton":
+        from nanochat.fp8_linear import convert_to_fp8_triton
+        names = fp8_eligible(model, min_dim, include_lm_head, skip)
+        convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum)
+        return names
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         from torchao.float8.config import Float8GemmConfig
@@ -110,6 +119,9 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
         model.set_precision("nvfp4")
         return len(getattr(model, "blocks", []))
     if hasattr(model, "set_precision"):  # Transformer Engine layers do fp8 themselves (te.autocast)
+        if fp8_recipe == "triton":
+            raise ValueError("--fp8_recipe triton is our fp8 layers for --arch gpt; Transformer Engine (--arch te) "
+                             "runs its own: use --fp8_recipe tensorwise or rowwise")
         model.set_precision("fp8", fp8_recipe=fp8_recipe)
         return len(getattr(model, "blocks", []))
     names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head,

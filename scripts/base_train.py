@@ -82,7 +82,7 @@ class TrainConfig:
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao, Hopper+) or nvfp4 (--arch te, Blackwell)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton (ours, tensorwise)"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})

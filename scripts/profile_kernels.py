@@ -54,7 +54,7 @@ class ProfileConfig:
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 scaling: tensorwise or rowwise"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton (ours, tensorwise)"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
@@ -168,6 +168,8 @@ def auto_expectations(cfg: ProfileConfig, model, device: torch.device) -> list[s
         names = sorted({attention_backends.select_backend(w, torch.bfloat16, device, cfg.attn) for w in windows})
         attention = [f"attention={n}" for n in names]
     matmul = [f"matmul={cfg.precision}"] if cfg.precision != "bf16" else []
+    if cfg.precision == "fp8" and cfg.fp8_recipe == "triton":
+        matmul.append("quantize/transpose=re:_fp8_cast_transpose_kernel")  # our casts, not Inductor's
     return [f"loss={cfg.kernel}"] + attention + matmul
 
 

@@ -35,6 +35,12 @@ NAMES = {
     "triton_poi_fused_add_mul_silu_4": "norm/elementwise",
     "triton_red_fused_abs_amax_5": "quantize/transpose",
     "triton_poi_fused__to_copy_clamp_float8_6": "quantize/transpose",
+    "_fp8_amax_kernel": "quantize/transpose",
+    "_fp8_cast_transpose_kernel": "quantize/transpose",
+    "triton_red_fused__to_copy_add_mul_pow_rsqrt_sum_transpose_3": "norm/elementwise",  # RMS-norm backward
+    "triton_poi_fused__to_copy_fp8_cast_transpose_mul_relu_4": "norm/elementwise",  # ReLU² backward before our cast
+    "triton_red_fused__fused_rms_norm_add_fp8_cast_transpose_view_10": "norm/elementwise",
+    "triton_red_fused_abs_amax_fp8_cast_transpose_2": "quantize/transpose",  # a cast of Inductor's own still counts
     "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<4>, FusedAdamMathFunctor>(...)": "optimizer",
     "triton_for_fused_7": "optimizer",
     "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",

@@ -232,7 +232,7 @@ def test_fp8_training_tracks_bf16_and_saves_a_plain_checkpoint(recipe):
     dev = torch.device("cuda")
     cfg = config_from_depth(2, vocab_size=1024, sequence_len=128, aspect_ratio=256, head_dim=128)  # width 512
     gen = torch.Generator(device=dev).manual_seed(0)
-    idx = torch.randint(0, 1024, (4, 128), device=dev, generator=gen)
+    idx = torch.randint(0, 1024, (4, 129), device=dev, generator=gen)  # 4 x 128 tokens: fp8 GEMMs need multiples of 16
     losses = {}
     for precision in ("bf16", "fp8"):
         torch.manual_seed(0)

@@ -127,6 +127,7 @@ CONFIG_CLASSES = {
     "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
     "benchmarks.check_train_grads": "CheckConfig", "benchmarks.bench_decode_attention": "BenchConfig",
     "scripts.profile_kernels": "ProfileConfig", "benchmarks.gpu_clocks": "ClockConfig",
+    "benchmarks.bench_fp8_cast": "CastConfig",
 }
 NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
 
@@ -210,6 +211,7 @@ H200_PARTS = {
     "decode_dot": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "te": {"scripts.bench"},
     "fp8_rowwise": {"scripts.bench"},
+    "fp8_triton": {"pytest", "benchmarks.bench_fp8_cast", "scripts.bench"},
     "sssl": {"scripts.bench"},
     "step": {"scripts.bench"},
     "step_kernels": {"scripts.bench"},
@@ -229,7 +231,7 @@ H200_PARTS = {
     "parity": {"scripts.base_train"},
     "parity_large": {"scripts.base_train"},
     "grads": {"benchmarks.check_train_grads"},
-    "web": {"scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
+    "web": {"pytest", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
     "infer": {"scripts.infer_bench", "scripts.base_train", "scripts.chat_web", "benchmarks.web_load"},
 }
 

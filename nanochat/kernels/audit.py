@@ -18,6 +18,7 @@ The names are those of the CUDA kernels as torch.profiler (CUPTI) or nsys report
                   rowwise scales may run CUTLASS (cutlass::device_kernel<...f8f8bf16_rowwise...>);
                   NVFP4 on Blackwell: nvjet_sm100_..._Avec16UE4M3_Bvec16UE4M3_... (block-scaled)
   fp8 casts       torchao under inductor: triton_red_fused_abs_amax_..., triton_poi_fused__to_copy_clamp_mul_...;
+                  ours (--fp8_recipe triton): _fp8_amax_kernel, _fp8_cast_transpose_kernel;
                   Transformer Engine: ...cast_transpose..., ...amax...
   liger           liger_cross_entropy_kernel, element_mul_kernel
   cce             _cce_lse_forward_kernel, _indexed_neg_dot_forward_kernel, _cce_backward_kernel
@@ -41,8 +42,10 @@ GROUP_RULES: list[tuple[str, str]] = [
     ("attention", r"flash|fmha|sdpa|attention|FlashAttn|flex_attention|_efficient_attention|cudnn.*(fprop|bprop|mha)"),
     ("matmul", r"nvjet|gemm|xmma|cublas|cutlass|wgmma|s16816|s1688|^triton_tem_fused_(_scaled_)?(mm|addmm|bmm)|"
                r"^aten::(mm|addmm|bmm|matmul|linear|_scaled_mm)$|splitKreduce"),
-    ("quantize/transpose", r"amax|abs_max|float8|fp8|fp4|e4m3|e5m2|e2m1|_scaled_|quantiz|cast_transpose|transpose|"
-                           r"permute|reciprocal|_to_copy\w*clamp"),  # torchao's saturated cast: x * scale, clamp, to fp8
+    # fp8 casts only: torchao's saturated cast (x * scale, clamp, to fp8) fuses as _to_copy..clamp; a bare
+    # "transpose" would also claim Inductor's RMS-norm backward kernels (…_rsqrt_sum_transpose_…)
+    ("quantize/transpose", r"amax|abs_max|float8|fp8|fp4|e4m3|e5m2|e2m1|_scaled_|quantiz|cast_transpose|"
+                           r"_to_copy\w*clamp"),
     ("norm/elementwise", r"norm|rms|elementwise|reduce_kernel|^triton_(poi|red|per)_|softmax|tanh|gelu|relu|silu|"
                          r"rotary|rope|embedding|index|gather|scatter|^aten::"),
 ]
@@ -81,8 +84,14 @@ BACKEND_PATTERNS: dict[str, dict[str, str]] = {
 _COMPILED = [(g, re.compile(rx)) for g, rx in GROUP_RULES]
 
 
+# Inductor names a fused kernel after every op it touches, our fp8 cast op included when the kernel only
+# produces that op's input (the RMS norm before it, ReLU²'s backward): such kernels cast nothing themselves.
+_OUR_CAST_IN_INDUCTOR_NAME = re.compile(r"^(triton_(?:poi|red|per|for)_fused\w*?)_fp8_cast_transpose(?=_)")
+
+
 def classify(name: str) -> str:
     """The group of one kernel name ('other' when no rule matches)."""
+    name = _OUR_CAST_IN_INDUCTOR_NAME.sub(r"\1", name)
     for group, rx in _COMPILED:
         if rx.search(name):
             return group
