@@ -271,7 +271,8 @@ grads)
   ;;
 infer|web)
   [ "$PART" = infer ] && TAIL=10 run infer_bench 300 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128
-  [ "$PART" = web ] && TAIL=3 run web_gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_web.py -k gpu
+  [ "$PART" = web ] && TAIL=3 run web_gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_web.py \
+      tests/test_engine.py -k gpu
   # a d20 checkpoint to serve (one uncompiled step: the server's speed does not depend on the weights)
   run ckpt_d20 90 $TRAIN --depth 20 --num_iterations 1 --device_batch_size 4 --max_seq_len 1024 \
       --total_batch_size 4096 --eval_every 0 --compile false --model_tag web --save_every -1

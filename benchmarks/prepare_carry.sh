@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the git-ignored folders that GPU calls carry (the GPU machine reaches no registry and no ../shared):
 #   .whl/    wheels for the GPU machine's Python 3.12: liger-kernel, cut-cross-entropy, torchao, rustbpe, and
-#            the web server's stack (fastapi, uvicorn and what they need; the image has neither)
+#            the web server's stack (fastapi, uvicorn and what they need; the image has neither) and the openai
+#            client tests/test_web.py drives it with
 #   .carry/  tokenizer/ (32k, trained here on the shared shards), data/ (shard_00000 = train,
 #            shard_00006 = validation), eval/core and eval/hellaswag (CORE's tasks, for the speedrun's base_eval)
 #   .shards_a/, .shards_b/  the other training shards (00001-00003, 00004-00005): the speedrun's full data,
@@ -21,7 +22,7 @@ python -m pip download -q --no-deps --only-binary=:all: --dest .whl \
 # the web stack with its whole dependency closure (newer copies of what the image has shadow it in /tmp/site)
 python -m pip download -q --only-binary=:all: --dest .whl \
     --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-    "fastapi==0.165.0" "uvicorn==0.54.0" "uvloop==0.23.0" "httptools==0.9.0"
+    "fastapi==0.165.0" "uvicorn==0.54.0" "uvloop==0.23.0" "httptools==0.9.0" "openai==3.57.0"
 cp "$DATA/pretrain/shard_00000.parquet" "$DATA/pretrain/shard_00006.parquet" .carry/data/
 rm -rf .carry/eval/core .carry/eval/hellaswag .shards_a .shards_b
 cp -r "$DATA/eval/core" "$DATA/eval/hellaswag" .carry/eval/

@@ -326,27 +326,41 @@ class StaticDecoder:
             rows = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
             self.qkv_weights = [torch.empty(rows, cfg.n_embd, device=self.device, dtype=self.dtype)
                                 for _ in range(cfg.n_layer)]
+            self._qkv_versions: tuple[int, ...] | None = None
             self._refresh_qkv_weights()
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self._graph: torch.cuda.CUDAGraph | None = None
         self._use_graph = (compile if cuda_graph is None else cuda_graph) and self.device.type == "cuda"
         self._logits: torch.Tensor | None = None
 
-    def load_prompt(self, slots: list[int], cache) -> None:
+    def load_prompt(self, slots: list[int], cache, rows: torch.Tensor | None = None,
+                    lengths: torch.Tensor | None = None) -> None:
         """Copy a prefilled KVCache (the model's own prefill) into `slots`: a batch-1 cache goes into
-        every slot, a batch-len(slots) cache row by row; refresh the stacked q/k/v weights."""
+        every slot, a batch-len(slots) cache row by row; refresh the stacked q/k/v weights.
+
+        For a right-padded batch (`Engine.prefill_batch`): `rows` (int64 on the device, one per slot) names
+        the cache row each slot takes (a row may fill several slots: n samples) and `lengths` (on the
+        device, one per slot) each slot's prompt length, its position. All cache.pos positions are copied;
+        those at or past a slot's length hold padding, which no step attends to: a step writes its token's
+        k/v at the slot's position before attending to positions <= it (both attention paths)."""
         if self.shared_prompt_len:
             raise ValueError("this decoder continues one shared prompt: load it with load_shared_prompt(cache)")
         n = cache.pos
         if n >= self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
-        index = torch.tensor(slots, device=self.device)
+        # through pinned memory: a copy from pageable memory waits for the step in flight (the web scheduler)
+        index = torch.tensor(slots, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
         if self.qkv_weights is not None:
             self._refresh_qkv_weights()
         for layer in range(len(self.k)):
-            self._store(layer, (index, slice(None), slice(0, n)),
-                        cache.k[layer, :, :n].transpose(1, 2), cache.v[layer, :, :n].transpose(1, 2))
-        self.pos[index] = n
+            k, v = cache.k[layer, :, :n], cache.v[layer, :, :n]
+            if rows is not None:
+                k, v = k.index_select(0, rows), v.index_select(0, rows)
+            self._store(layer, (index, slice(None), slice(0, n)), k.transpose(1, 2), v.transpose(1, 2))
+        if lengths is None:
+            self.pos[index] = n
+        else:
+            self.pos.index_copy_(0, index, lengths.to(self.pos.dtype))
 
     def load_shared_prompt(self, cache) -> None:
         """Store a prefilled batch-1 KVCache of exactly shared_prompt_len positions as the prompt every slot
@@ -367,9 +381,17 @@ class StaticDecoder:
     @torch.no_grad()
     def _refresh_qkv_weights(self) -> None:
         """Stack each layer's current c_q, c_k, c_v weights into its buffer, in place (the CUDA graph
-        reads these buffers), cast to the cache dtype on the way."""
+        reads these buffers), cast to the cache dtype on the way. Skipped while no weight has changed
+        since the last stacking (their version counters: an optimizer step or load_state_dict bumps
+        them): a server loads a prompt per request and never trains, and restacking cost it 3 launches
+        per layer per admission."""
+        weights = [lin.weight for block in self.model.blocks for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v)]
+        versions = tuple(w._version for w in weights)
+        if versions == self._qkv_versions:
+            return
         for weight, block in zip(self.qkv_weights, self.model.blocks):
             block.attn.qkv_weight(out=weight)
+        self._qkv_versions = versions
 
     def _store(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [..., D] into `layer`'s caches at index `where` (quantized for an fp8 cache)."""
@@ -470,6 +492,29 @@ class Engine:
         with autocast_for(self.device):
             logits = self.model(ids, kv_cache=cache)[:, -1, :].float()
         return logits, cache
+
+    def prefill_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Run several prompts through the model as one batch -> (each prompt's last-position logits [B, V],
+        the KVCache [B, longest prompt], the prompt lengths as int64 on the device). Prompts are
+        right-padded to the longest: attention is causal, so padding after a prompt changes none of its
+        positions' keys, values or logits. lm_head runs at each row's last position only (not at B x T
+        positions: the largest tensor of a batched prefill). Index tensors go to the device through pinned
+        memory: a copy from pageable memory would wait for the device."""
+        if not prompts or not all(prompts):
+            raise ValueError("prefill_batch needs at least one prompt and no empty one")
+        model, cfg = self.model, self.config
+        B, T = len(prompts), max(map(len, prompts))
+        pin = self.device.type == "cuda"
+        to_device = lambda rows: torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(  # noqa: E731
+            self.device, non_blocking=True)
+        ids = to_device([p + [0] * (T - len(p)) for p in prompts])
+        lengths_last = to_device([[len(p) for p in prompts], [i * T + len(p) - 1 for i, p in enumerate(prompts)]])
+        lengths, last = lengths_last[0], lengths_last[1]
+        cache = KVCache(B, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, T, self.device, cache_dtype(self.device))
+        with autocast_for(self.device):
+            x = model.trunk(ids, cache).reshape(B * T, -1).index_select(0, last)
+            logits = lm_head_output(x, model.lm_head, cfg, None, "mean").float()
+        return logits, cache, lengths
 
     def decoder(self, slots: int, max_seq_len: int, shared_prompt_len: int = 0) -> StaticDecoder:
         """A (cached, when compiled) static decoder of this shape."""

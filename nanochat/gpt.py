@@ -291,6 +291,11 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
                 loss_reduction: str = "mean") -> torch.Tensor:
         """idx [B, T] -> loss (targets given; -1 = ignored) or softcapped fp32 logits [B, T, vocab_size]."""
+        return lm_head_output(self.trunk(idx, kv_cache), self.lm_head, self.config, targets, loss_reduction)
+
+    def trunk(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        """idx [B, T] -> the residual stream after the last block [B, T, C], before the final norm and
+        lm_head (a batched prefill takes logits at each row's last position only)."""
         T = idx.size(1)
         pos = 0 if kv_cache is None else kv_cache.pos
         if pos + T > self.rotary_len:
@@ -304,7 +309,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, ve, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        return lm_head_output(x, self.lm_head, self.config, targets, loss_reduction)
+        return x
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -215,6 +215,26 @@ def test_stacked_qkv_weights_follow_the_model():
         torch.testing.assert_close(kept.step(), fresh.step(), rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_qkv_weights_are_not_restacked_while_unchanged(monkeypatch):
+    """A server loads a prompt per request and never trains: load_prompt restacks only after a weight changed."""
+    from nanochat.gpt import CausalSelfAttention
+    model, tok = tiny_model(), tiny_tokenizer()
+    decoder = StaticDecoder(model, slots=2, max_seq_len=64, fuse_qkv=True)
+    stacked = []
+    real = CausalSelfAttention.qkv_weight
+    monkeypatch.setattr(CausalSelfAttention, "qkv_weight", lambda self, out=None: stacked.append(1) or real(self, out))
+    _, cache = Engine(model, tok).prefill(tok.encode("Hello", prepend="<|bos|>"))
+    with torch.inference_mode():
+        decoder.load_prompt([0], cache)
+        decoder.load_prompt([1], cache)
+    assert stacked == []
+    with torch.no_grad():
+        model.blocks[0].attn.c_q.weight.add_(0.01)
+    with torch.inference_mode():
+        decoder.load_prompt([0], cache)
+    assert len(stacked) == len(model.blocks)
+
+
 def test_sampling_differs_across_samples_and_is_seeded(tok, model):
     eng = Engine(model, tok)
     prompt = prompts(tok)[1]
@@ -355,6 +375,17 @@ def test_bad_arguments(tok, model):
     assert len(seqs[0]) <= 256
 
 
+def decode_greedily(dec: StaticDecoder, logits: torch.Tensor, seqs: list[list[int]], steps: int) -> list[list[int]]:
+    """`steps` greedy decode steps of every slot of `dec` from `logits`, appending each slot's token to its sequence."""
+    for _ in range(steps):
+        nxt = logits.argmax(-1)
+        for seq, token in zip(seqs, nxt.tolist()):
+            seq.append(token)
+        dec.tokens.copy_(nxt)
+        logits = dec.step()
+    return seqs
+
+
 def test_load_prompt_row_by_row(tok, model):
     """A batch-2 prefill copied into two slots decodes like each prompt alone."""
     from nanochat.gpt import KVCache
@@ -368,13 +399,7 @@ def test_load_prompt_row_by_row(tok, model):
         logits = model(torch.tensor(ps), kv_cache=cache)[:, -1]
         dec = StaticDecoder(model, slots=2, max_seq_len=n + 8)
         dec.load_prompt([0, 1], cache)
-        seqs = [list(p) for p in ps]
-        for _ in range(6):
-            nxt = logits.argmax(-1)
-            for s, t in zip(seqs, nxt.tolist()):
-                s.append(t)
-            dec.tokens.copy_(nxt)
-            logits = dec.step()
+        seqs = decode_greedily(dec, logits, [list(p) for p in ps], steps=6)
     for p, s in zip(ps, seqs):
         assert s == naive_generate(model, p, max_tokens=6, stop_ids=set())
 
@@ -457,3 +482,42 @@ def test_shared_prompt_decoder_on_the_gpu(tok, attention):
                            shared_prompt_len=len(prompt))
     gaps = shared_prompt_gaps(Engine(model, tok), prompt, copies, shared, steps=40)
     assert max(gaps) <= 0.01, gaps  # both bf16 caches: rounding only
+
+
+def test_prefill_batch_equals_each_prompt_prefilled_alone(tok, model):
+    """Right-padded batched prefill: each row's last logits and its cache positions equal the prompt's batch-1
+    prefill (padding after a prompt must not leak into it), and the lengths are the prompts'."""
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    assert len(set(map(len, ps))) == len(ps) and max(map(len, ps)) > 16  # past the "SL" model's window
+    with torch.inference_mode():
+        logits, cache, lengths = eng.prefill_batch(ps)
+        assert lengths.tolist() == [len(p) for p in ps] and cache.pos == max(map(len, ps))
+        for row, p in enumerate(ps):
+            want_logits, want = eng.prefill(p)
+            n = len(p)
+            torch.testing.assert_close(logits[row], want_logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.k[:, row, :n], want.k[:, 0, :n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.v[:, row, :n], want.v[:, 0, :n], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="empty"):
+        eng.prefill_batch([ps[1], []])
+
+
+@pytest.mark.parametrize("attention", ["torch", pytest.param("triton", marks=needs_triton_interpreter)])
+def test_load_prompt_from_a_padded_batch_decodes_each_prompt_alone(tok, model, attention):
+    """A batched prefill of prompts of different lengths, each row loaded at its own length (one row into
+    two slots, as n=2 samples), decodes greedily like each prompt alone: the padded positions past a
+    row's length are never attended to before decoding overwrites them."""
+    eng = Engine(model, tok)
+    ps = prompts(tok)[1:]
+    rows_of_slots = [2, 0, 1, 0]  # slot -> prompt
+    with torch.inference_mode():
+        logits, cache, lengths = eng.prefill_batch(ps)
+        dec = StaticDecoder(model, slots=5, max_seq_len=max(map(len, ps)) + 12, fuse_qkv=True, attention=attention)
+        rows = torch.tensor(rows_of_slots)
+        dec.load_prompt([3, 0, 4, 1], cache, rows=rows, lengths=lengths[rows])
+        assert dec.pos.tolist() == [len(ps[0]), len(ps[0]), 0, len(ps[2]), len(ps[1])]
+        logits = logits[torch.tensor([0, 0, 0, 2, 1])]  # slot 2 is unused: any logits
+        seqs = decode_greedily(dec, logits, [list(ps[r]) for r in (0, 0, 0, 2, 1)], steps=10)
+    for slot, r in ((0, 0), (1, 0), (3, 2), (4, 1)):
+        assert seqs[slot] == naive_generate(model, ps[r], max_tokens=10, stop_ids=set()), slot

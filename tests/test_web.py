@@ -1,11 +1,13 @@
 """The OpenAI-compatible server, driven over real HTTP by the official `openai` client."""
 import asyncio
 import concurrent.futures
+import functools
 import json
 import threading
 
 import httpx
 import pytest
+import torch
 
 from tests.helpers_chat import LiveServer, needs_triton_interpreter
 
@@ -93,30 +95,33 @@ def test_concurrent_requests_are_batched(client, server):
 
 
 def test_mailbox_delivers_every_event_in_order_with_few_wakeups():
-    """Events posted from another thread reach their queues in order, waking the loop far less often
+    """Events posted from another thread reach their inboxes in order, waking the loop far less often
     than once per event; a handler that fell behind gets its backlog in one batch."""
-    from nanochat.web.app import _Mailbox, _ready_events
+    from nanochat.web.app import _Inbox, _Mailbox
 
     async def main():
         box = _Mailbox(asyncio.get_running_loop())
         deliver, wakeups = box._deliver, []
         box._deliver = lambda: (wakeups.append(1), deliver())
-        queues = [asyncio.Queue() for _ in range(8)]
+        inboxes = [_Inbox() for _ in range(8)]
 
         def scheduler():
             for step in range(300):
-                for q in queues:
-                    box.post(q, step)
+                for inbox in inboxes:
+                    box.post(inbox, step)
 
         thread = threading.Thread(target=scheduler)
         thread.start()
-        got = [[await q.get() for _ in range(300)] for q in queues]
+        got = [[] for _ in inboxes]
+        for events, inbox in zip(got, inboxes):
+            while len(events) < 300:
+                events.extend(await inbox.take())
         thread.join()
-        assert got == [list(range(300))] * len(queues)
-        assert len(wakeups) < 300 * len(queues) / 4, len(wakeups)
+        assert got == [list(range(300))] * len(inboxes)
+        assert len(wakeups) < 300 * len(inboxes) / 4, len(wakeups)
         for event in ("a", "b", "c"):
-            queues[0].put_nowait(event)
-        assert await _ready_events(queues[0]) == ["a", "b", "c"]
+            box.post(inboxes[0], event)
+        assert await inboxes[0].take() == ["a", "b", "c"]
 
     asyncio.run(main())
 
@@ -197,3 +202,150 @@ def test_scheduler_with_the_decode_kernel_streams_the_same_tokens():
         worker.close()
         streams.append(tokens)
     assert streams[0] == streams[1] and len(streams[0]) > 3
+
+
+TOOL_QUESTIONS = ["Where is my lord?", "Question number 1: what say you?", "Tell me a story", "How many are we?",
+                  "Good morrow, cousin."]
+TOOL_MAX_TOKENS = [40, 25, 33, 40, 30]
+
+
+def stand_in_tools(monkeypatch, *engines) -> None:
+    """The tiny model never writes a real tool call: two tokens it often emits stand in for <|python_start|>
+    and <|python_end|>, and the calculator answers "7"."""
+    from nanochat import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "calculate", lambda expr: "7")
+    for engine in engines:
+        engine.tools.python_start, engine.tools.python_end = 417, 316
+
+
+def serve_greedy(worker, prompts: list[list[int]], max_tokens: list[int], together: bool) -> list[list[int]]:
+    """Each prompt's streamed tokens at temperature 0: submitted all at once, or one after the other."""
+    from nanochat.web.scheduler import GenerationRequest
+
+    streams, finished = [[] for _ in prompts], threading.Semaphore(0)
+
+    def emit(event, tokens):
+        if event[0] == "token":
+            tokens.append(event[2])
+        else:  # "done", or "error": the comparison fails on a short stream
+            finished.release()
+
+    for prompt, n, tokens in zip(prompts, max_tokens, streams):
+        worker.submit(GenerationRequest(prompt=prompt, emit=functools.partial(emit, tokens=tokens),
+                                        max_tokens=n, temperature=0.0))
+        if not together:
+            assert finished.acquire(timeout=120)
+    if together:
+        assert all(finished.acquire(timeout=120) for _ in prompts)
+    return streams
+
+
+def test_scheduler_streams_engine_generate_tokens_with_forced_tool_output(monkeypatch):
+    """Greedy requests served together (more than there are slots, so some join while others decode)
+    stream exactly Engine.generate's tokens, also through calculator calls: the scheduler feeds each
+    step's samples to the next step before the host sees them, and a token the tool forces must replace
+    the sample in time."""
+    from nanochat.conversation import render_for_completion
+    from nanochat.engine import Engine
+    from nanochat.web.scheduler import BatchScheduler
+    from tests.helpers_chat import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(sequence_len=512), tiny_tokenizer()
+    reference, worker = Engine(model, tok), BatchScheduler(model, tok, slots=3)
+    stand_in_tools(monkeypatch, reference, worker.engine)
+    prompts = [render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}) for q in TOOL_QUESTIONS]
+    expected, tool_calls = [], 0
+    for prompt, n in zip(prompts, TOOL_MAX_TOKENS):
+        seqs, masks = reference.generate_batch(prompt, max_tokens=n, temperature=0.0)
+        expected.append(seqs[0][len(prompt):])
+        tool_calls += 0 in masks[0][len(prompt):]
+    assert tool_calls >= 2, "the stand-in tool tokens no longer occur: the test would not force anything"
+    try:
+        assert serve_greedy(worker, prompts, TOOL_MAX_TOKENS, together=True) == expected
+    finally:
+        worker.close()
+
+
+def test_requests_admitted_together_are_prefilled_as_one_batch(monkeypatch):
+    """Prompts of different lengths queued before the scheduler looks are admitted in one round and
+    prefilled as one right-padded batch (two batches under a smaller prefill_tokens): each greedy stream,
+    both samples of an n=2 request too, equals Engine.generate's for its prompt alone, so no padding
+    leaked into a prompt's cache, position or first logits; a bad prompt in the batch fails alone."""
+    from nanochat.conversation import render_for_completion
+    from nanochat.engine import Engine
+    from nanochat.web.scheduler import BatchScheduler, GenerationRequest
+    from tests.helpers_chat import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(sequence_len=512), tiny_tokenizer()
+    reference = Engine(model, tok)
+    prompts = [render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}) for q in TOOL_QUESTIONS]
+    prompts[2] = prompts[2][:5]
+    assert len(set(map(len, prompts))) == len(prompts)
+    expected = [reference.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p):]
+                for p, n in zip(prompts, TOOL_MAX_TOKENS)]
+    # the bad prompt (1 token longer than prompts[1]) is third: its batch fails, then runs one request at a time
+    three = 3 * max(map(len, prompts)) + 3  # room for 3 prompts per batch
+    for prefill_tokens, want_batches in ((8192, [6, 1, 1, 1, 1, 1, 1]), (three, [3, 1, 1, 1, 3])):
+        worker = BatchScheduler(model, tok, slots=8, prefill_tokens=prefill_tokens)
+        batches, prefill_batch = [], worker.engine.prefill_batch
+        monkeypatch.setattr(worker.engine, "prefill_batch", lambda ps: (batches.append(len(ps)), prefill_batch(ps))[1])
+        streams, errors, finished = {}, [], threading.Semaphore(0)
+
+        def emit(event, i):
+            if event[0] == "token":
+                streams.setdefault((i, event[1]), []).append(event[2])
+            else:
+                errors.extend([event] if event[0] == "error" else [])
+                finished.release()
+
+        bad = prompts[1][:3] + [10 ** 6] + prompts[1][3:]  # a token past the vocab: the embedding raises
+        requests = [GenerationRequest(prompt=p, emit=functools.partial(emit, i=i), max_tokens=n, temperature=0.0,
+                                      num_samples=2 if i == 3 else 1)
+                    for i, (p, n) in enumerate(zip(prompts, TOOL_MAX_TOKENS))]
+        requests.insert(2, GenerationRequest(prompt=bad, emit=functools.partial(emit, i=-1), max_tokens=5))
+        with worker.pending.mutex:  # all queued at once, so that one _admit takes them all
+            worker.pending.queue.extend(requests)
+            worker.pending.not_empty.notify()
+        try:
+            assert all(finished.acquire(timeout=120) for _ in range(len(prompts) + 2))  # n=2: two "done"
+        finally:
+            worker.close()
+        assert batches == want_batches
+        assert len(errors) == 1 and "IndexError" in errors[0][2], errors
+        assert sorted(streams) == sorted([(i, 0) for i in range(len(prompts))] + [(3, 1)])
+        for (i, _), tokens in streams.items():
+            assert tokens == expected[i], i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scheduler_on_the_gpu_streams_the_same_tokens_alone_and_together(monkeypatch):
+    """On CUDA, compiled and replayed as a CUDA graph, each step's tokens coming back through pinned memory
+    while the next step runs: greedy requests with forced tool output stream the same tokens together as
+    alone. The reference is the same worker on the torch attention path, whose rows are computed apart
+    (Engine.generate's batch-1 bf16 matmuls, or a kernel that splits work by the longest row, may round
+    otherwise)."""
+    from nanochat.conversation import render_for_completion
+    from nanochat.web.scheduler import BatchScheduler
+    from tests.helpers_chat import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    worker = BatchScheduler(tiny_model(sequence_len=512).cuda(), tok, slots=3, compile=True, attention="torch")
+    stand_in_tools(monkeypatch, worker.engine)
+    prompts = [render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}) for q in TOOL_QUESTIONS]
+    try:
+        alone = serve_greedy(worker, prompts, TOOL_MAX_TOKENS, together=False)
+        assert serve_greedy(worker, prompts, TOOL_MAX_TOKENS, together=True) == alone
+    finally:
+        worker.close()
+    assert any(tok.encode_special("<|output_start|>") in tokens for tokens in alone), "no tool output forced"
+
+
+def test_web_host_runs_on_a_stand_in_device(capsys):
+    """benchmarks.web_host with --stub_step_ms: the stand-in device wraps the scheduler's step and its
+    wait for the step's tokens, so a renamed scheduler method breaks this, not a GPU session."""
+    from benchmarks import web_host
+    web_host.main(["--clients", "1,2", "--duration_s", "0.3", "--max_tokens", "4", "--stub_step_ms", "1"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows), rows
+    assert all(r["step_ms"] >= 1.0 for r in rows), rows  # the stand-in device's steps do not overlap

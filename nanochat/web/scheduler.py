@@ -2,13 +2,18 @@
 
 Each sequence (one of a request's n samples) owns a slot of a StaticDecoder: its own rows of the KV
 cache and its own position. The loop, once per decode step:
-  1. admits waiting requests into free slots (prefill at batch 1, then copy the cache into n slots),
+  1. admits waiting requests into free slots: their prompts are prefilled together, one batched forward
+     (right-padded, bounded by `prefill_tokens`), and each request's row is copied into its n slots,
   2. samples the next token of every active slot (one batch per set of sampling settings, each row's
-     noise hashed from its request's seed and its position, all on the device, then one copy of every
-     token to the host; the calculator tool runs here too) and reports it,
-  3. frees finished slots, and runs ONE decode step for all slots at once.
-A request that arrives while others are decoding joins at the next step instead of waiting for them
-to finish, so 32 streaming clients share each step's weight reads instead of queuing behind each other.
+     noise hashed from its request's seed and its position, all on the device) straight into the
+     decoder's input, and launches ONE decode step for all slots at once,
+  3. while the device runs that step, reports the previous step's tokens, copies this step's to the
+     host, runs the calculator tool on them and frees finished slots.
+The token a slot is fed is always the one the host reports: a token the tool forces is known before the
+step that feeds it is launched (it overrides the sample), and a slot that finished or was cancelled is
+freed, so the step's work for it is discarded. A request that arrives while others are decoding joins at
+the next step instead of waiting for them to finish, so 32 streaming clients share each step's weight
+reads instead of queuing behind each other.
 """
 from __future__ import annotations
 
@@ -56,8 +61,9 @@ class BatchScheduler:
     _seeds = itertools.count(1)
 
     def __init__(self, model, tokenizer, slots: int = 32, compile: bool = False, name: str = "worker0",
-                 attention: str = "auto", kv_fp8: bool = False):
+                 attention: str = "auto", kv_fp8: bool = False, prefill_tokens: int = 8192):
         self.engine = Engine(model, tokenizer)
+        self.prefill_tokens = prefill_tokens  # most padded tokens (requests x longest prompt) per prefill batch
         self.tokenizer = tokenizer
         self.decoder = StaticDecoder(model, slots, model.config.sequence_len, compile=compile,
                                      attention=attention, kv_fp8=kv_fp8)
@@ -65,6 +71,11 @@ class BatchScheduler:
         self.logits = torch.zeros(slots, model.config.vocab_size, device=self.decoder.device)
         self.slot_keys = torch.zeros(slots, dtype=torch.long, device=self.decoder.device)  # seed and sample
         self._row_index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cuda = self.decoder.device.type == "cuda"
+        # a step's tokens come back through pinned memory: an asynchronous copy, waited for by its event alone
+        self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=self._cuda)
+        self._copied = torch.cuda.Event() if self._cuda else None
+        self._outbox: list[tuple[Callable[[tuple], None], tuple]] = []  # (emit, event) for `_report`
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
         self.waiting: list[GenerationRequest] = []
         self._stop = threading.Event()
@@ -93,6 +104,8 @@ class BatchScheduler:
     # ---- the loop -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self._cuda:  # a thread starts on cuda:0: its events and streams must be on this worker's GPU
+            torch.cuda.set_device(self.decoder.device)
         while not self._stop.is_set():
             try:
                 self._admit(block=not any(self.slots))
@@ -100,6 +113,7 @@ class BatchScheduler:
                     self._step()
             except Exception as exc:  # never let one bad batch kill the worker: fail its requests
                 log.exception("scheduler step failed")
+                self._report()
                 for i, seq in enumerate(self.slots):
                     if seq is not None:
                         seq.request.emit(("error", -1, f"{type(exc).__name__}: {exc}"))
@@ -116,7 +130,7 @@ class BatchScheduler:
             self.waiting.append(self.pending.get_nowait())
         self.waiting = [r for r in self.waiting if r is not None]  # None only wakes the loop (close)
         free = [i for i, s in enumerate(self.slots) if s is None]
-        still_waiting = []
+        still_waiting, admitted = [], []
         for req in self.waiting:
             if req.cancelled.is_set():
                 continue
@@ -124,85 +138,135 @@ class BatchScheduler:
                 still_waiting.append(req)
                 continue
             take, free = free[:req.num_samples], free[req.num_samples:]
-            try:
-                logits, cache = self.engine.prefill(req.prompt)
-            except Exception as exc:
-                req.emit(("error", -1, f"{type(exc).__name__}: {exc}"))
-                continue
-            self.decoder.load_prompt(take, cache)
-            self.logits[take] = logits.to(self.logits.dtype)
-            seed = req.seed if req.seed is not None else next(self._seeds)
-            self.slot_keys[take] = torch.tensor([seed % 2**40 * SAMPLE_STRIDE + j for j in range(len(take))])
-            for j, slot in enumerate(take):
-                self.slots[slot] = _Sequence(req, j)
+            admitted.append((req, take))
         self.waiting = still_waiting
+        batch, longest = [], 0  # in arrival order, each batch's padded size within prefill_tokens
+        for req, take in admitted:
+            if batch and max(longest, len(req.prompt)) * (len(batch) + 1) > self.prefill_tokens:
+                self._prefill(batch)
+                batch, longest = [], 0
+            batch.append((req, take))
+            longest = max(longest, len(req.prompt))
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[tuple[GenerationRequest, list[int]]]) -> None:
+        """Prefill the prompts of `batch` (request, its slots) as one forward and load each into its slots;
+        when that fails, one request at a time, so that a bad prompt fails its request alone."""
+        try:
+            logits, cache, lengths = self.engine.prefill_batch([req.prompt for req, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    self._prefill([item])
+            else:
+                batch[0][0].emit(("error", -1, f"{type(exc).__name__}: {exc}"))
+            return
+        slots, rows, keys = [], [], []  # per slot: its cache row (its request's) and its sampling key
+        for row, (req, take) in enumerate(batch):
+            seed = req.seed if req.seed is not None else next(self._seeds)
+            for j, slot in enumerate(take):
+                slots.append(slot), rows.append(row), keys.append(seed % 2**40 * SAMPLE_STRIDE + j)
+                self.slots[slot] = _Sequence(req, j)  # before the copies: a failure there fails these requests
+        index = self._rows_on_device(slots)
+        host = torch.tensor([rows, keys], dtype=torch.long, pin_memory=self._cuda)
+        rows_keys = host.to(self.decoder.device, non_blocking=True)  # pinned: no wait for the step in flight
+        rows = rows_keys[0]
+        self.decoder.load_prompt(slots, cache, rows=rows, lengths=lengths.index_select(0, rows))
+        self.logits.index_copy_(0, index, logits.index_select(0, rows).to(self.logits.dtype))
+        self.slot_keys.index_copy_(0, index, rows_keys[1])
 
     def _free(self, slot: int) -> None:
-        seq = self.slots[slot]
+        """Empty `slot`; its position goes back to 0 (fill_: `pos[slot] = 0` copies a CPU scalar, which
+        may wait for the step in flight)."""
         self.slots[slot] = None
-        self.decoder.pos[slot] = 0
+        self.decoder.pos[slot].fill_(0)
 
     def _rows_on_device(self, slots: list[int]) -> torch.Tensor:
-        """`slots` as an index tensor on the device, cached: building one copies from pageable host
-        memory, which waits for the GPU, so each distinct set of slots is built once."""
+        """`slots` as an index tensor on the device, cached, and copied from pinned memory: a copy from
+        pageable memory would wait for the step in flight."""
         key = tuple(slots)
         index = self._row_index.get(key)
         if index is None:
             if len(self._row_index) > 4 * len(self.slots):
                 self._row_index.clear()
-            index = self._row_index[key] = torch.tensor(slots, device=self.decoder.device)
+            index = torch.tensor(slots, pin_memory=self._cuda).to(self.decoder.device, non_blocking=True)
+            self._row_index[key] = index
         return index
 
-    def _sample(self, slots: list[int], temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-        """Next token of each of `slots` (requests that share these sampling settings), in that order.
+    def _sample(self, rows: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+        """Next token of each slot in `rows` (requests that share these sampling settings), in that order.
 
         One batch of tensor ops for them all (sampled one request at a time, they cost the host over a
         dozen kernel launches per request per step); each row's noise is hashed from its request's seed
         and sample and its position, so a request gets the same tokens whoever shares the step."""
-        rows = self._rows_on_device(slots)
         logits = self.logits.index_select(0, rows)
         if temperature == 0.0:
             return logits.argmax(dim=-1)
         probs = token_probs(logits, temperature, top_k, top_p)
         return draw(probs, hashed_exp_noise(self.slot_keys[rows], self.decoder.pos[rows], probs.size(1)))
 
+    def _fetch_tokens(self) -> list[int]:
+        """The tokens the last `_step` fed, on the host: waits for their copy only, not for the step
+        launched after it."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_tokens.tolist()
+
+    def _report(self) -> None:
+        """Emit the events the last step's tokens made."""
+        for emit, event in self._outbox:
+            emit(event)
+        self._outbox.clear()
+
     @torch.inference_mode()
     def _step(self) -> None:
-        tools = self.engine.tools
-        groups: dict[int, list[int]] = {}
-        for i, seq in enumerate(self.slots):
-            if seq is not None:
-                groups.setdefault(id(seq.request), []).append(i)
+        """Sample every live slot into the decoder's input and launch the decode step on it; report the
+        previous step's tokens, then bring this step's to the host and run the tools on them, while the
+        device runs the step. Reporting after the launch lets the event loop thread (woken by the
+        reports) take the GIL while the device is busy, not while the next step is being launched."""
         by_settings: dict[tuple, list[int]] = {}  # sampling settings -> the slots of the requests using them
-        for slots in groups.values():
-            req = self.slots[slots[0]].request
-            if req.cancelled.is_set():
-                for i in slots:
-                    self._free(i)
+        forced: list[tuple[int, int]] = []         # (slot, token) the tool forces this step
+        for i, seq in enumerate(self.slots):
+            if seq is None:
                 continue
-            by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).extend(slots)
-        live, sampled = [], []
-        for settings, slots in by_settings.items():
-            sampled.append(self._sample(slots, *settings))
-            live.extend(slots)
-        # one copy to the host for all requests: a .tolist() per request would wait for the GPU each time
-        tokens = torch.cat(sampled).tolist() if sampled else []
-        next_tokens = [0] * len(self.slots)
-        for i, token in zip(live, tokens):
-            seq = self.slots[i]
             req = seq.request
-            token, _ = tools.next_token(seq.row, token)
+            if req.cancelled.is_set():
+                self._free(i)
+                continue
+            by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).append(i)
+            if seq.row.forced:
+                forced.append((i, seq.row.forced[0]))
+        if not by_settings:
+            self._report()
+            return
+        tokens = self.decoder.tokens
+        for settings, slots in by_settings.items():
+            rows = self._rows_on_device(slots)
+            tokens.index_copy_(0, rows, self._sample(rows, *settings))
+        for i, token in forced:  # replaces the sample, as ToolRunner.next_token will on the host
+            tokens[i].fill_(token)
+        self._host_tokens.copy_(tokens, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.logits.copy_(self.decoder.step())
+        self._report()
+        next_token, outbox = self.engine.tools.next_token, self._outbox
+        for i, token in enumerate(self._fetch_tokens()):
+            seq = self.slots[i]
+            if seq is None:
+                continue
+            emit, index = seq.request.emit, seq.index
+            token, _ = next_token(seq.row, token)
             seq.generated += 1
             if seq.row.done:
-                req.emit(("done", seq.index, "stop"))
+                outbox.append((emit, ("done", index, "stop")))
                 self._free(i)
-                continue
-            req.emit(("token", seq.index, token))
-            if seq.generated >= req.max_tokens:
-                req.emit(("done", seq.index, "length"))
+            elif seq.generated >= seq.request.max_tokens:
+                outbox.append((emit, ("token", index, token)))
+                outbox.append((emit, ("done", index, "length")))
                 self._free(i)
-                continue
-            next_tokens[i] = token
-        if any(self.slots):
-            self.decoder.tokens.copy_(torch.tensor(next_tokens, dtype=torch.long))
-            self.logits.copy_(self.decoder.step())
+            else:
+                outbox.append((emit, ("token", index, token)))
+        if not any(self.slots):  # no step to overlap with
+            self._report()
