@@ -4,7 +4,8 @@ Per linear y = x Wᵀ, three fp8 GEMMs (torch._scaled_mm, cuBLASLt):
     forward   y  = x8 · W8ᵀ          x, W in e4m3
     backward  dx = g8 · W8           g = dy in e5m2 (gradients need range more than precision)
               dW = g8ᵀ · x8          in fp32, straight into the fp32 master weight's gradient
-Each activation and gradient is cast once, into both layouts at one go (kernels/fp8_cast.py). The
+Each activation and gradient is cast once, into both layouts at one go (kernels/fp8_cast.py; q, k and v
+each cast the same normed input, and torch.compile's common-subexpression pass makes that one cast). The
 forward saves the transposed fp8 copy of x for dW (1 byte per element) instead of x in bf16, so the
 backward never casts activations again. Weights are small and cast with torch ops (Inductor fuses them).
 

@@ -4,8 +4,8 @@ An fp8 GEMM on Hopper reads both operands K-major, so every activation and gradi
 is needed twice: row-major for one GEMM and transposed for the weight-gradient GEMM. Under torchao,
 Inductor writes the transposed copy from a kernel whose stores stride across rows; on the H200 its
 largest such kernel ran at 1.94 TB/s while a plain amax pass ran at 3.4 (BENCHMARKS.md, session 8).
-Here one Triton program loads a [BM, BN] tile once and stores it twice, row-major and transposed;
-Triton stages the transposed store through shared memory, so both stores stay coalesced.
+Here one Triton program loads a [BM, BN] tile once and stores it twice, row-major and transposed
+(Triton rearranges the tile between the two stores).
 
 The math is torchao's tensorwise recipe: scale = fp8_max / max(amax, 1e-12), values saturated to
 ±fp8_max, and the GEMM gets 1 / scale. `relu2=True` casts relu(x)² instead of x (the MLP's hidden
@@ -41,8 +41,8 @@ def _fp8_amax_kernel(x_ptr, amax_ptr, n, RELU2: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _fp8_cast_transpose_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, inv_scale_ptr, M, N,
-                 FP8_MAX: tl.constexpr, RELU2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _fp8_cast_transpose_kernel(x_ptr, amax_ptr, out_ptr, out_t_ptr, inv_scale_ptr, M, N, FP8_MAX: tl.constexpr,
+                               RELU2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """out [M, N] and out_t [N, M] = fp8(clamp(x * scale)), scale = FP8_MAX / max(amax, EPS)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -71,12 +71,12 @@ def _cast_op(x: torch.Tensor, fp8_dtype: torch.dtype, relu2: bool) -> tuple[torc
     inv_scale = torch.empty((), device=x.device, dtype=torch.float32)
     amax = torch.zeros((), device=x.device, dtype=torch.float32)
     n = x.numel()
-    _fp8_amax_kernel[(max(1, min(AMAX_PROGRAMS, triton.cdiv(n, AMAX_BLOCK))),)](x, amax, n, RELU2=relu2,
-                                                                           BLOCK=AMAX_BLOCK)
+    amax_grid = (max(1, min(AMAX_PROGRAMS, triton.cdiv(n, AMAX_BLOCK))),)
+    _fp8_amax_kernel[amax_grid](x, amax, n, RELU2=relu2, BLOCK=AMAX_BLOCK)
     bm, bn = TILE
-    _fp8_cast_transpose_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, amax, out, out_t, inv_scale, M, N,
-                                                           FP8_MAX=torch.finfo(fp8_dtype).max, RELU2=relu2,
-                                                           BM=bm, BN=bn, num_warps=8)
+    _fp8_cast_transpose_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        x, amax, out, out_t, inv_scale, M, N, FP8_MAX=torch.finfo(fp8_dtype).max, RELU2=relu2, BM=bm, BN=bn,
+        num_warps=8)
     if interpreted:
         out, out_t = out.to(fp8_dtype), out_t.to(fp8_dtype)
     return out, out_t, inv_scale
