@@ -12,11 +12,11 @@ two fp8 outputs written. Last line: one JSON object.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from benchmarks.bench_loss import cuda_ms
 from nanochat.flags import parse_flags
 from nanochat.kernels.fp8_cast import cast_transpose
 
@@ -39,20 +39,6 @@ def reference(x: torch.Tensor, fp8_dtype: torch.dtype, relu2: bool):
     return y, y.t().contiguous(), scale.reciprocal()
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(CastConfig, argv, description=__doc__)
     if not torch.cuda.is_available():
@@ -68,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             if mismatched > (M * N // 10_000 if relu2 else 0):
                 raise SystemExit(f"{spec} {name}: {mismatched} fp8 bytes differ from the compiled reference")
             bytes_moved = 2 * M * N * x.element_size() + 2 * M * N
-            t_ours = median_ms(lambda: cast_transpose(x, fp8_dtype, relu2), cfg.repeats)
-            t_ref = median_ms(lambda: compiled(x, fp8_dtype, relu2), cfg.repeats)
+            t_ours = cuda_ms(lambda: cast_transpose(x, fp8_dtype, relu2), cfg.repeats)
+            t_ref = cuda_ms(lambda: compiled(x, fp8_dtype, relu2), cfg.repeats)
             rows.append({"shape": spec, "variant": name, "ours_ms": round(t_ours, 4), "inductor_ms": round(t_ref, 4),
                          "speedup": round(t_ref / t_ours, 3), "ours_tb_s": round(bytes_moved / t_ours / 1e9, 2),
                          "inductor_tb_s": round(bytes_moved / t_ref / 1e9, 2), "bytes_differing": mismatched})

@@ -225,9 +225,13 @@ def _sm(major_minor: tuple[int, int]) -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (_sm((8, 9)) and HAS_TORCHAO), reason="needs CUDA compute capability >= 8.9 and torchao")
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.skipif(not _sm((8, 9)), reason="needs CUDA compute capability >= 8.9")
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "triton"])
 def test_fp8_training_tracks_bf16_and_saves_a_plain_checkpoint(recipe):
+    """Five compiled optimizer steps of a d2 model, width 512: fp8 ends within 5% of bf16's loss, and its
+    state_dict loads into a plain GPT. tensorwise and rowwise are torchao's; triton is ours (fp8_linear)."""
+    if recipe != "triton" and not HAS_TORCHAO:
+        pytest.skip(f"the {recipe} recipe needs torchao")
     from nanochat.optim import build_optimizer
     dev = torch.device("cuda")
     cfg = config_from_depth(2, vocab_size=1024, sequence_len=128, aspect_ratio=256, head_dim=128)  # width 512
