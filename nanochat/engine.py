@@ -43,6 +43,14 @@ def cache_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def int_tensor_on(values: list, device: torch.device) -> torch.Tensor:
+    """Python ints (a list, or a list of equal-length lists) as an int64 tensor on `device`, copied through
+    pinned memory on CUDA: a copy from pageable memory would wait for the work already queued (a decode
+    step in flight)."""
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; a no-op elsewhere, so CPU runs stay fp32."""
     if torch.device(device).type == "cuda":
@@ -348,8 +356,7 @@ class StaticDecoder:
         n = cache.pos
         if n >= self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
-        # through pinned memory: a copy from pageable memory waits for the step in flight (the web scheduler)
-        index = torch.tensor(slots, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        index = int_tensor_on(slots, self.device)
         if self.qkv_weights is not None:
             self._refresh_qkv_weights()
         for layer in range(len(self.k)):
@@ -498,17 +505,14 @@ class Engine:
         the KVCache [B, longest prompt], the prompt lengths as int64 on the device). Prompts are
         right-padded to the longest: attention is causal, so padding after a prompt changes none of its
         positions' keys, values or logits. lm_head runs at each row's last position only (not at B x T
-        positions: the largest tensor of a batched prefill). Index tensors go to the device through pinned
-        memory: a copy from pageable memory would wait for the device."""
+        positions: the largest tensor of a batched prefill)."""
         if not prompts or not all(prompts):
             raise ValueError("prefill_batch needs at least one prompt and no empty one")
         model, cfg = self.model, self.config
         B, T = len(prompts), max(map(len, prompts))
-        pin = self.device.type == "cuda"
-        to_device = lambda rows: torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(  # noqa: E731
-            self.device, non_blocking=True)
-        ids = to_device([p + [0] * (T - len(p)) for p in prompts])
-        lengths_last = to_device([[len(p) for p in prompts], [i * T + len(p) - 1 for i, p in enumerate(prompts)]])
+        ids = int_tensor_on([p + [0] * (T - len(p)) for p in prompts], self.device)
+        lengths_last = int_tensor_on([[len(p) for p in prompts], [i * T + len(p) - 1 for i, p in enumerate(prompts)]],
+                                     self.device)
         lengths, last = lengths_last[0], lengths_last[1]
         cache = KVCache(B, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, T, self.device, cache_dtype(self.device))
         with autocast_for(self.device):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, RowState, StaticDecoder, draw, hashed_exp_noise, token_probs
+from nanochat.engine import Engine, RowState, StaticDecoder, draw, hashed_exp_noise, int_tensor_on, token_probs
 
 log = logging.getLogger("nanochat")
 SAMPLE_STRIDE = 1_000_003  # a row's key: seed * SAMPLE_STRIDE + its sample index (n <= slots < this)
@@ -169,8 +169,7 @@ class BatchScheduler:
                 slots.append(slot), rows.append(row), keys.append(seed % 2**40 * SAMPLE_STRIDE + j)
                 self.slots[slot] = _Sequence(req, j)  # before the copies: a failure there fails these requests
         index = self._rows_on_device(slots)
-        host = torch.tensor([rows, keys], dtype=torch.long, pin_memory=self._cuda)
-        rows_keys = host.to(self.decoder.device, non_blocking=True)  # pinned: no wait for the step in flight
+        rows_keys = int_tensor_on([rows, keys], self.decoder.device)
         rows = rows_keys[0]
         self.decoder.load_prompt(slots, cache, rows=rows, lengths=lengths.index_select(0, rows))
         self.logits.index_copy_(0, index, logits.index_select(0, rows).to(self.logits.dtype))
@@ -183,15 +182,13 @@ class BatchScheduler:
         self.decoder.pos[slot].fill_(0)
 
     def _rows_on_device(self, slots: list[int]) -> torch.Tensor:
-        """`slots` as an index tensor on the device, cached, and copied from pinned memory: a copy from
-        pageable memory would wait for the step in flight."""
+        """`slots` as an index tensor on the device, cached (built without waiting for the step in flight)."""
         key = tuple(slots)
         index = self._row_index.get(key)
         if index is None:
             if len(self._row_index) > 4 * len(self.slots):
                 self._row_index.clear()
-            index = torch.tensor(slots, pin_memory=self._cuda).to(self.decoder.device, non_blocking=True)
-            self._row_index[key] = index
+            index = self._row_index[key] = int_tensor_on(slots, self.decoder.device)
         return index
 
     def _sample(self, rows: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
