@@ -493,11 +493,7 @@ class Engine:
 
     def prefill(self, tokens: list[int]):
         """Run the prompt through the model once (batch 1); returns (last logits [1, V], its KVCache)."""
-        cfg = self.config
-        cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, len(tokens), self.device, cache_dtype(self.device))
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        with autocast_for(self.device):
-            logits = self.model(ids, kv_cache=cache)[:, -1, :].float()
+        logits, cache, _ = self.prefill_batch([tokens])
         return logits, cache
 
     def prefill_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:

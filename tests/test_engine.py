@@ -486,7 +486,8 @@ def test_shared_prompt_decoder_on_the_gpu(tok, attention):
 
 def test_prefill_batch_equals_each_prompt_prefilled_alone(tok, model):
     """Right-padded batched prefill: each row's last logits and its cache positions equal the prompt's batch-1
-    prefill (padding after a prompt must not leak into it), and the lengths are the prompts'."""
+    prefill, which has no padding (padding after a prompt must not leak into it), and the lengths are the
+    prompts'. (Batch-1 prefill against the model's own full forward: the engine-vs-naive tests.)"""
     eng = Engine(model, tok)
     ps = prompts(tok)
     assert len(set(map(len, ps))) == len(ps) and max(map(len, ps)) > 16  # past the "SL" model's window
