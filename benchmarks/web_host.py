@@ -89,7 +89,7 @@ def stub_decode(worker, step_ms: float) -> None:
             return prefill(*args, **kw)
         return idle_prefill
     worker.decoder.step, worker._fetch_tokens = step, fetch_tokens
-    worker.engine.prefill, worker.engine.prefill_batch = idle(worker.engine.prefill), idle(worker.engine.prefill_batch)
+    worker.engine.prefill_batch = idle(worker.engine.prefill_batch)
 
 
 class Timed:
@@ -102,7 +102,7 @@ class Timed:
         self.model_cpu_s = 0.0                              # the scheduler thread's CPU seconds in model calls
         self.steps = self.rows = 0
         for obj, name, kind in ((worker.decoder, "step", "decode_s"), (worker, "_fetch_tokens", "decode_s"),
-                                (worker.engine, "prefill", "prefill_s"), (worker.engine, "prefill_batch", "prefill_s")):
+                                (worker.engine, "prefill_batch", "prefill_s")):
             setattr(obj, name, self._model(getattr(obj, name), kind))
         step = worker._step
 
