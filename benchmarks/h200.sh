@@ -24,8 +24,9 @@
 #   bash benchmarks/h200.sh memory     # carry [".whl", ".carry"]: d20 at B=8 T=1024 and B=32 T=2048 with
 #                                      #   activation recompute none / mlp / block (issue 6's memory targets)
 #   bash benchmarks/h200.sh fp8        # carry [".whl", ".carry"]: d24 bf16 vs fp8 speed + audit (issue 7)
-#   bash benchmarks/h200.sh fp8_triton # carry [".whl", ".carry"]: GPU tests of our fp8 recipe, its cast kernel against
-#                                      #   Inductor's, d24 bf16 vs fp8 --fp8_recipe triton (fast accumulation; issue 7)
+#   bash benchmarks/h200.sh fp8_tests  # GPU tests of the fp8 layers, recipes and audit (issue 7)
+#   bash benchmarks/h200.sh fp8_triton # carry [".whl", ".carry"]: our cast kernels (current and delayed scaling)
+#                                      #   against Inductor's, d24 bf16 vs our fp8 recipes triton, triton_delayed (issue 7)
 #   bash benchmarks/h200.sh fp8_rowwise  # carry [".whl", ".carry"]: d24 bf16 vs fp8 with rowwise scaling (issue 7)
 #   bash benchmarks/h200.sh sssl       # carry [".whl", ".carry"]: d20 B=32 T=2048, window L vs SSSL, 6 timed steps (issue 6)
 #   bash benchmarks/h200.sh te         # after benchmarks/te_build.sh on the same machine: d24 bench, --arch gpt,te
@@ -61,7 +62,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_triton|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_tests|fp8_triton|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -182,13 +183,15 @@ fp8|fp8_fast)
   [ "$PART" = fp8_fast ] && TAIL=4 run bench_fp8_fast 260 $BENCH --precision fp8 --fp8_fast_accum --timeout 250 \
       --out_dir "$OUT/fp8_fast"
   ;;
-fp8_triton)
-  TAIL=3 run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py tests/test_precision.py \
+fp8_tests)
+  TAIL=3 run gpu_tests 260 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py tests/test_precision.py \
       tests/test_audit.py
-  TAIL=12 run bench_fp8_cast 120 python3 -m benchmarks.bench_fp8_cast
-  TAIL=5 run bench_fp8_triton 330 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
-      --total_batch_size 262144 --kernel triton --warmup 2 --steps 4 --precision bf16,fp8 --fp8_recipe triton \
-      --fp8_fast_accum --timeout 280 --out_dir "$OUT/fp8_triton"
+  ;;
+fp8_triton)
+  TAIL=14 run bench_fp8_cast 150 python3 -m benchmarks.bench_fp8_cast
+  TAIL=6 run bench_fp8_triton 430 python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 \
+      --total_batch_size 262144 --kernel triton --warmup 2 --steps 4 --precision bf16,fp8 \
+      --fp8_recipe triton,triton_delayed --timeout 200 --out_dir "$OUT/fp8_triton"
   ;;
 fp8_rowwise)
   # the whole call: the rowwise row did not finish in 330 s after its bf16 row (session 6)
@@ -231,7 +234,7 @@ stable_losses)
   for k in ${STABLE:-current triton liger fp8}; do
     if [ "$k" = fp8 ]; then run "stable200_d20_fp8_${RECIPE:-tensorwise}" 280 $LOSS --kernel triton --precision fp8 \
         --fp8_recipe "${RECIPE:-tensorwise}" $([ "${FAST:-0}" = 1 ] && echo --fp8_fast_accum) --model_tag s_fp8
-    else run "stable200_d20_$k" 125 $LOSS --kernel "$k" --model_tag "s_$k"; fi
+    else run "stable200_d20_$k" 170 $LOSS --kernel "$k" --model_tag "s_$k"; fi
   done
   ;;
 fp8_loss20)

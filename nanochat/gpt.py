@@ -177,6 +177,17 @@ class CausalSelfAttention(nn.Module):
         cast to its dtype)."""
         return torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight), out=out)
 
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        return self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim
+
+    def project_qkv(self, x: torch.Tensor,
+                    fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x, flat ([B, T, H D], [B, T, Hkv D] twice): three linears, or one matmul with
+        `fused_weight`. Its own method so that fp8 layers (fp8_linear.Fp8Attention) can replace it."""
+        if fused_weight is None:
+            return self.c_q(x), self.c_k(x), self.c_v(x)
+        return F.linear(x, fused_weight).split(self.qkv_sizes(), dim=-1)
+
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None,
             fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, H, D] and k, v [B, T, Hkv, D] of the normed input x [B, T, C]: rotary and QK-norm
@@ -185,11 +196,7 @@ class CausalSelfAttention(nn.Module):
         `fused_weight` (`qkv_weight()`, kept by the caller) the three projections are one matmul: a
         decode step at batch 1 is bound by kernel count, not bytes."""
         B, T, _ = x.shape
-        if fused_weight is None:
-            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        else:
-            q, k, v = F.linear(x, fused_weight).split(
-                (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim), dim=-1)
+        q, k, v = self.project_qkv(x, fused_weight)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)

@@ -15,11 +15,13 @@ summation order).
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025): per-iteration coefficients (a, b, c) of the odd
 # quintic p(x) = a x + b x^3 + c x^5, each minimax-optimal for the interval the singular values
@@ -138,6 +140,7 @@ class MuonAdamW:
         self.world_size = world_size
         self.owners = owners
         self.bucket_numel = bucket_numel
+        self._step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
     @property
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -164,6 +167,15 @@ class MuonAdamW:
             works = [dist.broadcast(p.data, src=self.owners[p], async_op=True) for p in self.params]
             for w in works:
                 w.wait()
+        for hook in list(self._step_post_hooks.values()):
+            hook(self, (), {})
+
+    def register_step_post_hook(self, hook: Callable) -> RemovableHandle:
+        """hook(optimizer, args, kwargs) after every step, once all parameters hold their new values (as
+        torch.optim.Optimizer's): e.g. fp8 layers re-cast their weights."""
+        handle = RemovableHandle(self._step_post_hooks)
+        self._step_post_hooks[handle.id] = hook
+        return handle
 
     def _reduce_to_owners(self) -> None:
         with_grad = [p for p in self.params if p.grad is not None]

@@ -4,10 +4,12 @@
 fp8 recipes: `tensorwise` and `rowwise` swap eligible nn.Linear layers for torchao's Float8Linear, whose
 casts (amax, scale, clamp, cast, transpose) are plain PyTorch ops that torch.compile fuses into Triton
 kernels; `triton` swaps them for our own layers (nanochat/fp8_linear.py: torchao's tensorwise math with
-our cast-and-transpose kernels and a fused ReLU² MLP). Either way the layers keep the very same weight
-Parameters (fp32, same names), so the state_dict is unchanged: checkpoints load into a plain GPT for
-bf16 inference and evaluation, and Muon sees the same 2-D matrices. Convert first, compile after. nvfp4
-needs Blackwell and runs inside Transformer Engine layers (--arch te).
+our cast-and-transpose kernels, q/k/v as one GEMM and a fused ReLU² MLP), and `triton_delayed` for the
+same layers with delayed scaling (the cast records amaxes and scales from the recent ones: one pass over
+each tensor instead of two). Either way the layers keep the very same weight Parameters (fp32, same
+names), so the state_dict is unchanged: checkpoints load into a plain GPT for bf16 inference and
+evaluation, and Muon sees the same 2-D matrices. Convert first, compile after. nvfp4 needs Blackwell and
+runs inside Transformer Engine layers (--arch te).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch.nn as nn
 from nanochat.common import log0
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
-FP8_RECIPES = ("tensorwise", "rowwise", "triton")
+FP8_RECIPES = ("tensorwise", "rowwise", "triton", "triton_delayed")
+OUR_FP8_RECIPES = ("triton", "triton_delayed")
 
 
 def check_precision(precision: str, device: torch.device, fp8_recipe: str = "tensorwise") -> None:
@@ -71,8 +74,9 @@ def fp8_eligible(model: nn.Module, min_dim: int = 1024, include_lm_head: bool = 
 
 def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int = 1024,
                    include_lm_head: bool = False, fast_accum: bool = False, skip: Sequence[str] = ()) -> list[str]:
-    """Swap the eligible nn.Linear layers for torchao Float8Linear, or for our Fp8Linear / Fp8MLP with
-    recipe "triton" (no device check: CPU modules convert too, but only CUDA sm89+ runs them at speed).
+    """Swap the eligible nn.Linear layers for torchao Float8Linear, or for our fp8 layers with recipe
+    "triton" / "triton_delayed" (no device check: CPU modules convert too, but only CUDA sm89+ runs them
+    at speed).
     Returns the converted layer names. Both accumulate with Hopper's fast (lower-precision) fp8
     accumulation in the forward GEMM only; `fast_accum` uses it in the two backward GEMMs as well, which
     makes them faster at some cost in gradient precision."""
@@ -82,10 +86,10 @@ def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int
         raise ValueError("--fp8_lm_head: this model hands lm_head.weight to the fused loss kernel "
                          "(kernels.fused_linear_cross_entropy), so an fp8 lm_head would never run its fp8 "
                          "GEMM; drop --fp8_lm_head (the lm_head stays bf16)")
-    if recipe == "triton":
+    if recipe in OUR_FP8_RECIPES:
         from nanochat.fp8_linear import convert_to_fp8_triton
         names = fp8_eligible(model, min_dim, include_lm_head, skip)
-        convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum)
+        convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum, delayed=recipe == "triton_delayed")
         return names
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -119,9 +123,9 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
         model.set_precision("nvfp4")
         return len(getattr(model, "blocks", []))
     if hasattr(model, "set_precision"):  # Transformer Engine layers do fp8 themselves (te.autocast)
-        if fp8_recipe == "triton":
-            raise ValueError("--fp8_recipe triton is our fp8 layers for --arch gpt; Transformer Engine (--arch te) "
-                             "runs its own: use --fp8_recipe tensorwise or rowwise")
+        if fp8_recipe in OUR_FP8_RECIPES:
+            raise ValueError(f"--fp8_recipe {fp8_recipe} is our fp8 layers for --arch gpt; Transformer Engine "
+                             "(--arch te) runs its own: use --fp8_recipe tensorwise or rowwise")
         model.set_precision("fp8", fp8_recipe=fp8_recipe)
         return len(getattr(model, "blocks", []))
     names = convert_to_fp8(model, recipe=fp8_recipe, min_dim=fp8_min_dim, include_lm_head=fp8_lm_head,
@@ -133,3 +137,15 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
         log0(f"fp8 ({fp8_recipe}{', fast accumulation in every GEMM' if fp8_fast_accum else ''}): {len(names)} "
              f"linear layers converted (min dim {fp8_min_dim}), e.g. {names[0]}")
     return len(names)
+
+
+def cache_low_precision_weights(model: nn.Module, optimizer, precision: str) -> None:
+    """After the optimizer is built: our fp8 layers then cast their weights once per optimizer step
+    instead of in every forward (fp8_linear.cache_fp8_weights). Other layers and precisions: nothing to
+    do (and no Triton import: it is not installed without a GPU)."""
+    if precision != "fp8":
+        return
+    from nanochat.fp8_linear import cache_fp8_weights
+    layers = cache_fp8_weights(model, optimizer)
+    if layers:
+        log0(f"fp8: {layers} layers cast their weights once per optimizer step")

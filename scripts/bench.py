@@ -41,7 +41,7 @@ class BenchConfig:
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
     aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton (ours, tensorwise)"})
+    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "fp8 recipes (an axis of fp8 rows): tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})
@@ -59,10 +59,11 @@ class BenchConfig:
 def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
     tokens = combo["device_batch_size"] * combo["max_seq_len"]
     accum = max(1, cfg.total_batch_size // tokens) if cfg.total_batch_size > 0 else 1
+    combo = {"fp8_recipe": cfg.fp8_recipe[0], **combo}
     return [f"--{k}={v}" for k, v in combo.items()] + [
         f"--vocab_size={cfg.vocab_size}", f"--aspect_ratio={cfg.aspect_ratio}", f"--warmup={cfg.warmup}",
         f"--timed_steps={cfg.steps}", f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1",
-        "--expect_auto", f"--fp8_recipe={cfg.fp8_recipe}", f"--fp8_min_dim={cfg.fp8_min_dim}",
+        "--expect_auto", f"--fp8_min_dim={cfg.fp8_min_dim}",
         f"--fp8_lm_head={cfg.fp8_lm_head}", f"--fp8_fast_accum={cfg.fp8_fast_accum}",
     ] + ([f"--fp8_skip={','.join(cfg.fp8_skip)}"] if cfg.fp8_skip else [])
 
@@ -109,6 +110,23 @@ def compile_label(row: dict) -> str:
     return row["compile_mode"] + ("" if extra == "default" else f" + {extra}")
 
 
+def precision_label(row: dict) -> str:
+    """The precision, and for fp8 its recipe."""
+    return row["precision"] + (f" {row['fp8_recipe']}" if row["precision"] == "fp8" else "")
+
+
+def bench_combos(axes: dict[str, list]) -> list[dict]:
+    """Every combination of the axes, in order; the fp8 recipe varies only in fp8 rows."""
+    combos = []
+    for values in itertools.product(*axes.values()):
+        combo = dict(zip(axes, values))
+        if combo["precision"] != "fp8":
+            combo["fp8_recipe"] = axes["fp8_recipe"][0]
+        if combo not in combos:
+            combos.append(combo)
+    return combos
+
+
 def format_table(rows: list[dict], baseline: int) -> str:
     base = rows[baseline].get("tok_per_s") if 0 <= baseline < len(rows) else None
     head = ("| arch | kernel | attn | prec | depth | B | T | win | recompute | compile | tok/s | step ms | peak GiB "
@@ -117,7 +135,7 @@ def format_table(rows: list[dict], baseline: int) -> str:
     for r in rows:
         tps = r.get("tok_per_s")
         ran = r.get("kernels_ran", {})
-        cells = [r["arch"], r["kernel"], r["attn"], r["precision"], r["depth"], r["device_batch_size"],
+        cells = [r["arch"], r["kernel"], r["attn"], precision_label(r), r["depth"], r["device_batch_size"],
                  r["max_seq_len"], r["window_pattern"], r["recompute"], compile_label(r),
                  f"{tps:,.0f}" if tps else "-", f"{r['step_ms']:.1f}" if tps else "-",
                  f"{r['peak_memory_gib']:.2f}" if tps else "-", state_and_rest(r.get("memory_gib")),
@@ -135,7 +153,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{r['precision']}\nd{r['depth']} B{r['device_batch_size']} "
+    labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{precision_label(r)}\nd{r['depth']} B{r['device_batch_size']} "
               f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" {r['recompute']}")
               + ("" if r["compile_mode"] == "default" else " autotune")
               + ("" if r.get("inductor", "default") == "default" else f"\n{r['inductor']}") for r in rows]
@@ -162,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     axes = {"arch": cfg.arch, "kernel": cfg.kernel, "attn": cfg.attn, "precision": cfg.precision,
             "depth": cfg.depth, "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
             "window_pattern": cfg.window_pattern, "recompute": cfg.recompute, "compile_mode": cfg.compile_mode,
-            "inductor": cfg.inductor}
-    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+            "inductor": cfg.inductor, "fp8_recipe": cfg.fp8_recipe}
+    combos = bench_combos(axes)
     rows = []
     for i, combo in enumerate(combos):
         print(f"[{i + 1}/{len(combos)}] {combo}", flush=True)
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("bench: matplotlib missing, no PNG (pip install 'nanochat[plot]')")
     print(table)
     print(json.dumps({"out_dir": str(out_dir), "rows": [
-        {k: r.get(k) for k in ("kernel", "attn", "precision", "device_batch_size", "max_seq_len",
+        {k: r.get(k) for k in ("kernel", "attn", "precision", "fp8_recipe", "device_batch_size", "max_seq_len",
                                "window_pattern", "recompute", "compile_mode", "inductor", "tok_per_s",
                                "peak_memory_gib", "mfu", "status")}
         for r in rows]}))

@@ -34,7 +34,7 @@ from nanochat.gpt import config_from_depth, model_class
 from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
 from nanochat.optim import build_optimizer
-from nanochat.precision import apply_precision
+from nanochat.precision import OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
 from nanochat.runtime import apply_inductor_config, check_recompute, compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
@@ -54,7 +54,7 @@ class ProfileConfig:
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton (ours, tensorwise)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
@@ -86,7 +86,9 @@ def build(cfg: ProfileConfig, device: torch.device):
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
                     fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
                     fp8_skip=cfg.fp8_skip)  # bf16: a no-op; before torch.compile
-    return model, build_optimizer(model)
+    optimizer = build_optimizer(model)
+    cache_low_precision_weights(model, optimizer, cfg.precision)
+    return model, optimizer
 
 
 def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
@@ -168,7 +170,7 @@ def auto_expectations(cfg: ProfileConfig, model, device: torch.device) -> list[s
         names = sorted({attention_backends.select_backend(w, torch.bfloat16, device, cfg.attn) for w in windows})
         attention = [f"attention={n}" for n in names]
     matmul = [f"matmul={cfg.precision}"] if cfg.precision != "bf16" else []
-    if cfg.precision == "fp8" and cfg.fp8_recipe == "triton":
+    if cfg.precision == "fp8" and cfg.fp8_recipe in OUR_FP8_RECIPES:
         matmul.append("quantize/transpose=re:_fp8_cast_transpose_kernel")  # our casts, not Inductor's
     return [f"loss={cfg.kernel}"] + attention + matmul
 

@@ -40,6 +40,7 @@ NAMES = {
     "triton_red_fused__to_copy_add_mul_pow_rsqrt_sum_transpose_3": "norm/elementwise",  # RMS-norm backward
     "triton_poi_fused__to_copy_fp8_cast_transpose_mul_relu_4": "norm/elementwise",  # ReLU² backward before our cast
     "triton_red_fused__fused_rms_norm_add_fp8_cast_transpose_view_10": "norm/elementwise",
+    "triton_red_fused__to_copy_add_fp8_cast_transpose_delayed_mean_mul_pow_rsqrt_2": "norm/elementwise",
     "triton_red_fused_abs_amax_fp8_cast_transpose_2": "quantize/transpose",  # a cast of Inductor's own still counts
     "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<4>, FusedAdamMathFunctor>(...)": "optimizer",
     "triton_for_fused_7": "optimizer",

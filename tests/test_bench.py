@@ -139,6 +139,15 @@ def test_bench_rows_carry_inductor_settings_and_width(tmp_path):
     assert flops[1] > 2 * flops[0]
 
 
+def test_fp8_recipes_are_an_axis_of_fp8_rows_only():
+    cfg = bench.BenchConfig(precision=["bf16", "fp8"], fp8_recipe=["triton", "triton_delayed"])
+    axes = {"precision": cfg.precision, "depth": [2], "fp8_recipe": cfg.fp8_recipe}
+    combos = bench.bench_combos(axes)
+    assert [bench.precision_label(c) for c in combos] == ["bf16", "fp8 triton", "fp8 triton_delayed"]
+    assert "--fp8_recipe=triton_delayed" in bench.row_argv(cfg, {**combos[2], "device_batch_size": 2,
+                                                                 "max_seq_len": 8})
+
+
 def test_gpu_clocks_summarizes_busy_samples_and_throttle_reasons():
     from benchmarks import gpu_clocks
 

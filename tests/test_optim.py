@@ -158,6 +158,23 @@ def test_training_lowers_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_step_post_hooks_see_updated_parameters_until_removed():
+    torch.manual_seed(0)
+    model = ToyModel()
+    opt = build_optimizer(model)
+    idx, tgt = make_batches(1)[0]
+    seen = []
+    handle = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(
+        (o is opt, [p.detach().clone() for p in model.parameters()])))
+    model(idx, tgt).backward()
+    opt.step()
+    assert len(seen) == 1 and seen[0][0]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][1], model.parameters()))  # after the update
+    handle.remove()
+    opt.step()
+    assert len(seen) == 1
+
+
 def test_lr_schedule_key_steps():
     kw = dict(num_iterations=100, warmup_steps=10, warmdown_ratio=0.2, final_lr_frac=0.1)
     assert lr_multiplier(0, **kw) == pytest.approx(0.1)  # from 1/warmup

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from nanochat.gpt import GPT, config_from_depth, model_class, rotary_tables
 from nanochat.kernels import audit
-from nanochat.precision import apply_precision, check_precision, convert_to_fp8, fp8_eligible
+from nanochat.precision import apply_precision, cache_low_precision_weights, check_precision, convert_to_fp8, fp8_eligible
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -226,10 +226,11 @@ def _sm(major_minor: tuple[int, int]) -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm((8, 9)), reason="needs CUDA compute capability >= 8.9")
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "triton"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "triton", "triton_delayed"])
 def test_fp8_training_tracks_bf16_and_saves_a_plain_checkpoint(recipe):
     """Five compiled optimizer steps of a d2 model, width 512: fp8 ends within 5% of bf16's loss, and its
-    state_dict loads into a plain GPT. tensorwise and rowwise are torchao's; triton is ours (fp8_linear)."""
+    state_dict loads into a plain GPT. tensorwise and rowwise are torchao's; triton and triton_delayed are
+    ours (fp8_linear), with weights cast once per optimizer step."""
     if recipe != "triton" and not HAS_TORCHAO:
         pytest.skip(f"the {recipe} recipe needs torchao")
     from nanochat.optim import build_optimizer
@@ -246,6 +247,7 @@ def test_fp8_training_tracks_bf16_and_saves_a_plain_checkpoint(recipe):
         n = apply_precision(model, precision, dev, fp8_recipe=recipe, fp8_min_dim=512)
         assert n == (12 if precision == "fp8" else 0)
         opt = build_optimizer(model)
+        cache_low_precision_weights(model, opt, precision)
         compiled = torch.compile(model, dynamic=False)
         for _ in range(5):
             with torch.autocast("cuda", dtype=torch.bfloat16):

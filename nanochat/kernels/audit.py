@@ -86,7 +86,7 @@ _COMPILED = [(g, re.compile(rx)) for g, rx in GROUP_RULES]
 
 # Inductor names a fused kernel after every op it touches, our fp8 cast op included when the kernel only
 # produces that op's input (the RMS norm before it, ReLU²'s backward): such kernels cast nothing themselves.
-_OUR_CAST_IN_INDUCTOR_NAME = re.compile(r"^(triton_(?:poi|red|per|for)_fused\w*?)_fp8_cast_transpose(?=_)")
+_OUR_CAST_IN_INDUCTOR_NAME = re.compile(r"^(triton_(?:poi|red|per|for)_fused\w*?)_fp8_cast_transpose(?:_delayed)?(?=_)")
 
 
 def classify(name: str) -> str:
