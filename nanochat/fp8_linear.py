@@ -257,8 +257,8 @@ def convert_to_fp8_triton(model: nn.Module, names: Sequence[str], fast_accum_bac
         if fqn not in keep or fqn in fused:
             continue
         if type(module) is not nn.Linear or module.bias is not None:
-            raise ValueError(f"--fp8_recipe triton converts bias-free nn.Linear layers; {fqn} is "
-                             f"{type(module).__name__} (bias: {module.bias is not None})")
+            raise ValueError(f"our fp8 recipes (triton, triton_delayed) convert bias-free nn.Linear layers; {fqn} "
+                             f"is {type(module).__name__} (bias: {module.bias is not None})")
         module.__class__ = Fp8Linear
         module.setup_fp8(fast_accum_backward, delayed)
 
