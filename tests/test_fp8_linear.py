@@ -218,7 +218,9 @@ def test_stacked_weights_are_one_linear_with_split_gradients(mode):
     y = _run(mode, lambda x, **kw: fp8_linear(x, ws, **kw), x, [tuple(ws)], dy)
     x64 = x.detach().double().requires_grad_()
     ws64 = [w.detach().double().requires_grad_() for w in ws]
-    (x64 @ torch.cat(ws64).t()).backward(dy.double())
+    y64 = x64 @ torch.cat(ws64).t()
+    y64.backward(dy.double())
+    assert rel_err(y, y64) < FWD_TOL
     assert rel_err(x.grad, x64.grad) < GRAD_TOL
     for w, w64 in zip(ws, ws64):
         assert w.grad.shape == w.shape and rel_err(w.grad, w64.grad) < GRAD_TOL
