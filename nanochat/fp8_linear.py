@@ -241,15 +241,15 @@ def convert_to_fp8_triton(model: nn.Module, names: Sequence[str], fast_accum_bac
     """Swap each attention whose c_q, c_k and c_v are all named for Fp8Attention, each MLP whose c_fc and
     c_proj are both named for Fp8MLP, and the other named linears (bias-free nn.Linear) for Fp8Linear."""
     keep = set(names)
-    fused = {}  # linear name -> the fp8 layer that runs it
+    fused: set[str] = set()  # linears run by a converted attention or MLP
     for fqn, module in model.named_modules():
         prefix = f"{fqn}." if fqn else ""
         if type(module) is CausalSelfAttention and all(f"{prefix}{n}" in keep for n in ("c_q", "c_k", "c_v")):
             module.__class__ = Fp8Attention
-            fused.update(dict.fromkeys((f"{prefix}c_q", f"{prefix}c_k", f"{prefix}c_v")))
+            fused.update((f"{prefix}c_q", f"{prefix}c_k", f"{prefix}c_v"))
         elif type(module) is MLP and all(f"{prefix}{n}" in keep for n in ("c_fc", "c_proj")):
             module.__class__ = Fp8MLP
-            fused.update(dict.fromkeys((f"{prefix}c_fc", f"{prefix}c_proj")))
+            fused.update((f"{prefix}c_fc", f"{prefix}c_proj"))
         else:
             continue
         module.setup_fp8(fast_accum_backward, delayed)
