@@ -127,7 +127,7 @@ CONFIG_CLASSES = {
     "benchmarks.check_kernels": "CheckConfig", "benchmarks.web_load": "LoadConfig",
     "benchmarks.check_train_grads": "CheckConfig", "benchmarks.bench_decode_attention": "BenchConfig",
     "scripts.profile_kernels": "ProfileConfig", "benchmarks.gpu_clocks": "ClockConfig",
-    "benchmarks.bench_fp8_cast": "CastConfig",
+    "benchmarks.bench_fp8_cast": "CastConfig", "benchmarks.bench_decode_matmul": "MatmulConfig",
 }
 NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
 
@@ -208,6 +208,8 @@ H200_PARTS = {
     "decode": {"scripts.infer_bench"},
     "decode_tune": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "decode_shared": {"pytest", "scripts.infer_bench"},
+    "decode_mma8": {"pytest", "benchmarks.bench_decode_attention", "benchmarks.bench_decode_matmul",
+                    "scripts.infer_bench"},
     "decode_dot": {"pytest", "benchmarks.bench_decode_attention", "scripts.infer_bench"},
     "te": {"scripts.bench"},
     "fp8_rowwise": {"scripts.bench"},

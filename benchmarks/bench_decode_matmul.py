@@ -1,0 +1,130 @@
+"""The decode step's matmuls at one batch size: cuBLAS in bf16, cuBLAS with fp8 weights, Inductor's tuned GEMMs (GPU).
+
+    source benchmarks/gpu_env.sh && python -m benchmarks.bench_decode_matmul --batch 128
+
+A d20 decode step at batch 128 spends ~0.56 ms of its ~3.4 ms in 80 small GEMMs (BENCHMARKS.md, session 12): M = 128
+rows against each layer's q/k/v, c_proj, c_fc and MLP c_proj weights, ~39 MB of bf16 per layer read at ~1.4 TB/s.
+This times each shape alone: `--layers` weight copies (so no call finds its weight in L2) multiplied in one CUDA
+graph, per variant:
+- `bf16`: F.linear, what the decode step runs (cuBLAS);
+- `fp8`: torch._scaled_mm with e4m3 weights and activations, a scale per row of each (half the weight bytes;
+  the activation's cast is not timed: it would fuse into the norm before it);
+- `inductor`: F.linear compiled with mode max-autotune-no-cudagraphs (Triton GEMM templates searched per shape;
+  `--autotune false` skips it: its search takes tens of seconds per shape).
+Per row: median µs per call over --repeats replays, the weight bytes' TB/s, and the error against an fp32
+product. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.flags import parse_flags
+
+
+@dataclass
+class MatmulConfig:
+    batch: int = 128
+    width: int = 1280                 # d20
+    vocab: int = 32768
+    layers: int = 20
+    repeats: int = 20
+    autotune: bool = True
+    variants: list[str] = field(default_factory=lambda: ["bf16", "fp8", "inductor"])
+
+
+def shapes(cfg: MatmulConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decode-step matmul."""
+    C = cfg.width
+    return {"qkv": (C, 3 * C), "attn_proj": (C, C), "mlp_fc": (C, 4 * C), "mlp_proj": (4 * C, C), "lm_head": (C, cfg.vocab)}
+
+
+def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def graph_us(calls, repeats: int) -> float:
+    """Median µs per call: all calls captured in one CUDA graph, replayed `repeats` times."""
+    for call in calls:
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_flags(MatmulConfig, argv, description=__doc__.split("\n")[0])
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_matmul needs a CUDA GPU")
+    torch.manual_seed(0)
+    rows = []
+    for name, (n_in, n_out) in shapes(cfg).items():
+        x = torch.randn(cfg.batch, n_in, device="cuda", dtype=torch.bfloat16)
+        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * n_in ** -0.5 for _ in range(cfg.layers)]
+        want = x.float() @ weights[0].float().t()
+        weight_gb = n_out * n_in * 2 / 1e9
+        for variant in cfg.variants:
+            t0 = time.perf_counter()
+            if variant == "bf16":
+                calls = [lambda w=w: F.linear(x, w) for w in weights]
+                gb = weight_gb
+            elif variant == "fp8":
+                xq, xs = rowwise_fp8(x)
+                fp8 = [rowwise_fp8(w) for w in weights]
+                calls = [lambda wq=wq, ws=ws: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(),
+                                                               out_dtype=torch.bfloat16) for wq, ws in fp8]
+                gb = weight_gb / 2
+            elif variant == "inductor" and cfg.autotune:
+                linear = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+                calls = [lambda w=w: linear(x, w) for w in weights]
+                gb = weight_gb
+            else:
+                continue
+            try:
+                err = ((calls[0]().float() - want).norm() / want.norm()).item()  # compiles inductor's GEMM
+                compile_s = time.perf_counter() - t0
+                us = graph_us(calls, cfg.repeats)
+                rows.append(dict(shape=name, variant=variant, us=us, tbs=gb / us * 1e3, err=err,
+                                 setup_s=compile_s))
+            except Exception as exc:  # a variant this machine cannot run is a row, not a stop
+                rows.append(dict(shape=name, variant=variant, failed=f"{type(exc).__name__}: {str(exc)[:160]}"))
+        del weights
+        torch.cuda.empty_cache()
+    per_step = {}
+    counts = {"qkv": cfg.layers, "attn_proj": cfg.layers, "mlp_fc": cfg.layers, "mlp_proj": cfg.layers, "lm_head": 1}
+    for r in rows:
+        if "us" in r:
+            per_step[r["variant"]] = per_step.get(r["variant"], 0.0) + r["us"] * counts[r["shape"]]
+    print(f"\nbatch {cfg.batch}, width {cfg.width}, {cfg.layers} weight copies per shape\n")
+    print("| shape | variant | µs per call | weight TB/s | rel. error | setup s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['shape']} | {r['variant']} | failed: {r['failed']} | | | |")
+        else:
+            print(f"| {r['shape']} | {r['variant']} | {r['us']:.1f} | {r['tbs']:.2f} | {r['err']:.1e} | {r['setup_s']:.1f} |")
+    print("\nper decode step (each block shape x layers + lm_head), ms: "
+          + ", ".join(f"{v} {t / 1e3:.3f}" for v, t in per_step.items()))
+    result = {"batch": cfg.batch, "rows": rows, "step_ms": {v: round(t / 1e3, 4) for v, t in per_step.items()}}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
