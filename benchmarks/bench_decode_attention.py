@@ -10,8 +10,7 @@ prompt 1024 + up to 256 new tokens). Rows:
   softmax, p.V; bf16 only);
 - `triton bf16 B/w/s/splits` and `triton fp8 ...`: `decode_attention` with each config in --configs
   (positions per inner step / warps / pipeline stages, and `/dot` for the tensor-core kernel) and each
-  --splits (0 = the kernel's default); `/mma8` rows (fp8 only) run the tensor-core kernel's native e4m3 path
-  on a V cache stored transposed.
+  --splits (0 = the kernel's default).
 Per row: median ms per layer over --repeats timed bursts (CUDA events around all layers), GB read per
 layer (the filled positions only, plus scales for fp8; the torch path reads the whole cache), and GB/s.
 Each Triton row is checked against the torch path's output (bf16: <= --tol; fp8: <= --fp8_tol,
@@ -45,7 +44,7 @@ class BenchConfig:
     layers: int = 20
     configs: list[str] = field(default_factory=lambda: [
         "64/4/1", "128/4/2", "128/8/3", "256/8/2", "64/4/2/dot", "128/4/2/dot", "128/8/3/dot", "256/8/2/dot"],
-        metadata={"help": "positions per step/warps/stages, /dot for the tensor-core kernel, /mma8 its fp8 path"})
+        metadata={"help": "positions per step/warps/stages, /dot for the tensor-core kernel"})
     splits: list[int] = field(default_factory=lambda: [0, 1, 2, 4], metadata={"help": "0 = the kernel's default"})
     repeats: int = 20
     tol: float = 2e-2
@@ -93,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     half = torch.bfloat16 if dev == "cuda" else torch.float16
     torch.manual_seed(0)
     H, D, L = args.heads, args.head_dim, args.max_seq_len
-    configs = [(tuple(int(x) for x in c.split("/")[:3]), c.split("/")[3] if c.count("/") == 3 else "") for c in args.configs]
-    if unknown := {kind for _, kind in configs} - {"", "dot", "mma8"}:
-        raise SystemExit(f"--configs: unknown kernel suffix {sorted(unknown)} (dot or mma8)")
+    configs = [(tuple(int(x) for x in c.split("/")[:3]), c.endswith("/dot")) for c in args.configs]
     rows = []
     for S in args.batches:
         lengths = torch.randint(args.prompt, L + 1, (S,), device=dev)
@@ -104,8 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
         bf16 = [(torch.randn(S, H, L, D, device=dev, dtype=half),
                  torch.randn(S, H, L, D, device=dev, dtype=half)) for _ in range(args.layers)]
         fp8 = [quantize_fp8(k) + quantize_fp8(v) for k, v in bf16]
-        if any(kind == "mma8" for _, kind in configs):
-            fp8_vt = [(kq, ks, vq.transpose(-1, -2).contiguous(), vs) for kq, ks, vq, vs in fp8]
         pos, key_pos = lengths - 1, torch.arange(L, device=dev)  # the StaticDecoder's own torch path
         want = masked_decode_attention(q, *bf16[0], pos, key_pos)
         gb_full = 2 * S * H * L * D * 2 / 1e9
@@ -114,27 +109,23 @@ def main(argv: list[str] | None = None) -> dict:
         timed = lambda fn, caches: time_layers(fn, caches, args.repeats, args.graph)  # noqa: E731
         ms = timed(lambda k, v: masked_decode_attention(q, k, v, pos, key_pos), bf16)
         rows.append(dict(batch=S, row="torch", ms=ms, gb=gb_full, err=0.0))
-        for cfg, kind in configs:
+        for cfg, dot in configs:
             for splits in args.splits:
-                name = f"{cfg[0]}/{cfg[1]}/{cfg[2]}{'/' + kind if kind else ''} splits {splits or 'auto'}"
-                kw = dict(config=cfg, splits=splits or None, dot=bool(kind), v_transposed=kind == "mma8")
+                name = f"{cfg[0]}/{cfg[1]}/{cfg[2]}{'/dot' if dot else ''} splits {splits or 'auto'}"
+                kw = dict(config=cfg, splits=splits or None, dot=dot)
                 try:
-                    if kind != "mma8":
-                        got = decode_attention(q, *bf16[0], lengths, **kw)
-                        ms = timed(lambda k, v: decode_attention(q, k, v, lengths, **kw), bf16)
-                        rows.append(dict(batch=S, row=f"triton bf16 {name}", ms=ms, gb=gb_bf16,
-                                         err=rel_fro(got, want)))
-                    caches = fp8_vt if kind == "mma8" else fp8
-                    kq, ks, vq, vs = caches[0]
+                    got = decode_attention(q, *bf16[0], lengths, **kw)
+                    ms = timed(lambda k, v: decode_attention(q, k, v, lengths, **kw), bf16)
+                    rows.append(dict(batch=S, row=f"triton bf16 {name}", ms=ms, gb=gb_bf16, err=rel_fro(got, want)))
+                    kq, ks, vq, vs = fp8[0]
                     got = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, **kw)
                     ms = timed(lambda kq, ks, vq, vs: decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs,
-                                                                       **kw), caches)
+                                                                       **kw), fp8)
                     rows.append(dict(batch=S, row=f"triton fp8 {name}", ms=ms, gb=gb_fp8, err=rel_fro(got, want)))
                 except Exception as exc:  # a config that does not compile (shared memory, registers) is a row, not a stop
                     rows.append(dict(batch=S, row=f"triton {name}", ms=None, gb=None, err=None,
                                      failed=f"{type(exc).__name__}: {str(exc)[:120]}"))
         del bf16, fp8
-        fp8_vt = None
         if dev == "cuda":
             torch.cuda.empty_cache()
 

@@ -53,8 +53,8 @@
 #                                      #   inside CUDA graphs, infer_bench with the fp8 cache (issue 8)
 #   bash benchmarks/h200.sh decode_shared  # carry [".whl"]: GPU tests of the decoder; infer_bench with n rows continuing
 #                                      #   one prompt stored once (--prompts shared) beside distinct prompts (issue 8)
-#   bash benchmarks/h200.sh decode_mma8  # carry [".whl"]: GPU tests of the decode kernels; the fp8 tensor-core kernel
-#                                      #   (native e4m3 MMAs, V stored transposed) timed beside the others; infer_bench fp8
+#   bash benchmarks/h200.sh decode_matmul  # carry [".whl"]: GPU tests of the decode kernels and decoder; the decode
+#                                      #   step's matmuls at batch 128: cuBLAS bf16, fp8 weights, Inductor-tuned (issue 8)
 #   bash benchmarks/h200.sh web        # carry [".whl", ".carry"]: the web server part of infer alone
 #   bash benchmarks/h200.sh attention  # carry [".whl"]: the bench_attention part of kernels alone (issue 4)
 #   bash benchmarks/h200.sh loss_inputs  # carry [".whl"]: loss kernels on flatter logits (std 1, 0.05), where CCE's
@@ -64,7 +64,7 @@
 # Build the carried folders first: bash benchmarks/prepare_carry.sh. Full logs go to $OUT (or ./out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_tests|fp8_triton|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|decode_mma8|web|speedrun}"
+PART="${1:?usage: bash benchmarks/h200.sh kernels|attention|loss_inputs|step|step_kernels|autotune|pointwise|fp8_fast|fp8_skip|fp8_study|sssl_tuned|tuning|clocks|memory|fp8|fp8_tests|fp8_triton|fp8_rowwise|sssl|te|fp8_loss24|fp8_loss20|stable_losses|parity|parity_large|grads|infer|decode|decode_dot|decode_tune|decode_shared|decode_matmul|web|speedrun}"
 [ "$PART" = speedrun ] && exec bash benchmarks/h200_speedrun.sh  # sets up its own environment
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
@@ -123,20 +123,10 @@ decode_shared)
   TAIL=8 run infer_fp8 240 python3 -m scripts.infer_bench --batch_sizes 1,128 --kv_fp8 true --prompts distinct,shared
   TAIL=8 run infer_shared 240 python3 -m scripts.infer_bench --batch_sizes 1,8,32,128 --prompts shared
   ;;
-decode_mma8)
-  export TRITON_CACHE_DIR=/tmp/triton_mma8; rm -rf "$TRITON_CACHE_DIR"
-  TAIL=30 run bench_decode_graph 240 python3 -m benchmarks.bench_decode_attention --batches 1,128 --splits 0 --graph \
-      --configs "${CONFIGS:-128/2/2,128/4/3/dot,64/4/2/mma8,64/4/3/mma8,128/4/2/mma8,128/4/3/mma8,128/4/4/mma8,128/8/3/mma8,256/8/2/mma8,256/8/3/mma8}"
-  for ptx in "$TRITON_CACHE_DIR"/*/_decode_chunks_fp8_mma_kernel.ptx; do  # which MMA each compiled config uses
-    echo "$(basename "$(dirname "$ptx")" | cut -c1-8): wgmma $(grep -c wgmma.mma_async "$ptx"), mma.sync $(grep -c "mma.sync" "$ptx"), cvt $(grep -c "cvt.rn" "$ptx"), $(grep -o '"shared": [0-9]*' "${ptx%.ptx}.json"), $(grep -o '"num_warps": [0-9]*' "${ptx%.ptx}.json")"
-  done
-  unset TRITON_CACHE_DIR
+decode_matmul)
+  TAIL=3 run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_engine.py \
+      -k "gpu or test_decode_attention"
   TAIL=20 run bench_matmul 240 python3 -m benchmarks.bench_decode_matmul --batch 128
-  for attention in ${ATTENTIONS:-triton_dot}; do
-    TAIL=12 run infer_fp8_$attention 200 python3 -m scripts.infer_bench --batch_sizes 1,128 --kv_fp8 true --attention $attention
-    [ "$attention" = triton_dot ] && TAIL=3 run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_decode_attention.py tests/test_engine.py -k "gpu or test_decode_attention"
-  done
   ;;
 step|step_kernels)
   BENCH="python3 -m scripts.bench --depth 20 --total_batch_size 262144 --warmup 2 --steps 3 --timeout 140"

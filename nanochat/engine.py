@@ -314,11 +314,8 @@ class StaticDecoder:
         row_len = max_seq_len - shared_prompt_len
         shape = (slots, cfg.n_kv_head, row_len, cfg.head_dim)
         kv_dtype = torch.float8_e4m3fn if kv_fp8 else self.dtype
-        # the fp8 tensor-core kernel reads V as [slots, Hkv, D, L]: positions contiguous, as its e4m3 MMA needs
-        self.v_transposed = kv_fp8 and attention == "triton_dot"
-        v_shape = shape[:2] + (shape[3], shape[2]) if self.v_transposed else shape
         self.k = [torch.zeros(shape, device=self.device, dtype=kv_dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(v_shape, device=self.device, dtype=kv_dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=kv_dtype) for _ in range(cfg.n_layer)]
         scales = lambda: [torch.ones(shape[:-1], device=self.device) for _ in range(cfg.n_layer)]  # noqa: E731
         self.k_scale, self.v_scale = (scales(), scales()) if kv_fp8 else (None, None)
         self.prompt_k = self.prompt_v = None
@@ -366,7 +363,7 @@ class StaticDecoder:
             k, v = cache.k[layer, :, :n], cache.v[layer, :, :n]
             if rows is not None:
                 k, v = k.index_select(0, rows), v.index_select(0, rows)
-            self._store(layer, index, slice(0, n), k.transpose(1, 2), v.transpose(1, 2))
+            self._store(layer, (index, slice(None), slice(0, n)), k.transpose(1, 2), v.transpose(1, 2))
         if lengths is None:
             self.pos[index] = n
         else:
@@ -403,23 +400,15 @@ class StaticDecoder:
             block.attn.qkv_weight(out=weight)
         self._qkv_versions = versions
 
-    def _store(self, layer: int, rows: torch.Tensor, positions: torch.Tensor | slice, k: torch.Tensor,
-               v: torch.Tensor) -> None:
-        """Write k, v into `layer`'s caches at (rows, all heads, positions), quantized for an fp8 cache: a
-        tensor of positions (one per row) takes k, v [S, Hkv, D]; a slice takes [S, Hkv, n, D]."""
-        where = (rows, slice(None), positions)
+    def _store(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [..., D] into `layer`'s caches at index `where` (quantized for an fp8 cache)."""
         if self.k_scale is None:
             self.k[layer][where] = k.to(self.dtype)
             self.v[layer][where] = v.to(self.dtype)
             return
         (kq, ks), (vq, vs) = self._kernel.quantize_fp8(k), self._kernel.quantize_fp8(v)
         self.k[layer][where], self.k_scale[layer][where] = kq, ks
-        self.v_scale[layer][where] = vs
-        if self.v_transposed:  # [S, Hkv, D, L]: indexed by a tensor of positions, it takes [S, Hkv, D] as is
-            where = (rows, slice(None), slice(None), positions)
-            if isinstance(positions, slice):
-                vq = vq.transpose(-1, -2)
-        self.v[layer][where] = vq
+        self.v[layer][where], self.v_scale[layer][where] = vq, vs
 
     def _step(self) -> torch.Tensor:
         model, cfg = self.model, self.model.config
@@ -436,13 +425,12 @@ class StaticDecoder:
             ve = model.value_embeds[str(i)](tok) if str(i) in model.value_embeds else None
             fused = self.qkv_weights[i] if self.qkv_weights is not None else None
             q, k, v = attn.qkv(h, cos, sin, ve, fused)                                # the training math
-            self._store(i, self._rows, row_pos, k[:, 0], v[:, 0])
+            self._store(i, (self._rows, slice(None), row_pos), k[:, 0], v[:, 0])
             if self.attention != "torch":
                 y = self._kernel.decode_attention(q[:, 0], self.k[i], self.v[i], row_pos + 1, attn.window,
                                                   None if self.k_scale is None else self.k_scale[i],
                                                   None if self.v_scale is None else self.v_scale[i],
-                                                  dot=self.attention == "triton_dot", return_lse=shared,
-                                                  v_transposed=self.v_transposed)
+                                                  dot=self.attention == "triton_dot", return_lse=shared)
             else:
                 y = masked_decode_attention(q[:, 0], self.k[i], self.v[i], row_pos, self._key_pos, attn.window,
                                             return_lse=shared)

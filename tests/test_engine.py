@@ -116,13 +116,11 @@ def lockstep_logit_gaps(eng, ps, want_dec, got_dec, steps: int) -> list[float]:
 @pytest.mark.parametrize("attention", ["triton", "triton_dot"])
 def test_fp8_kv_cache_stays_close_to_bf16_exact_decode(tok, model, attention):
     """kv_fp8 stores keys and values in e4m3 with a scale per vector: not exact, so the logits are
-    compared, step by step on the same tokens, with the exact decoder's (tolerance in the assert).
-    triton_dot keeps V transposed, written by prompt loads and steps alike."""
+    compared, step by step on the same tokens, with the exact decoder's (tolerance in the assert)."""
     ps = prompts(tok)[1:]
     exact = StaticDecoder(model, slots=len(ps), max_seq_len=128, attention="torch")
     fp8 = StaticDecoder(model, slots=len(ps), max_seq_len=128, attention=attention, kv_fp8=True)
     assert fp8.k[0].dtype == torch.float8_e4m3fn
-    assert fp8.v[0].shape[-1] == (128 if attention == "triton_dot" else model.config.head_dim)
     gaps = lockstep_logit_gaps(Engine(model, tok), ps, exact, fp8, steps=8)
     assert max(gaps) <= 0.015, gaps  # measured <= 0.8%; a 10% scale error: 2.2%
 
@@ -150,7 +148,6 @@ def shared_prompt_gaps(eng, prompt, copies, shared, steps: int) -> list[float]:
     pytest.param("triton", False, 1e-5, marks=needs_triton_interpreter),
     pytest.param("triton_dot", False, 1e-5, marks=needs_triton_interpreter),
     pytest.param("triton", True, 0.015, marks=needs_triton_interpreter),  # e4m3 rows: as the fp8 test above
-    pytest.param("triton_dot", True, 0.015, marks=needs_triton_interpreter),
 ])
 def test_shared_prompt_decoder_matches_a_copy_per_row(tok, model, attention, kv_fp8, tol):
     """A prompt stored once and attended by every row (merged with each row's own keys by log-sum-exp)

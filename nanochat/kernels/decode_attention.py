@@ -131,71 +131,6 @@ def _decode_chunks_dot_kernel(Q, K, V, KScale, VScale, Lengths, Acc, M, Lsum,
 
 
 @triton.jit
-def _hi_lo_columns(x):
-    """x [N, 8] (fp32, |x| <= 448) -> [N, 16] e4m3: columns 2g and 2g + 1 hold the hi and lo parts of
-    column g, hi + lo = x to ~2^-8 of itself (e4m3 alone keeps 2^-4)."""
-    hi = x.to(tl.float8e4nv).to(tl.float32)
-    lo = x - hi
-    return tl.reshape(tl.join(hi, lo), (x.shape[0], 2 * x.shape[1])).to(tl.float8e4nv)
-
-
-@triton.jit
-def _sum_hi_lo_columns(x):
-    """[N, 16] -> [N, 8]: the hi and lo columns of each of 8 heads summed."""
-    hi, lo = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-    return hi + lo
-
-
-@triton.jit
-def _decode_chunks_fp8_mma_kernel(Q, K, Vt, KScale, VScale, Lengths, Acc, M, Lsum,
-                                  sq_s, sq_h, sk_s, sk_h, sk_l, sv_s, sv_h, sv_d, ss_s, ss_h, sa_s, sa_h, sa_j,
-                                  sm_s, sm_h, sm_scale, window, chunk, G: tl.constexpr, D: tl.constexpr,
-                                  BLOCK: tl.constexpr):
-    """The tensor-core kernel for an fp8 cache with V stored transposed [S, Hkv, D, L]: both products are
-    native e4m3 MMAs whose cache operands go from memory to the tensor cores as they are, with no
-    conversion of the K/V tiles (what bounds the other kernels on fp8: session 7's counters). The cache
-    tiles are the MMAs' M side (K.q^T [BLOCK, 16], V^T.p [D, 16]: Hopper's MMA needs M >= 64, and both
-    operands of an e4m3 MMA contiguous along the reduction, hence V^T). The small operands carry the
-    precision: q (per head) and the softmax weights (times the V scales, per tile) are each split into e4m3
-    hi + lo columns (heads g < G <= 8; columns 2g, 2g + 1), and the two columns' products summed."""
-    s, kvh, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo, hi = _chunk_positions(Lengths, s, j, chunk, window)
-    d = tl.arange(0, D)
-    g = tl.arange(0, 8)
-    heads = kvh * G + g
-    q = tl.load(Q + s * sq_s + heads[None, :] * sq_h + d[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32)
-    q_scale = tl.maximum(tl.max(tl.abs(q), axis=0), 1e-30) / 448.0                  # [8]
-    qa = _hi_lo_columns(q / q_scale[None, :])                                         # [D, 16]
-    q_scale = q_scale * sm_scale
-    m = tl.full([8], -float("inf"), dtype=tl.float32)
-    l = tl.zeros([8], dtype=tl.float32)
-    acc = tl.zeros([D, 16], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
-        valid = pos < hi
-        k = tl.load(K + s * sk_s + kvh * sk_h + pos[:, None] * sk_l + d[None, :], mask=valid[:, None], other=0.0)
-        scores = _sum_hi_lo_columns(tl.dot(k, qa)) * q_scale[None, :]                    # [BLOCK, 8]
-        scores = scores * tl.load(KScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)[:, None]
-        scores = tl.where(valid[:, None], scores, -float("inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp(scores - m_new[None, :])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
-        v_scale = tl.load(VScale + s * ss_s + kvh * ss_h + pos, mask=valid, other=0.0)
-        v_max = tl.max(v_scale, axis=0)
-        w = _hi_lo_columns(p * (v_scale * (448.0 / v_max))[:, None])                    # [BLOCK, 16], <= 448
-        vt = tl.load(Vt + s * sv_s + kvh * sv_h + d[:, None] * sv_d + pos[None, :], mask=valid[None, :], other=0.0)
-        alpha2 = tl.reshape(tl.join(alpha, alpha), (16,))
-        acc = acc * alpha2[None, :] + tl.dot(vt, w) * (v_max / 448.0)                  # [D, 16]
-        m = m_new
-    out = _sum_hi_lo_columns(acc)                                                      # [D, 8]
-    head_ok = g < G
-    tl.store(Acc + s * sa_s + heads[None, :] * sa_h + j * sa_j + d[:, None], out, mask=head_ok[None, :])
-    tl.store(M + s * sm_s + heads * sm_h + j, m, mask=head_ok)
-    tl.store(Lsum + s * sm_s + heads * sm_h + j, l, mask=head_ok)
-
-
-@triton.jit
 def _combine_kernel(Acc, M, Lsum, Out, Lse, splits, sa_s, sa_h, sa_j, sm_s, sm_h, so_s, so_h, sl_s,
                     D: tl.constexpr, NS: tl.constexpr):
     s, h = tl.program_id(0), tl.program_id(1)
@@ -225,8 +160,7 @@ def _mma_dtype(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> tl.dtype:
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, window: int,
                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, splits: int,
-               block: int, warps: int, stages: int, dot: bool,
-               v_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               block: int, warps: int, stages: int, dot: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The two launches, opaque to torch.compile (captured as they are in a CUDA graph) -> (out, lse)."""
     S, H, D = q.shape
     chunk = triton.cdiv(triton.cdiv(k_cache.size(2), splits), block) * block
@@ -245,11 +179,7 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
             ks.stride(0), ks.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
             D ** -0.5, window, chunk)
     G = H // k_cache.size(1)
-    if v_transposed:
-        _decode_chunks_fp8_mma_kernel[(S, k_cache.size(1), splits)](
-            *args[:14], v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *args[14:], G=G, D=D, BLOCK=block,
-            num_warps=warps, num_stages=stages)
-    elif dot:
+    if dot:
         fp32 = q.dtype == torch.float32  # exact fp32 products (tests)
         _decode_chunks_dot_kernel[(S, k_cache.size(1), splits)](
             *args, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, SCALED=scaled, BLOCK=block,
@@ -265,31 +195,16 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, le
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits, block, warps, stages, dot, v_transposed):
+def _(q, k_cache, v_cache, lengths, window, k_scale, v_scale, splits, block, warps, stages, dot):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(q.shape[:2], dtype=torch.float32))
-
-
-def _check_fp8_mma_args(q, k_cache, v_cache, k_scale, dot, block) -> None:
-    S, Hkv, L, D = k_cache.shape
-    if not dot or k_cache.dtype != torch.float8_e4m3fn or k_scale is None:
-        raise ValueError("v_transposed=True is the tensor-core kernel's fp8 layout: pass dot=True with an fp8 "
-                         "cache and its scales (quantize_fp8)")
-    if v_cache.shape != (S, Hkv, D, L) or v_cache.stride(-1) != 1 or k_cache.stride(-1) != 1:
-        raise ValueError(f"v_transposed=True takes v_cache [S, Hkv, D, L] = {(S, Hkv, D, L)} with positions "
-                         f"contiguous (v.transpose(-1, -2).contiguous()), got {tuple(v_cache.shape)}")
-    if q.size(1) // Hkv > 8:
-        raise ValueError(f"the fp8 tensor-core kernel takes at most 8 query heads per kv head, got {q.size(1) // Hkv}")
-    if D < 32 or block < 32:
-        raise ValueError(f"the fp8 tensor-core kernel needs head_dim >= 32 and >= 32 positions per inner step (an "
-                         f"e4m3 MMA's reduction), got head_dim {D}, {block} positions")
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      window: int | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, splits: int | None = None,
                      config: tuple[int, int, int] | None = None, dot: bool = False,
-                     return_lse: bool = False, v_transposed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q [S, H, D] over the first lengths[s] positions of row s of the caches
     [S, Hkv, L, D] (the last `window` of them when given) -> [S, H, D] in q's dtype. With k_scale and
     v_scale [S, Hkv, L] the caches hold values / scale (e.g. `quantize_fp8`). lengths must be >= 1.
@@ -305,18 +220,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("pass both k_scale and v_scale, or neither")
     if D & (D - 1):
         raise ValueError(f"decode_attention needs a power-of-two head_dim, got {D}")
-    block, warps, stages = config or default_config(k_cache.dtype, dot)
-    if v_transposed:
-        _check_fp8_mma_args(q, k_cache, v_cache, k_scale, dot, block)
-    elif k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim (one buffer per layer)")
     if k_scale is not None and (k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1):
         raise ValueError("k_scale and v_scale must share one layout, contiguous over positions")
+    block, warps, stages = config or default_config(k_cache.dtype, dot)
     if dot and block < 16:
         raise ValueError(f"dot=True needs at least 16 positions per inner step (a tl.dot side), got {block}")
     if splits is None:
         programs_per_split = S * (k_cache.size(1) if dot else H)
         splits = max(1, min(triton.cdiv(L, block), triton.cdiv(TARGET_PROGRAMS, programs_per_split)))
     out, lse = _decode_op(q, k_cache, v_cache, lengths, window or 0, k_scale, v_scale, splits, block, warps,
-                          stages, dot, v_transposed)
+                          stages, dot)
     return (out, lse) if return_lse else out
