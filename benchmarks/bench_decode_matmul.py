@@ -4,8 +4,8 @@
 
 A d20 decode step at batch 128 spends ~0.56 ms of its ~3.4 ms in 80 small GEMMs (BENCHMARKS.md, session 12): M = 128
 rows against each layer's q/k/v, c_proj, c_fc and MLP c_proj weights, ~39 MB of bf16 per layer read at ~1.4 TB/s.
-This times each shape alone: `--layers` weight copies (so no call finds its weight in L2) multiplied in one CUDA
-graph, per variant:
+This times each shape alone (read off the model at --depth): n_layer weight copies (so no call finds its weight
+in L2) multiplied in one CUDA graph, per variant:
 - `bf16`: F.linear, what the decode step runs (cuBLAS);
 - `fp8`: torch._scaled_mm with e4m3 weights and activations, a scale per row of each (half the weight bytes;
   the activation's cast is not timed: it would fuse into the norm before it);
@@ -30,18 +30,25 @@ from nanochat.flags import parse_flags
 @dataclass
 class MatmulConfig:
     batch: int = 128
-    width: int = 1280                 # d20
-    vocab: int = 32768
-    layers: int = 20
+    depth: int = 20
+    vocab_size: int = 32768           # infer_bench's
     repeats: int = 20
     autotune: bool = True
     variants: list[str] = field(default_factory=lambda: ["bf16", "fp8", "inductor"])
 
 
-def shapes(cfg: MatmulConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decode-step matmul."""
-    C = cfg.width
-    return {"qkv": (C, 3 * C), "attn_proj": (C, C), "mlp_fc": (C, 4 * C), "mlp_proj": (4 * C, C), "lm_head": (C, cfg.vocab)}
+def shapes(depth: int, vocab_size: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """(in, out) features of each matmul of the model's decode step (q, k and v stacked, as the decoder runs
+    them), and its number of layers."""
+    from nanochat.gpt import GPT, config_from_depth
+
+    with torch.device("meta"):
+        model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=2048))  # no matmul depends on it
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    features = lambda lin: (lin.in_features, lin.out_features)  # noqa: E731
+    qkv = (attn.c_q.in_features, sum(lin.out_features for lin in (attn.c_q, attn.c_k, attn.c_v)))
+    return ({"qkv": qkv, "attn_proj": features(attn.c_proj), "mlp_fc": features(mlp.c_fc),
+             "mlp_proj": features(mlp.c_proj), "lm_head": features(model.lm_head)}, model.config.n_layer)
 
 
 def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_matmul needs a CUDA GPU")
     torch.manual_seed(0)
+    matmuls, n_layer = shapes(cfg.depth, cfg.vocab_size)
     rows = []
-    for name, (n_in, n_out) in shapes(cfg).items():
+    for name, (n_in, n_out) in matmuls.items():
         x = torch.randn(cfg.batch, n_in, device="cuda", dtype=torch.bfloat16)
-        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * n_in ** -0.5 for _ in range(cfg.layers)]
+        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * n_in ** -0.5 for _ in range(n_layer)]
         want = x.float() @ weights[0].float().t()
         weight_gb = n_out * n_in * 2 / 1e9
         for variant in cfg.variants:
@@ -107,11 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         del weights
         torch.cuda.empty_cache()
     per_step = {}
-    counts = {"qkv": cfg.layers, "attn_proj": cfg.layers, "mlp_fc": cfg.layers, "mlp_proj": cfg.layers, "lm_head": 1}
     for r in rows:
         if "us" in r:
-            per_step[r["variant"]] = per_step.get(r["variant"], 0.0) + r["us"] * counts[r["shape"]]
-    print(f"\nbatch {cfg.batch}, width {cfg.width}, {cfg.layers} weight copies per shape\n")
+            per_step[r["variant"]] = per_step.get(r["variant"], 0.0) + r["us"] * (1 if r["shape"] == "lm_head" else n_layer)
+    print(f"\nd{cfg.depth}, batch {cfg.batch}, {n_layer} weight copies per shape\n")
     print("| shape | variant | µs per call | weight TB/s | rel. error | setup s |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
