@@ -25,6 +25,7 @@ from nanochat.common import log0
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 FP8_RECIPES = ("tensorwise", "rowwise", "triton", "triton_delayed")
 OUR_FP8_RECIPES = ("triton", "triton_delayed")
+FP8_RECIPES_HELP = "tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"  # for --fp8_recipe
 
 
 def check_precision(precision: str, device: torch.device, fp8_recipe: str = "tensorwise") -> None:

@@ -30,7 +30,7 @@ from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
 from nanochat.gpt import config_from_depth, model_class
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
-from nanochat.precision import apply_precision, cache_low_precision_weights, check_precision
+from nanochat.precision import FP8_RECIPES_HELP, apply_precision, cache_low_precision_weights, check_precision
 from nanochat.runtime import check_recompute, compile_model, default_compile, setup_torch_env
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
 
@@ -82,7 +82,7 @@ class TrainConfig:
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao, Hopper+) or nvfp4 (--arch te, Blackwell)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: " + FP8_RECIPES_HELP})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})

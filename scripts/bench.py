@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir
 from nanochat.flags import parse_flags
+from nanochat.precision import FP8_RECIPES_HELP
 from nanochat.runtime import setup_torch_env
 
 
@@ -41,7 +42,7 @@ class BenchConfig:
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
     aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
-    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "fp8 recipes (an axis of fp8 rows): tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"})
+    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "fp8 recipes (an axis of fp8 rows): " + FP8_RECIPES_HELP})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = False
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})

@@ -34,7 +34,7 @@ from nanochat.gpt import config_from_depth, model_class
 from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
 from nanochat.optim import build_optimizer
-from nanochat.precision import OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
+from nanochat.precision import FP8_RECIPES_HELP, OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
 from nanochat.runtime import apply_inductor_config, check_recompute, compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
@@ -54,7 +54,7 @@ class ProfileConfig:
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
     attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: " + FP8_RECIPES_HELP})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
