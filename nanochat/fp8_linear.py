@@ -49,8 +49,12 @@ def _stacked(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _mm(a: torch.Tensor, b_t: torch.Tensor, a_inv: torch.Tensor, b_inv: torch.Tensor, out_dtype: torch.dtype,
         fast_accum: bool) -> torch.Tensor:
-    """a [M, K] row-major times b [K, N] given as b_t [N, K] row-major (the column-major b cuBLASLt wants)."""
-    return torch._scaled_mm(a, b_t.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    """a [M, K] row-major times b [K, N] given as b_t [N, K] row-major (the column-major b cuBLASLt wants).
+    Autocast is off: the CPU's autocast (torch 2.13) rounds an eager _scaled_mm differently from a compiled
+    one (0.3% apart), and our dtypes are explicit anyway."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch._scaled_mm(a, b_t.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
