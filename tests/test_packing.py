@@ -54,7 +54,7 @@ def assert_same(batches_a, batches_b):
 
 def make(tmp_path, **kw):
     args = dict(tokenizer=NumberTokenizer(), data_dir=tmp_path, split="train", batch_size=4, seq_len=32,
-                device="cpu", buffer_size=16, tokenizer_batch_size=5)
+                device="cpu", buffer_size=16, tokenizer_batch_size=5, split_long_docs=False)
     args.update(kw)
     return PackedLoader(**args)
 
@@ -151,7 +151,7 @@ def test_packing_invariants_and_cropped_fraction(tmp_path):
     pos = state["position"]
     assert pos["epoch"] == 0 and all(p[0] == 0 for p in state["pending"])
     read = pos["shard"] * docs_per_file + pos["row_group"] * row_group + pos["row"]
-    pending = {sh * docs_per_file + rg * row_group + r + 1 for _, sh, rg, rows in state["pending"] for r in rows}
+    pending = {sh * docs_per_file + rg * row_group + r + 1 for _, sh, rg, rows in state["pending"] for r, _ in rows}
     consumed = set(range(1, read + 1)) - pending
     assert seen <= consumed and len(consumed - seen) == bos_only
     cropped = sum(lengths[d] + 1 for d in consumed) - emitted
@@ -252,21 +252,98 @@ def test_head_cut_changes_nothing(tmp_path, small_tokenizer, monkeypatch):
     assert fast.cropped_fraction == pytest.approx(slow.cropped_fraction, rel=0.1)
 
 
-def test_real_tokenizer(tmp_path, small_tokenizer):
+@pytest.mark.parametrize("split", [False, True])
+def test_real_tokenizer(tmp_path, small_tokenizer, split):
     tok = small_tokenizer
     texts = random_texts(200, 1)
     for f in range(2):
         pq.write_table(pa.table({"text": texts[f * 100:(f + 1) * 100]}), tmp_path / f"s{f}.parquet",
                        row_group_size=25)
-    loader = PackedLoader(tok, tmp_path, "train", 2, 64, "cpu", buffer_size=20, prefetch=1)
+    loader = PackedLoader(tok, tmp_path, "train", 2, 64, "cpu", buffer_size=20, prefetch=1, split_long_docs=split)
     bos = tok.get_bos_token_id()
     for x, y in take(loader, 5):
         assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
         for row in x.tolist():
             starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
             for s, e in zip(starts, starts[1:]):
-                piece = tok.decode(row[s + 1:e]).rstrip("\ufffd")  # a cut may split a UTF-8 char
-                assert any(t.startswith(piece) for t in texts[:100])  # a training doc, from its start
+                piece = tok.decode(row[s + 1:e]).strip("\ufffd")  # a cut may split a UTF-8 char
+                if split:  # a piece of a training doc
+                    assert any(piece in t for t in texts[:100])
+                else:  # a training doc, from its start
+                    assert any(t.startswith(piece) for t in texts[:100])
+
+
+class LineNumberTokenizer(NumberTokenizer):
+    """NumberTokenizer whose every 7th id ends a line, for splitting (ids stay traceable to doc and position)."""
+
+    def get_vocab_size(self) -> int:
+        return 10_000 * 130
+
+    def token_piece(self, token: int) -> bytes:
+        return f" {token}".encode() + (b"\n" if token % 7 == 0 else b"")
+
+
+@pytest.mark.parametrize("k", [0, 3, 40])
+def test_split_resume_gives_exactly_the_next_batches(tmp_path, k):
+    write_shards(tmp_path, num_files=3, docs_per_file=20)
+    loader = make(tmp_path, tokenizer=LineNumberTokenizer(), split_long_docs=True, prefetch=0)
+    take(loader, k)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = take(loader, 3)
+    resumed = make(tmp_path, tokenizer=LineNumberTokenizer(), split_long_docs=True, prefetch=0, state=state)
+    assert_same(take(resumed, 3), expected)
+    with pytest.raises(ValueError, match="split_long_docs"):
+        make(tmp_path, state=state)
+
+
+def test_split_pieces_fit_rows_cut_at_lines_and_lose_nothing(tmp_path):
+    lengths = write_shards(tmp_path, num_files=3, docs_per_file=80, max_len=150)  # one epoch outlasts 12 batches
+    seq_len = 32
+    loader = make(tmp_path, tokenizer=LineNumberTokenizer(), split_long_docs=True, seq_len=seq_len, prefetch=0,
+                  batch_size=8)
+    got: dict[int, list[int]] = {}
+    for x, y in take(loader, 12):
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            starts = [i for i, t in enumerate(row) if t == BOS] + [len(row)]
+            for s, e in zip(starts, starts[1:]):
+                body = row[s + 1:e]
+                if body:
+                    got.setdefault(body[0] // 10_000, []).append(body)
+    for doc, pieces in got.items():
+        tokens = sorted(t for p in pieces for t in p)
+        assert len(tokens) == len(set(tokens))  # no token twice
+        for p in pieces:
+            assert p == list(range(p[0], p[0] + len(p)))  # each piece is a run of the document
+            if p[-1] % 10_000 != lengths[doc] and len(p) > seq_len // 2:  # not the doc's end, not a fill crop
+                assert p[-1] % 7 == 0 or len(p) == seq_len, "cut after a line end, or at a full row"
+    assert any(lengths[d] > seq_len for d in got)
+    cropping = make(tmp_path, seq_len=seq_len, prefetch=0, batch_size=8)  # the same data without splitting
+    take(cropping, 12)
+    assert loader.cropped_fraction < cropping.cropped_fraction / 2
+
+
+def test_split_document_on_real_text_joins_back_byte_for_byte():
+    import numpy as np
+
+    from nanochat.data.packing import cut_classes, split_document
+    from nanochat.tokenizer import Tokenizer
+    from tests.helpers_base_train import real_texts
+
+    tok = Tokenizer.train_from_iterator(real_texts(200, offset=1000), vocab_size=512)
+    classes = cut_classes(tok)
+    for text in real_texts(8, offset=50):
+        tokens = np.asarray(tok.encode(text), dtype=np.int32)
+        for limit in (64, 257, 2047):
+            pieces = split_document(tokens, limit, classes)
+            assert all(0 < len(p) <= limit for p in pieces)
+            assert np.array_equal(np.concatenate(pieces), tokens)
+            assert b"".join(tok.decode_bytes(p.tolist()) for p in pieces) == text.encode()
+            ends = [tok.decode_bytes(p[-1:].tolist()) for p in pieces[:-1]]
+            hard = [e for e in ends if not e.endswith((b"\n", b".", b"!", b"?"))]
+            if limit == 2047:  # Wikipedia's paragraphs are shorter than that: every cut is at a line end
+                assert all(e.endswith(b"\n") for e in ends)
+            elif limit == 257:  # a few paragraphs are longer: then sentence ends, rarely a hard cut
+                assert len(hard) <= len(ends) // 10
 
 
 @pytest.mark.gpu

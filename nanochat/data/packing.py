@@ -1,21 +1,25 @@
-"""BOS-aligned best-fit packing of whole documents into rows of T+1 tokens, on the device, resumable.
+"""BOS-aligned best-fit packing of documents into rows of T+1 tokens, on the device, resumable.
 
 Every document is tokenized with BOS in front, and every row starts at a document start, so the model
 never sees a row that begins mid-document. Rows are filled best-fit from a buffer of tokenized
 documents: the largest one that fits the space left goes in; when none fits, the shortest one is
-cropped to fill the row exactly (no padding: every position trains). A document longer than a row is
-cropped to one row when it enters the buffer; documents are never spread across rows. Cropping is the
-only way tokens are lost, and `cropped_fraction` reports how many (for the tail of a very long document,
-which is never tokenized, by an estimate: see `_tokenize`).
+cropped to fill the row exactly (no padding: every position trains).
+
+A document longer than a row is split (`split_long_docs`, the default) into pieces of at most a row,
+each with its own BOS: cut after a line end in the second half of the piece where there is one, else
+after a sentence end, else after any line or sentence end, else at the row's length. The pieces are
+the document's own tokens, so they join back to it byte for byte. Without splitting, such a document
+is cropped to one row and its tail is lost: on Wikipedia at T=2048 that drops ~63% of the tokens.
+Cropping to fill a row is then the only way tokens are lost; `cropped_fraction` reports how many.
 
 Exact resume: the packer is a deterministic function of (stream position, buffer contents). The state
-holds the stream position after the last refill and the ids (epoch, shard, row group, row) of the
-documents still in the buffer; a new loader re-reads and re-tokenizes those few hundred documents and
-then continues, producing exactly the batches the old loader would have. Ids are grouped by row group,
-so the state is a few KB of JSON. Batch size is not part of it (rows are made one at a time), so a
-resume may change it; sequence length, buffer size, tokenizer batch, rank and world size may not.
-Under DDP each rank has its own state: gather them (e.g. `dist.all_gather_object`) and pass
-`{"ranks": [state_0, state_1, ...]}`; each loader picks its own.
+holds the stream position after the last refill and the ids (epoch, shard, row group, row, piece) of
+the pieces still in the buffer; a new loader re-reads, re-tokenizes and re-splits those few hundred
+documents and then continues, producing exactly the batches the old loader would have. Ids are grouped
+by row group, so the state is a few KB of JSON. Batch size is not part of it (rows are made one at a
+time), so a resume may change it; sequence length, splitting, buffer size, tokenizer batch, rank and
+world size may not. Under DDP each rank has its own state: gather them (e.g. `dist.all_gather_object`)
+and pass `{"ranks": [state_0, state_1, ...]}`; each loader picks its own.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ import torch
 from nanochat.common import logger
 from nanochat.data.shards import DocId, DocumentStream, list_shards, split_shards
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: pieces of split documents; 1 (whole documents) resumes with split_long_docs=False
 HEAD_CHARS_PER_TOKEN = 6  # English runs ~4-5 chars per token; a head this long nearly always fills a row
-_AFTER_ALL = float("inf")  # sorts after any (epoch, group, row) of the same length
+_AFTER_ALL = float("inf")  # sorts after any (epoch, group, row, piece) of the same length
+LINE_END, SENTENCE_END, SPACE_START = 1, 2, 4  # cut classes of a token (bits): see cut_classes
 
 
 def text_head(text: str, min_chars: int) -> str:
@@ -52,6 +57,48 @@ def text_head(text: str, min_chars: int) -> str:
     return text
 
 
+def cut_classes(tokenizer) -> np.ndarray:
+    """uint8 per token id, the bits: LINE_END (its bytes end with a newline), SENTENCE_END (end with '.', '!'
+    or '?'), SPACE_START (begin with a space). Splitting cuts a document only between two tokens, so its
+    pieces hold exactly its tokens; these bits say where a cut falls at a line or sentence boundary."""
+    if not (hasattr(tokenizer, "token_piece") and hasattr(tokenizer, "get_vocab_size")):
+        raise TypeError(f"splitting long documents needs the tokenizer's token_piece() and get_vocab_size() "
+                        f"({type(tokenizer).__name__} has not both); pass split_long_docs=False to crop them instead")
+    classes = np.zeros(tokenizer.get_vocab_size(), dtype=np.uint8)
+    for i in range(len(classes)):
+        piece = tokenizer.token_piece(i)
+        classes[i] = (LINE_END * piece.endswith(b"\n") + SENTENCE_END * piece.endswith((b".", b"!", b"?"))
+                      + SPACE_START * piece.startswith(b" "))
+    return classes
+
+
+def _last_cut(cuts: np.ndarray, low: int, high: int) -> int | None:
+    """The largest cut position c with low < c <= high (cuts sorted), or None."""
+    i = int(np.searchsorted(cuts, high, side="right")) - 1
+    return int(cuts[i]) if i >= 0 and cuts[i] > low else None
+
+
+def split_document(tokens: np.ndarray, limit: int, classes: np.ndarray) -> list[np.ndarray]:
+    """`tokens` (no BOS) in consecutive pieces of at most `limit` tokens. A piece ends after a line end
+    in its second half if there is one (long pieces keep context), else after a sentence end (a token
+    ending in . ! ? followed by one starting with a space) in its second half, else after any line or
+    sentence end, else at `limit` tokens."""
+    if len(tokens) <= limit:
+        return [tokens]
+    cls = classes[tokens]
+    line = np.flatnonzero(cls[:-1] & LINE_END) + 1  # a cut before token i: token i - 1 ends a line
+    sentence = np.flatnonzero((cls[:-1] & SENTENCE_END).astype(bool) & (cls[1:] & SPACE_START).astype(bool)) + 1
+    pieces, start = [], 0
+    while len(tokens) - start > limit:
+        end, half = start + limit, start + limit // 2
+        cut = next((c for c in (_last_cut(line, half, end), _last_cut(sentence, half, end),
+                                _last_cut(line, start, end), _last_cut(sentence, start, end)) if c is not None), end)
+        pieces.append(tokens[start:cut])
+        start = cut
+    pieces.append(tokens[start:])
+    return pieces
+
+
 class PackedLoader:
     """Yields (inputs, targets), each [batch_size, seq_len] int64 on `device`; targets = inputs shifted by one.
 
@@ -62,7 +109,7 @@ class PackedLoader:
     def __init__(self, tokenizer, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
                  device: torch.device | str, rank: int = 0, world_size: int = 1, state: dict | None = None,
                  buffer_size: int = 1000, tokenizer_batch_size: int = 256, tokenizer_threads: int = 4,
-                 prefetch: int = 2):
+                 prefetch: int = 2, split_long_docs: bool = True):
         if batch_size <= 0 or seq_len <= 0 or buffer_size <= 0 or tokenizer_batch_size <= 0:
             raise ValueError(f"batch_size, seq_len, buffer_size and tokenizer_batch_size must be positive, got "
                              f"{batch_size}, {seq_len}, {buffer_size}, {tokenizer_batch_size}")
@@ -73,9 +120,11 @@ class PackedLoader:
         self.buffer_size, self.tokenizer_batch_size = buffer_size, tokenizer_batch_size
         self.tokenizer_threads, self.prefetch = tokenizer_threads, prefetch
         self.bos = tokenizer.get_bos_token_id()
+        self.split_long_docs = split_long_docs
+        self._classes = cut_classes(tokenizer) if split_long_docs else None
         self.paths = split_shards(list_shards(data_dir), split)
         self.stream = DocumentStream(self.paths, rank, world_size)
-        # The buffer: keys (length, epoch, group, row) kept sorted, and key -> (tokens, tokens lost on entry).
+        # The buffer: keys (length, epoch, group, row, piece) kept sorted, and key -> (tokens, tokens lost on entry).
         self._keys: list[tuple] = []
         self._docs: dict[tuple, tuple[np.ndarray, int]] = {}
         self.batches = self.tokens_emitted = self.tokens_cropped = 0
@@ -95,11 +144,15 @@ class PackedLoader:
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], int]]:
         """(tokens, tokens beyond them) per text, BOS first, in batched calls.
 
-        A row keeps at most row_len tokens of a document, so a long text is tokenized only up to a
+        Split documents are tokenized whole. Otherwise a row keeps at most row_len tokens of a document,
+        so a long text is tokenized only up to a
         `text_head` of ~HEAD_CHARS_PER_TOKEN chars per row token (doubled until it yields a full row):
         2-3x less tokenizing on long-document data such as Wikipedia. The head's tokens are exactly the
         first tokens of the whole text; the tail's token count is estimated from the head's chars per token.
         """
+        if self.split_long_docs:
+            return [(tokens, 0) for tokens in
+                    self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)]
         out: list[tuple[list[int], int] | None] = [None] * len(texts)
         todo, min_chars = list(range(len(texts))), HEAD_CHARS_PER_TOKEN * self.row_len
         while todo:
@@ -115,13 +168,25 @@ class PackedLoader:
             todo, min_chars = short, 2 * min_chars
         return out
 
-    def _add(self, ids: list[DocId], texts: list[str]) -> None:
-        """Tokenize documents and put them in the buffer, each cropped to one row."""
+    def _pieces(self, tokens: list[int]) -> list[np.ndarray]:
+        """A tokenized document (BOS first) as buffer entries of at most a row: split, or cropped to one."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if not self.split_long_docs:
+            return [tokens[:self.row_len]]
+        return [np.concatenate(([self.bos], piece)).astype(np.int32)
+                for piece in split_document(tokens[1:], self.row_len - 1, self._classes)]
+
+    def _add(self, ids: list[DocId], texts: list[str], keep: dict[DocId, set[int]] | None = None) -> None:
+        """Tokenize documents and put their pieces in the buffer (on resume, only the pieces in `keep`)."""
         for doc_id, (tokens, beyond) in zip(ids, self._tokenize(texts)):
-            kept = np.asarray(tokens[:self.row_len], dtype=np.int32)
-            key = (len(kept), doc_id.epoch, doc_id.group, doc_id.row)
-            bisect.insort(self._keys, key)
-            self._docs[key] = (kept, len(tokens) - len(kept) + beyond)
+            pieces = self._pieces(tokens)
+            lost = len(tokens) + beyond - sum(len(p) for p in pieces) + len(pieces) - 1  # extra BOS don't count
+            for i, piece in enumerate(pieces):
+                if keep is not None and i not in keep[doc_id]:
+                    continue
+                key = (len(piece), doc_id.epoch, doc_id.group, doc_id.row, i)
+                bisect.insort(self._keys, key)
+                self._docs[key] = (piece, lost if i == 0 else 0)
 
     def _refill(self) -> None:
         docs = self.stream.read(self.tokenizer_batch_size)
@@ -149,13 +214,13 @@ class PackedLoader:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
-        pending: dict[tuple[int, int], list[int]] = {}
-        for _, epoch, group, row in sorted(self._keys, key=lambda k: k[1:]):
-            pending.setdefault((epoch, group), []).append(row)
+        pending: dict[tuple[int, int], list[list[int]]] = {}
+        for _, epoch, group, row, piece in sorted(self._keys, key=lambda k: k[1:]):
+            pending.setdefault((epoch, group), []).append([row, piece])
         groups = self.stream.groups
         return {
             "version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
-            "seq_len": self.seq_len, "buffer_size": self.buffer_size,
+            "seq_len": self.seq_len, "split_long_docs": self.split_long_docs, "buffer_size": self.buffer_size,
             "tokenizer_batch_size": self.tokenizer_batch_size, "num_row_groups": len(groups),
             "position": self.stream.position,
             "pending": [[e, *groups[g], rows] for (e, g), rows in pending.items()],
@@ -172,9 +237,12 @@ class PackedLoader:
                 raise ValueError(f"loader state holds {len(state['ranks'])} ranks but this run has world_size="
                                  f"{self.world_size}: resume on as many ranks, or start the data over (state=None)")
             state = state["ranks"][self.rank]
+        if state.get("version") == 1:  # whole documents, cropped: the same as version 2 without splitting
+            state = {**state, "version": 2, "split_long_docs": False,
+                     "pending": [[e, shard, rg, [[r, 0] for r in rows]] for e, shard, rg, rows in state["pending"]]}
         mine = {"version": STATE_VERSION, "split": self.split, "world_size": self.world_size, "seq_len": self.seq_len,
-                "buffer_size": self.buffer_size, "tokenizer_batch_size": self.tokenizer_batch_size,
-                "num_row_groups": len(self.stream.groups)}
+                "split_long_docs": self.split_long_docs, "buffer_size": self.buffer_size,
+                "tokenizer_batch_size": self.tokenizer_batch_size, "num_row_groups": len(self.stream.groups)}
         wrong = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if wrong:
             raise ValueError(f"loader state does not match this loader (saved, now): {wrong}; resume with the same "
@@ -188,8 +256,12 @@ class PackedLoader:
                            f"approximate; save every rank's state (see nanochat.data.packing) for an exact resume")
             return
         index = {g: i for i, g in enumerate(self.stream.groups)}
-        ids = [DocId(e, index[(shard, rg)], r) for e, shard, rg, rows in state["pending"] for r in rows]
-        self._add(ids, self.stream.fetch(ids))
+        keep: dict[DocId, set[int]] = {}
+        for e, shard, rg, rows in state["pending"]:
+            for row, piece in rows:
+                keep.setdefault(DocId(e, index[(shard, rg)], row), set()).add(piece)
+        ids = sorted(keep, key=lambda d: (d.epoch, d.group, d.row))
+        self._add(ids, self.stream.fetch(ids), keep)
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def _to_host(self, rows: np.ndarray) -> torch.Tensor:

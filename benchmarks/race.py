@@ -1,0 +1,382 @@
+"""Time to quality, side by side: training configurations ("racers") one after another on one GPU, on the
+same data, validation text and budget; validation bits per byte against training seconds for each.
+
+    python -m benchmarks.race_data --out .race --peer PEER      # once: data and both tokenizers
+    python -m benchmarks.race --race_dir .race --peer PEER --steps 100 \\
+        --racers "ours; nanochat; nanochat_L=nanochat:--window-pattern L --warmup-steps 0"
+    python -m benchmarks.race --smoke [--peer PEER]             # tiny racers on the CPU, in minutes
+
+A racer is `name=kind:flags` (`ours` alone means `ours=ours:`). Kind `ours` runs our scripts.base_train,
+kind `nanochat` the public nanochat's own scripts.base_train in the checkout given with --peer; each keeps
+its own defaults for everything the race does not fix. The race fixes: depth, sequence length, batch
+(tokens per step and rows per device), data (--race_dir/data: training shards, the last one validation),
+each kind's tokenizer (--race_dir/tokenizer_<kind>, trained on that data) and the budget: --steps N, or
+--seconds S (each racer is first timed for --probe_steps and then trains the steps that fit in S at its
+speed). No sampling, no CORE evaluation; a checkpoint at the end.
+
+Measured per racer: validation bpb against training seconds at --eval_points points (each trainer's own
+periodic evaluation), the seconds summed from its per-step times with compilation left out (a step over
+3x the median, the first step's compile and any recompile, counts as the median), median tokens/s, MFU
+and peak memory as the trainer reports them, and the final bpb computed by one routine of ours
+(nanochat/eval/bpb.py:text_bpb via benchmarks/race_eval.py) on the same raw validation text for every
+racer, each model with its own tokenizer. The table printed last gives each racer's time to reach the
+target bpb (the worst racer's final bpb, or --target RACER's) and its ratio to the first racer's.
+Writes race.json (after every racer), race.png and each racer's logs into --out; checkpoints go to --work, where
+a racer's result.json also lets a later run with the same settings skip it (a race longer than one call of a
+GPU machine goes on in the next). Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.race_data import check_peer, link_peer_base, peer_env
+from nanochat.flags import parse_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("ours", "nanochat")
+# Our base_train: "step 00010/00100 | loss 4.1 | lrm 1.000 | 980 ms | 535,000 tok/s | MFU 41.2% | mem 40.1 GiB"
+OURS_STEP = re.compile(r"^step (\d+)/\d+ \| loss [\d.naif]+ \| lrm [\d.]+ \| (\d+) ms \| [\d,]+ tok/s \| MFU ([\d.]+)%")
+OURS_STEP_NO_MFU = re.compile(r"^step (\d+)/\d+ \| loss [\d.naif]+ \| lrm [\d.]+ \| (\d+) ms \|")
+OURS_EVAL = re.compile(r"^step (\d+) \| val bpb ([\d.]+)")
+# The peer: "step 00009/00100 (9.00%) | loss: 4.1 | lrm: 1.00 | dt: 980.12ms | tok/sec: 535,000 | bf16_mfu: 41.20 |"
+PEER_STEP = re.compile(r"^step (\d+)/\d+ \(.*?\) \| loss: [\d.naif]+ \| lrm: [\d.]+ \| dt: ([\d.]+)ms \| "
+                       r"tok/sec: [\d,]+ \| bf16_mfu: ([\d.]+)")
+PEER_EVAL = re.compile(r"^Step (\d+) \| Validation bpb: ([\d.]+)")
+PEER_MEMORY = re.compile(r"^Peak memory usage: ([\d.]+)MiB")
+COMPILE_FACTOR = 3.0
+
+
+@dataclass
+class RaceConfig:
+    """Race training configurations to a validation bpb."""
+    racers: str = field(default="", metadata={"help": "';'-separated `name=kind:flags` (default: ours, and "
+                                                      "nanochat with --peer)"})
+    race_dir: str = field(default=".race", metadata={"help": "made by benchmarks.race_data: data/, tokenizer_<kind>/"})
+    peer: str = field(default="", metadata={"help": "a checkout of karpathy/nanochat at 92d63d4, for kind nanochat"})
+    out: str = field(default="out/race", metadata={"help": "race.json, race.png and the racers' logs"})
+    work: str = field(default="", metadata={"help": "racers' checkpoints and results (default <out>/work); a racer "
+                                                  "whose result there has the same settings is not run again"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps per racer (unless --seconds)"})
+    seconds: float = field(default=0.0, metadata={"help": "training seconds per racer instead of --steps"})
+    probe_steps: int = field(default=15, metadata={"help": "with --seconds: steps timed to size each racer's run"})
+    depth: int = 12
+    max_seq_len: int = 2048
+    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, every racer"})
+    device_batch_size: int = field(default=32, metadata={"help": "rows per micro-step, every racer"})
+    eval_points: int = field(default=10, metadata={"help": "validation evaluations per racer (plus step 0)"})
+    eval_tokens: int = field(default=4 * 524288, metadata={"help": "validation tokens per periodic evaluation"})
+    final_chars: int = field(default=4_000_000, metadata={"help": "validation characters of the final bpb"})
+    target: str = field(default="", metadata={"help": "racer whose final bpb is the target (default: the worst)"})
+    smoke: bool = field(default=False, metadata={"help": "tiny racers on the CPU (data and tokenizers made here)"})
+    device_type: str = field(default="", metadata={"help": "passed to every racer (default: the trainer's own)"})
+
+
+@dataclass
+class Racer:
+    name: str
+    kind: str
+    flags: list[str]
+
+
+def parse_racers(spec: str, with_peer: bool) -> list[Racer]:
+    """`name=kind:flags; ...` -> racers; a bare kind names itself; names are unique."""
+    spec = spec.strip() or ("ours; nanochat" if with_peer else "ours")
+    racers = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        head, _, flags = item.partition(":")
+        name, _, kind = head.partition("=")
+        name, kind = name.strip(), (kind or name).strip()
+        if kind not in KINDS:
+            raise SystemExit(f"racer {item!r}: kind {kind!r} is not one of {', '.join(KINDS)} "
+                             f"(write name=kind:flags, e.g. 'sssl=ours:--window_pattern SSSL')")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise SystemExit(f"racer name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
+        racers.append(Racer(name, kind, flags.split()))
+    names = [r.name for r in racers]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"racer names must be unique, got {names}")
+    if any(r.kind == "nanochat" for r in racers) and not with_peer:
+        raise SystemExit("a nanochat racer needs --peer PATH (a checkout of karpathy/nanochat): "
+                         "`git clone https://github.com/karpathy/nanochat PATH && git -C PATH checkout 92d63d4`")
+    return racers
+
+
+def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Path) -> tuple[list[str], dict, Path]:
+    """(argv, env, cwd) of one racer's training run."""
+    race = Path(cfg.race_dir).resolve()
+    shared = dict(depth=cfg.depth, max_seq_len=cfg.max_seq_len, total_batch_size=cfg.total_batch_size,
+                  device_batch_size=cfg.device_batch_size, eval_every=eval_every, eval_tokens=cfg.eval_tokens,
+                  sample_every=-1, save_every=-1, model_tag=racer.name)
+    if cfg.device_type:
+        shared["device_type"] = cfg.device_type
+    base = work / "base"
+    if racer.kind == "ours":
+        flags = dict(shared, num_iterations=steps, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours")
+        argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in flags.items())]
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONUNBUFFERED="1")
+        return argv + racer.flags, env, ROOT
+    link_peer_base(base, race / "data", race / "tokenizer_nanochat")
+    flags = dict(shared, num_iterations=steps, core_metric_every=-1)
+    argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
+    env = dict(peer_env(Path(cfg.peer).resolve(), base), PYTHONUNBUFFERED="1")
+    return argv + racer.flags, env, Path(cfg.peer).resolve()
+
+
+def run_logged(argv: list[str], env: dict, cwd: Path, log: Path) -> list[str]:
+    """Run, stream its output into `log`, return its lines; a failure names the log."""
+    lines = []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            lines.append(line.rstrip("\n"))
+        if proc.wait() != 0:
+            tail = "\n".join(lines[-15:])
+            raise SystemExit(f"{argv[2:4]} failed (exit {proc.returncode}); its log: {log}\n{tail}")
+    return lines
+
+
+def parse_log(kind: str, lines: list[str]) -> dict:
+    """Per-step seconds and MFU, (step, bpb) evaluations and peak memory from a trainer's output."""
+    dts, mfus, evals, memory = [], [], [], None
+    for line in lines:
+        line = line.strip()
+        if kind == "ours":
+            m = OURS_STEP.match(line) or OURS_STEP_NO_MFU.match(line)
+            if m:
+                dts.append(int(m.group(2)) / 1000)
+                if m.re is OURS_STEP:
+                    mfus.append(float(m.group(3)))
+            elif m := OURS_EVAL.match(line):
+                evals.append((int(m.group(1)), float(m.group(2))))
+            elif line.startswith("{") and '"peak_memory_gib"' in line:
+                memory = json.loads(line)["peak_memory_gib"]
+        else:
+            if m := PEER_STEP.match(line):
+                dts.append(float(m.group(2)) / 1000)
+                mfus.append(float(m.group(3)))
+            elif m := PEER_EVAL.match(line):
+                evals.append((int(m.group(1)), float(m.group(2))))
+            elif m := PEER_MEMORY.match(line):
+                memory = float(m.group(1)) / 1024
+    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory}
+
+
+def training_seconds(step_seconds: list[float]) -> tuple[list[float], float]:
+    """Per-step seconds with compilation left out (a step over COMPILE_FACTOR x the median counts as the
+    median), and the seconds so removed."""
+    if not step_seconds:
+        return [], 0.0
+    median = statistics.median(step_seconds)
+    kept = [median if dt > COMPILE_FACTOR * median else dt for dt in step_seconds]
+    return kept, sum(step_seconds) - sum(kept)
+
+
+def curve(evals: list[tuple[int, float]], kept: list[float]) -> list[tuple[int, float, float]]:
+    """(step, training seconds after that many steps, bpb) per evaluation."""
+    cumulative = [0.0]
+    for dt in kept:
+        cumulative.append(cumulative[-1] + dt)
+    return [(step, cumulative[min(step, len(kept))], bpb) for step, bpb in evals]
+
+
+def time_to_reach(points: list[tuple[int, float, float]], target: float) -> float | None:
+    """Training seconds at which the curve first reaches `target` (linear between evaluations), or None."""
+    for (_, t0, b0), (_, t1, b1) in zip([points[0]] + points, points):
+        if b1 <= target:
+            return t1 if b1 == b0 or b0 <= target else t0 + (t1 - t0) * (b0 - target) / (b0 - b1)
+    return None
+
+
+def final_bpb(cfg: RaceConfig, racer: Racer, work: Path) -> dict:
+    """Our routine's bpb of the racer's final checkpoint on the race's validation text."""
+    val = sorted((Path(cfg.race_dir) / "data").glob("*.parquet"))[-1]
+    argv = [sys.executable, str(ROOT / "benchmarks" / "race_eval.py"), f"--kind={racer.kind}", f"--val={val}",
+            f"--max_chars={cfg.final_chars}"]
+    env = dict(os.environ)
+    if cfg.device_type:
+        argv.append(f"--device={cfg.device_type}")
+    if racer.kind == "ours":
+        argv.append(f"--model={work / 'base' / 'checkpoints' / 'base' / racer.name}")
+    else:
+        argv += [f"--peer={Path(cfg.peer).resolve()}", f"--model_tag={racer.name}"]
+        env = peer_env(Path(cfg.peer).resolve(), work / "base")
+    lines = run_logged(argv, env, ROOT, work / "final_bpb.log")
+    return json.loads(lines[-1])
+
+
+def probe_steps(cfg: RaceConfig, racer: Racer, work: Path) -> int:
+    """With --seconds: the steps that fit in the budget at this racer's median step time."""
+    argv, env, cwd = command(cfg, racer, cfg.probe_steps, eval_every=-1, work=work / "probe")
+    argv.append("--save_every=0" if racer.kind == "ours" else "--save-every=-1")
+    stats = parse_log(racer.kind, run_logged(argv, env, cwd, work / "probe.log"))
+    kept, _ = training_seconds(stats["step_seconds"])
+    shutil.rmtree(work / "probe", ignore_errors=True)
+    return max(1, int(cfg.seconds / statistics.median(kept)))
+
+
+def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
+    """What a racer's result depends on: a stored result with the same settings can stand in for a run."""
+    race = {k: v for k, v in asdict(cfg).items() if k not in ("racers", "out", "work", "target", "smoke")}
+    return {"kind": racer.kind, "flags": racer.flags, **race}
+
+
+def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict:
+    work, logs = work_root / racer.name, out / racer.name
+    stored = work / "result.json"
+    if stored.is_file():
+        result = json.loads(stored.read_text())
+        if result.get("settings") == racer_settings(cfg, racer):
+            print(f"[race] {racer.name}: finished earlier with these settings ({stored}), not run again", flush=True)
+            return result
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(logs, ignore_errors=True)
+    work.mkdir(parents=True)
+    logs.mkdir(parents=True)
+    steps = probe_steps(cfg, racer, work) if cfg.seconds > 0 else cfg.steps
+    eval_every = max(1, steps // cfg.eval_points)
+    argv, env, cwd = command(cfg, racer, steps, eval_every, work)
+    print(f"[race] {racer.name}: {' '.join(argv[2:])}", flush=True)
+    t0 = time.perf_counter()
+    stats = parse_log(racer.kind, run_logged(argv, env, cwd, logs / "train.log"))
+    wall = time.perf_counter() - t0
+    if len(stats["step_seconds"]) != steps or not stats["evals"]:
+        raise SystemExit(f"{racer.name}: parsed {len(stats['step_seconds'])} step lines of {steps} and "
+                         f"{len(stats['evals'])} evaluations from {logs / 'train.log'}; its log format changed?")
+    kept, compile_seconds = training_seconds(stats["step_seconds"])
+    points = curve(stats["evals"], kept)
+    final = final_bpb(cfg, racer, work)
+    median_dt = statistics.median(kept)
+    result = {"name": racer.name, "kind": racer.kind, "flags": racer.flags, "steps": steps,
+            "tok_per_s": cfg.total_batch_size / median_dt, "median_step_s": median_dt,
+            "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
+            "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
+            "compile_seconds": compile_seconds, "wall_seconds": wall, "curve": points,
+            "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
+            "own_minus_ours": points[-1][2] - final["bpb"], "settings": racer_settings(cfg, racer)}
+    stored.write_text(json.dumps(result))
+    return result
+
+
+def summarize(results: list[dict], target_name: str) -> tuple[float, list[dict]]:
+    """The target bpb and, per racer, its time to reach it and the ratio to the first racer's time."""
+    if target_name:
+        match = [r for r in results if r["name"] == target_name]
+        if not match:
+            raise SystemExit(f"--target {target_name}: no such racer ({[r['name'] for r in results]})")
+        target = match[0]["final_bpb_own"]
+    else:
+        target = max(r["final_bpb_own"] for r in results)
+    rows = []
+    for r in results:
+        t = time_to_reach(r["curve"], target)
+        rows.append({"racer": r["name"], "tok_per_s": r["tok_per_s"], "final_bpb": r["final_bpb"],
+                     "final_bpb_own": r["final_bpb_own"], "time_to_target_s": t})
+    first = rows[0]["time_to_target_s"]
+    for row in rows:
+        t = row["time_to_target_s"]
+        row["ratio_to_first"] = t / first if t is not None and first else None
+    return target, rows
+
+
+def plot(results: list[dict], target: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.plot([p[1] for p in r["curve"]], [p[2] for p in r["curve"]], marker="o", ms=3, label=r["name"])
+    ax.axhline(target, color="gray", lw=0.8, ls="--", label=f"target {target:.4f}")
+    ax.set_xlabel("training seconds (compilation and evaluation excluded)")
+    ax.set_ylabel("validation bits per byte")
+    later = [p[2] for r in results for p in r["curve"][1:]] or [target]  # step 0's bpb would flatten the rest
+    ax.set_ylim(min(later) - 0.05, max(later) + 0.2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict], results: list[dict]) -> str:
+    fmt = lambda v, spec: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    lines = ["racer | tok/s | MFU % | mem GiB | train s | final bpb (ours) | final bpb (own eval) | "
+             "time to target s | ratio to first", "---|---:|---:|---:|---:|---:|---:|---:|---:"]
+    for row, r in zip(rows, results):
+        lines.append(f"{row['racer']} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
+                     f"{fmt(r['peak_memory_gib'], '.1f')} | {r['train_seconds']:.1f} | {row['final_bpb']:.4f} | "
+                     f"{row['final_bpb_own']:.4f} | {fmt(row['time_to_target_s'], '.1f')} | "
+                     f"{fmt(row['ratio_to_first'], '.3f')}")
+    return "\n".join(lines)
+
+
+def smoke_setup(cfg: RaceConfig) -> RaceConfig:
+    """Tiny data (3 shards of 64 documents of the default data dir) and 512-token tokenizers under --out, and
+    tiny racers on the CPU."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.race_data import main as prepare
+    from nanochat.data.shards import DocumentStream, list_shards, resolve_data_dir
+    race = Path(cfg.out) / "smoke_data"
+    if not (race / "tokenizer_ours").is_dir() or (cfg.peer and not (race / "tokenizer_nanochat").is_dir()):
+        src = race / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        stream = iter(DocumentStream(list_shards(resolve_data_dir())[:1], loop=False))
+        for i in range(3):
+            texts = [next(stream)[:3000] for _ in range(64)]
+            pq.write_table(pa.table({"text": texts}), src / f"shard_{i:05d}.parquet", row_group_size=16)
+        prepare([f"--src={src}", f"--out={race}", "--train_shards=2", "--vocab_size=512", "--max_doc_chars=1500",
+                 *([f"--peer={cfg.peer}"] if cfg.peer else [])])
+    racers = cfg.racers or "ours; lr2=ours:--matrix_lr 0.04" + ("; nanochat" if cfg.peer else "")
+    tiny = dict(race_dir=str(race), racers=racers, depth=2, max_seq_len=64, total_batch_size=512,
+                device_batch_size=8, steps=20, eval_points=10, eval_tokens=1024, final_chars=20_000,
+                device_type="cpu")
+    return RaceConfig(**{**asdict(cfg), **tiny})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_flags(RaceConfig, argv, description=__doc__.split("\n")[0])
+    if cfg.peer:
+        check_peer(cfg.peer)
+    if cfg.smoke:
+        cfg = smoke_setup(cfg)
+    racers = parse_racers(cfg.racers, bool(cfg.peer))
+    race = Path(cfg.race_dir)
+    needed = [race / "data"] + [race / f"tokenizer_{kind}" for kind in sorted({r.kind for r in racers})]
+    missing = [str(p) for p in needed if not p.is_dir()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: prepare them with `python -m benchmarks.race_data "
+                         f"--out {race}{' --peer ' + cfg.peer if cfg.peer else ''}`")
+    if cfg.steps <= 0 and cfg.seconds <= 0:
+        raise SystemExit("give a budget: --steps N (> 0) or --seconds S")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(cfg.work) if cfg.work else out / "work"
+    results = []
+    for racer in racers:
+        results.append(run_racer(cfg, racer, out, work))
+        (out / "race.json").write_text(json.dumps({"config": asdict(cfg), "racers": results}, indent=1))
+    target, rows = summarize(results, cfg.target)
+    plot(results, target, out / "race.png")
+    summary = {"config": asdict(cfg), "target_bpb": target, "racers": results, "table": rows}
+    (out / "race.json").write_text(json.dumps(summary, indent=1))
+    agreement = max(abs(r["own_minus_ours"]) for r in results)
+    print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
+          f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
+    print(json.dumps({"target_bpb": target, "table": rows, "out": str(out)}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
