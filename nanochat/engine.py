@@ -27,7 +27,7 @@ import torch
 
 from nanochat.calculator import calculate
 from nanochat.common import log0
-from nanochat.gpt import KVCache, embed, lm_head_output, norm
+from nanochat.gpt import KVCache, lm_head_output
 
 
 def cast_params(model, dtype: torch.dtype = torch.bfloat16):
@@ -264,8 +264,9 @@ class StaticDecoder:
     blocks, lm_head) can be compiled and captured in a CUDA graph once and replayed for every token,
     and a server can put unrelated requests in different slots of the same step (continuous batching).
 
-    The step mirrors GPT.forward for T=1 using the model's own modules; attention reads the whole
-    static cache [slots, Hkv, max_seq_len, D] under a mask of the positions each row has filled.
+    The step is the model's own block computation (`GPT.run`) for T=1, with each row's rotary row and an
+    attention that stores the step's k/v and reads the whole static cache [slots, Hkv, max_seq_len, D] under
+    a mask of the positions each row has filled; `prev_tokens` carries each row's last token (smear).
     `tests/test_engine.py` checks it token-for-token against full recomputation.
 
     fuse_qkv (default: when compiled) keeps each layer's q, k, v weights stacked in one matrix, so the
@@ -326,6 +327,7 @@ class StaticDecoder:
         # where the next token goes (absolute: rotary); row caches are indexed from shared_prompt_len on
         self.pos = torch.full((slots,), shared_prompt_len, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the step's input tokens
+        self.prev_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # the tokens before them
         self._rows = torch.arange(slots, device=self.device)
         self._key_pos = torch.arange(row_len, device=self.device)
         fuse_qkv = compile if fuse_qkv is None else fuse_qkv
@@ -368,6 +370,8 @@ class StaticDecoder:
             self.pos[index] = n
         else:
             self.pos.index_copy_(0, index, lengths.to(self.pos.dtype))
+        last = cache.last_tokens if rows is None else cache.last_tokens.index_select(0, rows)
+        self.prev_tokens.index_copy_(0, index, last.expand(len(slots)))
 
     def load_shared_prompt(self, cache) -> None:
         """Store a prefilled batch-1 KVCache of exactly shared_prompt_len positions as the prompt every slot
@@ -384,6 +388,7 @@ class StaticDecoder:
             self.prompt_k[layer].copy_(cache.k[layer, 0, :n].transpose(0, 1))
             self.prompt_v[layer].copy_(cache.v[layer, 0, :n].transpose(0, 1))
         self.pos.fill_(n)
+        self.prev_tokens.copy_(cache.last_tokens.expand(self.slots))
 
     @torch.no_grad()
     def _refresh_qkv_weights(self) -> None:
@@ -411,20 +416,13 @@ class StaticDecoder:
         self.v[layer][where], self.v_scale[layer][where] = vq, vs
 
     def _step(self) -> torch.Tensor:
-        model, cfg = self.model, self.model.config
-        S, H, D = self.slots, cfg.n_head, cfg.head_dim
+        model = self.model
         tok, pos = self.tokens, self.pos.clamp(self.shared_prompt_len, self.max_seq_len - 1)
         row_pos = pos - self.shared_prompt_len                                       # index in the row caches
-        shared = self.prompt_k is not None
         cos, sin = model.cos[0, pos].unsqueeze(1), model.sin[0, pos].unsqueeze(1)  # [S, 1, 1, D/2]
-        x = x0 = embed(model.wte, tok.unsqueeze(1))                                 # [S, 1, C]
-        for i, block in enumerate(model.blocks):
-            attn = block.attn
-            x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
-            h = norm(x)
-            ve = model.value_embeds[str(i)](tok) if str(i) in model.value_embeds else None
-            fused = self.qkv_weights[i] if self.qkv_weights is not None else None
-            q, k, v = attn.qkv(h, cos, sin, ve, fused)                                # the training math
+
+        def attend(attn, q, k, v):  # q [S, 1, H, D]; k, v [S, 1, Hkv, D] of this step's token
+            i, shared = attn.layer_idx, self.prompt_k is not None
             self._store(i, (self._rows, slice(None), row_pos), k[:, 0], v[:, 0])
             if self.attention != "torch":
                 y = self._kernel.decode_attention(q[:, 0], self.k[i], self.v[i], row_pos + 1, attn.window,
@@ -438,10 +436,12 @@ class StaticDecoder:
                 y_prompt, lse_prompt = shared_prompt_attention(q[:, 0], self.prompt_k[i], self.prompt_v[i], pos,
                                                                attn.window)
                 y = merge_attention(y_prompt, lse_prompt, *y)
-            x = x + attn.c_proj(y.reshape(S, 1, H * D).to(h.dtype))
-            x = x + block.mlp(norm(x))
+            return y.unsqueeze(1).to(q.dtype)
+
+        x = model.run(tok.unsqueeze(1), cos, sin, attend, prev_tokens=self.prev_tokens, qkv_weights=self.qkv_weights)
+        self.prev_tokens.copy_(tok)
         self.pos.copy_(pos + 1)
-        return lm_head_output(x[:, 0], model.lm_head, cfg, None, "mean")
+        return lm_head_output(x[:, 0], model.lm_head, model.config, None, "mean")
 
     def step(self) -> torch.Tensor:
         """Feed `self.tokens` at `self.pos` for every slot; returns fp32 logits [slots, vocab]
@@ -462,7 +462,8 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then record one step into a CUDA graph."""
-        saved_pos = self.pos.clone()  # k/v written past a row's position are rewritten before being read
+        saved_pos, saved_prev = self.pos.clone(), self.prev_tokens.clone()  # k/v written past a row's position
+        # are rewritten before being read
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -473,6 +474,7 @@ class StaticDecoder:
         with torch.cuda.graph(self._graph):
             self._logits = self._step_fn()
         self.pos.copy_(saved_pos)  # undo the warm-up steps
+        self.prev_tokens.copy_(saved_prev)
 
 
 class Engine:
@@ -514,6 +516,7 @@ class Engine:
         with autocast_for(self.device):
             x = model.trunk(ids, cache).reshape(B * T, -1).index_select(0, last)
             logits = lm_head_output(x, model.lm_head, cfg, None, "mean").float()
+        cache.last_tokens = ids.reshape(-1).index_select(0, last)  # each row's own last token, not its padding
         return logits, cache, lengths
 
     def decoder(self, slots: int, max_seq_len: int, shared_prompt_len: int = 0) -> StaticDecoder:

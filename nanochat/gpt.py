@@ -12,10 +12,20 @@ heads, a per-layer window (window_pattern) and optional value embeddings mixed i
 All norms are parameter-free RMSNorm, no linear has a bias, embedding and lm_head are untied, the
 vocab is padded to a multiple of 64 (padding rows never reach logits or loss) and logits are
 softcapped with tanh. Mixed precision is the caller's business (torch.autocast on CUDA).
+
+Options (GPTConfig; all off by default, so older checkpoints load as they trained): `smear` mixes each
+position's embedding with the previous token's through a learned gate (a cheap bigram); `backout`
+subtracts a learned fraction of the mid-depth residual before the final norm; `value_embed_gate="input"`
+gates value embeddings per kv head from the block input; `qk_scale` sharpens attention after QK-norm;
+`rope_base`; `unet_skips` adds each early layer's output to its mirror layer's input with a learned weight.
+
+One block computation serves training, prefill and the decode step: `GPT.run` takes the rotary rows and an
+`attend(attn, q, k, v)` callable, so a feature is written once and inference stays exact.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,6 +40,9 @@ ROPE_BASE = 10000.0
 ROPE_LENGTH_FACTOR = 10  # rotary tables cover 10 x sequence_len positions, room for long generations
 VOCAB_MULTIPLE = 64      # pad the vocab so that the lm_head matmul tiles evenly
 RECOMPUTE = ("none", "pointwise", "mlp", "block")
+VALUE_EMBED_GATES = ("scalar", "input")
+SMEAR_CHANNELS = 24      # the smear gate reads this many leading channels of the embedding
+VE_GATE_CHANNELS = 12    # the input-dependent value-embedding gate reads this many of the block input
 
 
 @dataclass
@@ -47,6 +60,16 @@ class GPTConfig:
     softcap: float = 15.0
     attn_backend: str = "auto"
     recompute: str = "none"          # activation recompute in training: none | pointwise | mlp | block (see Block)
+    rope_base: float = ROPE_BASE
+    qk_scale: float = 1.0            # q and k times this after QK-norm: logits x qk_scale² (sharper attention)
+    smear: bool = False
+    backout: bool = False
+    value_embed_gate: str = "scalar"  # scalar: one learned gate per kv head; input: 3 sigmoid(W x[:12]) per kv head
+    unet_skips: bool = False
+    # initialization only (a checkpoint runs the same without them)
+    init_ramp: bool = False          # resid lambdas 1.15 -> 1.05 and x0 lambdas 0.20 -> 0.05 over depth, not 1 and 0
+    c_fc_init_scale: float = 1.0     # the MLP's input matrix starts at this times the other matrices' scale
+    embedding_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim"):
@@ -64,6 +87,13 @@ class GPTConfig:
             raise ValueError(f"short_window must be >= 1 or None (sequence_len // 2), got {self.short_window}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
+        if self.value_embed_gate not in VALUE_EMBED_GATES:
+            raise ValueError(f"value_embed_gate must be one of {', '.join(VALUE_EMBED_GATES)}; "
+                             f"got {self.value_embed_gate!r}")
+        if self.smear and self.n_embd < SMEAR_CHANNELS or self.value_embeds and self.value_embed_gate == "input" \
+                and self.n_embd < VE_GATE_CHANNELS:
+            raise ValueError(f"smear needs n_embd >= {SMEAR_CHANNELS} and the input gate >= {VE_GATE_CHANNELS}; "
+                             f"got n_embd={self.n_embd}")
         if self.attn_backend != "auto" and self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}; "
                              f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
@@ -84,6 +114,11 @@ class GPTConfig:
         """Value embeddings on alternating layers, the last layer always included."""
         return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
 
+    @property
+    def backout_layer(self) -> int:
+        """The layer whose output backout subtracts (a fraction of) at the end: mid-depth."""
+        return self.n_layer // 2
+
 
 def config_from_depth(depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128,
                       window_pattern: str = "L", **overrides) -> GPTConfig:
@@ -100,16 +135,17 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int, aspect_rat
     return replace(cfg, **overrides)
 
 
-def rotary_angles(length: int, head_dim: int, device=None) -> torch.Tensor:
-    """Rotary angles [length, head_dim // 2] in fp32: position p times frequency ROPE_BASE^(-2i/head_dim).
+def rotary_angles(length: int, head_dim: int, device=None, base: float = ROPE_BASE) -> torch.Tensor:
+    """Rotary angles [length, head_dim // 2] in fp32: position p times frequency base^(-2i/head_dim).
     Shared with gpt_te, so both models rotate by the same angles."""
-    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     return torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
 
 
-def rotary_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(length: int, head_dim: int, device=None,
+                  base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [1, length, 1, head_dim // 2] in fp32, for positions 0..length-1."""
-    angles = rotary_angles(length, head_dim, device)
+    angles = rotary_angles(length, head_dim, device, base)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
 
@@ -134,6 +170,14 @@ def embed(wte: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     return norm(x)
+
+
+Attend = Callable[["CausalSelfAttention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_attend(attn: "CausalSelfAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Training's attention: q [B, T, H, D] over k, v [B, T, Hkv, D] of the same positions, the layer's window."""
+    return attention(q, k, v, window=attn.window, backend=attn.backend)
 
 
 def lm_head_output(x: torch.Tensor, lm_head: nn.Linear, cfg: GPTConfig, targets: torch.Tensor | None,
@@ -165,12 +209,18 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx, self.window, self.backend = layer_idx, window, cfg.attn_backend
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qk_scale = cfg.qk_scale
         self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        # per-kv-head gate on the value embedding (an AdamW "scalar"), only on layers that have one
-        self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head)) if cfg.has_value_embed(layer_idx) else None
+        # the value embedding's gate per kv head, on layers that have one: a learned scalar (AdamW), or
+        # 3 sigmoid(W x[..., :VE_GATE_CHANNELS]) of the block input (W a small matrix, Muon)
+        self.ve_gate = self.ve_gate_linear = None
+        if cfg.has_value_embed(layer_idx) and cfg.value_embed_gate == "scalar":
+            self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head))
+        elif cfg.has_value_embed(layer_idx):
+            self.ve_gate_linear = nn.Linear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False)
 
     def qkv_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """c_q, c_k and c_v stacked into one [(H + 2 Hkv) D, C] matrix for `qkv` (into `out` when given,
@@ -201,16 +251,22 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            v = v + self.ve_gate.to(v.dtype).view(1, 1, -1, 1) * ve.view_as(v).to(v.dtype)
+            if self.ve_gate_linear is not None:
+                gate = 3 * torch.sigmoid(self.ve_gate_linear(x[..., :VE_GATE_CHANNELS])).unsqueeze(-1)  # [B, T, Hkv, 1]
+            else:
+                gate = self.ve_gate.view(1, 1, -1, 1)
+            v = v + gate.to(v.dtype) * ve.view_as(v).to(v.dtype)
         # Rotary then QK-norm (as nanochat). The order does not matter: rotary rotates channel pairs,
         # which leaves each head vector's RMS unchanged, so norm(rope(q)) == rope(norm(q)).
-        return norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin)), v
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
+        return q, k, v
 
-    def forward(self, x, cos, sin, ve=None, kv_cache=None):
+    def forward(self, x, cos, sin, ve, attend: Attend, fused_weight: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin, ve)
-        y = attention(q, k, v, window=self.window, backend=self.backend, kv_cache=kv_cache, layer_idx=self.layer_idx)
-        return self.c_proj(y.reshape(B, T, -1))
+        q, k, v = self.qkv(x, cos, sin, ve, fused_weight)
+        return self.c_proj(attend(self, q, k, v).reshape(B, T, -1).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -236,13 +292,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute = cfg.recompute
 
-    def forward(self, x, cos, sin, ve=None, kv_cache=None):
+    def forward(self, x, cos, sin, ve=None, attend: Attend = causal_attend, fused_weight=None):
         if self.recompute == "block" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, ve, kv_cache, use_reentrant=False)
-        return self._forward(x, cos, sin, ve, kv_cache)
+            return checkpoint(self._forward, x, cos, sin, ve, attend, fused_weight, use_reentrant=False)
+        return self._forward(x, cos, sin, ve, attend, fused_weight)
 
-    def _forward(self, x, cos, sin, ve, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, ve, kv_cache)
+    def _forward(self, x, cos, sin, ve, attend, fused_weight):
+        x = x + self.attn(norm(x), cos, sin, ve, attend, fused_weight)
         if self.recompute == "mlp" and torch.is_grad_enabled():
             return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
@@ -266,32 +322,57 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, vocab, bias=False)
         self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
+        if cfg.smear:  # x_t += lambda * sigmoid(w . x_t[:SMEAR_CHANNELS]) * x_{t-1}
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.empty(1))
+        if cfg.backout:  # x_final = x - lambda * x after the backout layer
+            self.backout_lambda = nn.Parameter(torch.empty(1))
+        if cfg.unet_skips:  # layer n-1-i's input += lambda_i * layer i's output, i < n // 2
+            self.skip_lambdas = nn.Parameter(torch.empty(cfg.n_layer // 2))
         self.rotary_len = cfg.sequence_len * ROPE_LENGTH_FACTOR
-        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim)
+        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, base=cfg.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # derived, so never saved in checkpoints
         self.register_buffer("sin", sin, persistent=False)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Fill every parameter and buffer (after `to_empty`). Matrices: uniform with std 1/sqrt(fan_in);
-        output projections zero, so each block starts as the identity; embeddings std 1; lm_head tiny,
-        so the first logits are near-uniform; residual scalars 1, x0 scalars 0, value-embed gates 1."""
+        """Fill every parameter and buffer (after `to_empty`). Matrices: uniform with std 1/sqrt(fan_in)
+        (c_fc times c_fc_init_scale); output projections zero, so each block starts as the identity; embeddings
+        std embedding_init_std; lm_head tiny, so the first logits are near-uniform; residual scalars 1 and x0
+        scalars 0 (or, with init_ramp, 1.15 -> 1.05 and 0.20 -> 0.05 over depth); value-embed gates 1 (the
+        input gate: small positive weights, so 3 sigmoid starts near 1.5); smear off (lambda 0), backout 0.2,
+        skips 0."""
         cfg = self.config
-        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.wte.weight, std=cfg.embedding_init_std)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = math.sqrt(3.0 / cfg.n_embd)  # uniform(-b, b) has std b / sqrt(3)
         for block in self.blocks:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -bound * cfg.c_fc_init_scale, bound * cfg.c_fc_init_scale)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
                 nn.init.ones_(block.attn.ve_gate)
+            if block.attn.ve_gate_linear is not None:
+                nn.init.uniform_(block.attn.ve_gate_linear.weight, 0.0, 0.02)
         for table in self.value_embeds.values():  # a small perturbation of v at first
             nn.init.uniform_(table.weight, -bound, bound)
-        nn.init.ones_(self.resid_lambdas)
-        nn.init.zeros_(self.x0_lambdas)
-        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, device=self.cos.device)
+        if cfg.init_ramp:
+            depth = torch.linspace(0.0, 1.0, cfg.n_layer) if cfg.n_layer > 1 else torch.zeros(1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        else:
+            nn.init.ones_(self.resid_lambdas)
+            nn.init.zeros_(self.x0_lambdas)
+        if cfg.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)
+        if cfg.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if cfg.unet_skips:
+            nn.init.zeros_(self.skip_lambdas)
+        cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, device=self.cos.device, base=cfg.rope_base)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -302,21 +383,60 @@ class GPT(nn.Module):
 
     def trunk(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
         """idx [B, T] -> the residual stream after the last block [B, T, C], before the final norm and
-        lm_head (a batched prefill takes logits at each row's last position only)."""
+        lm_head (a batched prefill takes logits at each row's last position only). With a KVCache the
+        positions start at its `pos`: their k/v are written there and attend to everything before."""
         T = idx.size(1)
         pos = 0 if kv_cache is None else kv_cache.pos
         if pos + T > self.rotary_len:
             raise ValueError(f"positions up to {pos + T} exceed the rotary table ({self.rotary_len} = "
                              f"{ROPE_LENGTH_FACTOR} x sequence_len); use a larger GPTConfig.sequence_len")
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        x = x0 = embed(self.wte, idx)
+        if kv_cache is None:
+            return self.run(idx, cos, sin)
+
+        def attend(attn, q, k, v):
+            return attention(q, k, v, window=attn.window, backend=attn.backend, kv_cache=kv_cache,
+                             layer_idx=attn.layer_idx)
+        x = self.run(idx, cos, sin, attend, prev_tokens=kv_cache.last_tokens if pos else None)
+        kv_cache.pos += T
+        kv_cache.last_tokens = idx[:, -1]
+        return x
+
+    def run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend = causal_attend,
+            prev_tokens: torch.Tensor | None = None,
+            qkv_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's one block computation, for training, prefill and decoding alike: tokens idx [B, T] at
+        rotary rows cos, sin (any shape that broadcasts to [B, T, 1, D/2]) -> the residual stream [B, T, C].
+        `attend(attn, q, k, v)` does each layer's attention (and any caching); `prev_tokens` [B] are the
+        tokens before idx[:, 0] (smear; None: nothing before); `qkv_weights` one stacked q/k/v matrix per
+        layer (a decoder's: one projection matmul instead of three)."""
+        cfg = self.config
+        x = embed(self.wte, idx)
+        if cfg.smear:
+            x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]))
+        x0, mid, skips = x, None, []
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if cfg.unet_skips and i >= cfg.n_layer - len(skips):
+                x = x + self.skip_lambdas[cfg.n_layer - 1 - i] * skips[cfg.n_layer - 1 - i]
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, ve, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
+            x = block(x, cos, sin, ve, attend, None if qkv_weights is None else qkv_weights[i])
+            if cfg.unet_skips and i < cfg.n_layer // 2:
+                skips.append(x)
+            if i == cfg.backout_layer:
+                mid = x
+        if cfg.backout:
+            x = x - self.backout_lambda.to(x.dtype) * mid
         return x
+
+    def _smear(self, x: torch.Tensor, before_first: torch.Tensor | None) -> torch.Tensor:
+        """x_t + lambda sigmoid(w . x_t[:SMEAR_CHANNELS]) x_{t-1}, where x_{-1} is `before_first` [B, 1, C]
+        (the previous token's normed embedding), or nothing when None (a sequence's first position)."""
+        if before_first is None:
+            before_first = torch.zeros_like(x[:, :1])
+        before = torch.cat((before_first, x[:, :-1]), dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate.to(x.dtype) * before
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -325,14 +445,26 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the MFU numerator: see `flops_per_token`."""
         return flops_per_token(self.config, self.blocks)
 
+    def scaling_params(self) -> int:
+        """The parameters a training horizon scales with: the blocks' matrices and lm_head's real rows."""
+        cfg = self.config
+        return sum(p.numel() for p in self.blocks.parameters() if p.ndim == 2) + cfg.vocab_size * cfg.n_embd
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Optimizer groups, every parameter exactly once: "matrix" (2-D weights in blocks, Muon);
-        "embedding", "lm_head", "scalar" (lambdas and value-embed gates) for AdamW."""
+        """Optimizer groups, every parameter exactly once: "matrix" (2-D weights in blocks, Muon); for
+        AdamW "embedding" (wte), "value_embed", "lm_head", "resid" and "x0" (the per-layer lambdas) and
+        "scalar" (value-embed scalar gates, smear, backout and skip parameters)."""
+        extra = [getattr(self, name) for name in ("smear_lambda", "backout_lambda", "skip_lambdas") if hasattr(self, name)]
+        if self.config.smear:
+            extra.append(self.smear_gate.weight)
         groups = {
             "matrix": [p for p in self.blocks.parameters() if p.ndim == 2],
-            "embedding": [self.wte.weight, *(t.weight for t in self.value_embeds.values())],
+            "embedding": [self.wte.weight],
+            "value_embed": [t.weight for t in self.value_embeds.values()],
             "lm_head": [self.lm_head.weight],
-            "scalar": [self.resid_lambdas, self.x0_lambdas, *(p for p in self.blocks.parameters() if p.ndim < 2)],
+            "resid": [self.resid_lambdas],
+            "x0": [self.x0_lambdas],
+            "scalar": [*(p for p in self.blocks.parameters() if p.ndim < 2), *extra],
         }
         assert sum(len(g) for g in groups.values()) == len(list(self.parameters())), "param_groups misses a parameter"
         return groups
@@ -349,6 +481,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.last_tokens: torch.Tensor | None = None  # [B] the last tokens written (smear reads them next)
 
     @property
     def batch_size(self) -> int:
@@ -359,19 +492,7 @@ class KVCache:
         return self.k.size(2)
 
     def reset(self) -> None:
-        self.pos = 0
-
-    def prefill_from(self, other: "KVCache") -> None:
-        """Copy a batch-1 cache (one prefilled prompt) into every row, to sample n continuations."""
-        if other.k.size(1) != 1:
-            raise ValueError(f"prefill_from expects a batch-1 cache, got batch {other.k.size(1)}")
-        if (other.k.size(0), *other.k.shape[3:]) != (self.k.size(0), *self.k.shape[3:]):
-            raise ValueError(f"cache shapes differ: layers/heads/dim {tuple(other.k.shape)} vs {tuple(self.k.shape)}")
-        if other.pos > self.max_seq_len:
-            raise ValueError(f"source cache holds {other.pos} positions, more than max_seq_len {self.max_seq_len}")
-        self.k[:, :, :other.pos] = other.k[:, :, :other.pos]
-        self.v[:, :, :other.pos] = other.v[:, :, :other.pos]
-        self.pos = other.pos
+        self.pos, self.last_tokens = 0, None
 
 
 def model_class(arch: str = "gpt") -> type[nn.Module]:

@@ -73,9 +73,14 @@ class TEGPT(nn.Module):
         te = import_te()
         if cfg.recompute != "none":
             raise ValueError("--arch te does not support --recompute; use --arch gpt or --recompute none")
-        if cfg.value_embeds:
-            raise ValueError("--arch te has no value embeddings (TE's attention takes no extra value input); "
-                             "drop --value_embeds or use --arch gpt")
+        plain = GPTConfig()  # TE's layer runs the plain block: these options have no place in it
+        options = {"value_embeds": False, "smear": False, "backout": False, "unet_skips": False,
+                   "qk_scale": plain.qk_scale, "rope_base": plain.rope_base}
+        unsupported = {k: getattr(cfg, k) for k, v in options.items() if getattr(cfg, k) != v}
+        if unsupported:
+            raise ValueError(f"--arch te builds the plain block (TE's TransformerLayer), without {sorted(unsupported)}: "
+                             f"pass {' '.join(f'--{k} {v}' for k, v in options.items() if k in unsupported)}, or use "
+                             f"--arch gpt")
         self.config = cfg
         self.precision, self.fp8_recipe = "bf16", "tensorwise"
         self.windows = cfg.layer_windows()

@@ -15,6 +15,7 @@ summation order).
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, defaultdict
 from typing import Callable
 
@@ -66,21 +67,29 @@ def orthogonalize(G: Tensor) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Polar Express), for 2-D parameters only.
 
-    Per step: Nesterov momentum on the gradient, orthogonalize, scale by sqrt(max(1, rows/cols)) so
-    tall and wide matrices take comparable per-element steps, optional decoupled weight decay
-    (lr * weight_decay; "cautious" = only where the update pushes the weight toward zero as well),
-    then p -= lr * update. Matrices of one shape are orthogonalized together as one batched matmul.
+    Per step: Nesterov momentum on the gradient, orthogonalize, optionally normalize per neuron (beta2 > 0,
+    below), scale by sqrt(max(1, rows/cols)) so tall and wide matrices take comparable per-element steps,
+    optional decoupled weight decay (lr * weight_decay; "cautious" = only where the update pushes the weight
+    toward zero as well), then p -= lr * update. Matrices of one shape are orthogonalized together as one
+    batched matmul.
+
+    Per-neuron normalization (NorMuon, Li et al. 2025): orthogonalization equalizes singular values, not the
+    rows' (or, for wide matrices, the columns') update sizes, which come out uneven. An EMA (beta2) of each
+    row's mean squared update divides it out, then the whole update is rescaled to its norm before, so the
+    step size stays Muon's and only its distribution over neurons changes.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, cautious_wd: bool = True):
+                 weight_decay: float = 0.0, cautious_wd: bool = True, beta2: float = 0.0):
         params = list(params)
         for p in params:
             if p.ndim != 2:
                 raise ValueError(f"Muon only takes 2-D parameters; got shape {tuple(p.shape)}: "
                                  "put it in an AdamW group instead")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Muon's beta2 (per-neuron normalization) must be in [0, 1), 0 = off; got {beta2}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, cautious_wd=cautious_wd))
+                                      weight_decay=weight_decay, cautious_wd=cautious_wd, beta2=beta2))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,6 +115,8 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)  # buf = mu * buf + (1 - mu) * g
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         ortho = orthogonalize(torch.stack(updates))
+        if group.get("beta2", 0.0) > 0.0:
+            ortho = self._normalize_neurons(group["beta2"], params, ortho)
         lr = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
         wd = group["weight_decay"]
         for p, o in zip(params, ortho.unbind(0)):
@@ -116,6 +127,22 @@ class Muon(torch.optim.Optimizer):
                     decay = decay * ((o * p) > 0)  # p -= lr*o shrinks |p| here too
                 p.sub_(decay)
             p.add_(o, alpha=-lr)
+
+    def _normalize_neurons(self, beta2: float, params: list[Tensor], ortho: Tensor) -> Tensor:
+        """ortho [K, rows, cols] with each row (cols > rows: each column) divided by the root of an EMA of its
+        mean square, then rescaled to ortho's Frobenius norm per matrix. The EMA starts at the first value."""
+        dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2  # average along the longer side: per output neuron
+        mean_sq = ortho.float().square().mean(dim=dim, keepdim=True)
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "neuron_second_moment" not in state:
+                state["neuron_second_moment"] = mean_sq[i].clone()
+            else:
+                state["neuron_second_moment"].lerp_(mean_sq[i], 1.0 - beta2)
+        second = torch.stack([self.state[p]["neuron_second_moment"] for p in params])
+        scaled = ortho.float() * second.clamp(min=1e-10).rsqrt()
+        norm_ratio = ortho.float().norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10)
+        return (scaled * norm_ratio).to(ortho.dtype)
 
 
 class MuonAdamW:
@@ -203,6 +230,11 @@ class MuonAdamW:
         for g in self.muon.param_groups if self.muon is not None else []:
             g["momentum"] = m
 
+    def set_weight_decay_multiplier(self, m: float) -> None:
+        """Muon's weight decay = its initial value * m (a schedule)."""
+        for g in self.muon.param_groups if self.muon is not None else []:
+            g["weight_decay"] = g["initial_weight_decay"] * m
+
     def state_dict(self) -> dict:
         """Plain tensors, numbers, strings, lists and dicts only: loadable with weights_only=True."""
         return {"muon": self.muon.state_dict() if self.muon is not None else None,
@@ -219,8 +251,19 @@ class MuonAdamW:
             if (opt is None) != (state[name] is None):
                 raise ValueError(f"optimizer state has {'no ' if state[name] is None else ''}{name} part but this "
                                  "optimizer does" + (" not" if opt is None else "") + ": different model or sharding")
+        groups_now = [len(opt.param_groups) if opt is not None else 0 for opt in (self.muon, self.adamw)]
+        groups_saved = [len(state[name]["param_groups"]) if state[name] is not None else 0 for name in ("muon", "adamw")]
+        if groups_now != groups_saved:
+            raise ValueError(f"the optimizer state has (Muon, AdamW) parameter groups {tuple(groups_saved)}, this "
+                             f"optimizer {tuple(groups_now)}: it was saved by another model or optimizer recipe "
+                             f"(e.g. before --adam_groups and the model's finer parameter kinds); resume with the code "
+                             f"and flags that saved it, or start the optimizer fresh")
         if self.muon is not None:
+            defaults = [dict(g) for g in self.muon.param_groups]
             self.muon.load_state_dict(state["muon"])
+            for g, now in zip(self.muon.param_groups, defaults):  # keys older states lack
+                for key in ("beta2", "initial_weight_decay"):
+                    g.setdefault(key, g["weight_decay"] if key == "initial_weight_decay" else now[key])
         if self.adamw is not None:
             # fused/foreach are properties of this process's device, not of the run being resumed
             impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.adamw.param_groups]
@@ -266,7 +309,7 @@ def assign_owners(groups: dict[str, list[Tensor]], world_size: int) -> dict[Tens
     for p in groups["matrix"]:
         by_shape[p.shape].append(p)
     matrices = [p for _, same in sorted(by_shape.items(), key=lambda kv: -kv[0].numel()) for p in same]
-    rest = sorted((p for k in ("embedding", "lm_head", "scalar") for p in groups[k]),
+    rest = sorted((p for k, ps in groups.items() if k != "matrix" for p in ps),
                   key=lambda t: -t.numel())  # stable sort: ties keep model order
     load = [0] * world_size
     owners: dict[Tensor, int] = {}
@@ -277,20 +320,41 @@ def assign_owners(groups: dict[str, list[Tensor]], world_size: int) -> dict[Tens
     return owners
 
 
+# AdamW kinds of model.param_groups(): (which learning rate, its factor, betas, weight decay) under
+# adam_groups="tuned" (per-kind settings, as the public nanochat's record runs tune them); "uniform" gives
+# every kind its learning rate unscaled, adam_betas and no weight decay.
+ADAMW_KINDS: dict[str, tuple[str, float, tuple[float, float], float]] = {
+    "embedding": ("embedding_lr", 1.0, (0.8, 0.995), 0.001),
+    "value_embed": ("embedding_lr", 0.5, (0.8, 0.995), 0.01),
+    "lm_head": ("unembedding_lr", 1.0, (0.8, 0.96), 0.01),
+    "resid": ("scalar_lr", 0.01, (0.8, 0.95), 0.05),
+    "x0": ("scalar_lr", 1.0, (0.96, 0.95), 0.0),
+    "scalar": ("scalar_lr", 0.4, (0.8, 0.95), 0.0),
+}
+ADAM_GROUPS = ("uniform", "tuned")
+WIDTH_SCALED = ("embedding", "value_embed", "lm_head")  # AdamW rates x min(1, (n_embd / 768) ** -0.5)
+
+
 def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
                     unembedding_lr: float = 0.004, scalar_lr: float = 0.5, weight_decay: float = 0.0,
-                    adam_betas: tuple[float, float] = (0.8, 0.95), shard: bool = False) -> MuonAdamW:
-    """Muon (matrices) + AdamW (embedding, lm_head, scalars) from `model.param_groups()`.
+                    adam_betas: tuple[float, float] = (0.8, 0.95), adam_groups: str = "uniform",
+                    muon_beta2: float = 0.0, shard: bool = False) -> MuonAdamW:
+    """Muon (the "matrix" group) + AdamW (every other kind of `model.param_groups()`, see ADAMW_KINDS).
 
-    The embedding and lm_head LRs are scaled by (n_embd / 768) ** -0.5: they were tuned at width 768
-    and AdamW's per-element step should shrink as the model widens. weight_decay applies to the Muon
-    matrices only. Under torch.distributed (world size > 1) step() synchronizes gradients itself (do
-    not wrap the model in DDP); shard=True also splits the optimizer state and work across ranks.
+    The embedding and lm_head LRs are scaled by (n_embd / 768) ** -0.5 above width 768: they were tuned at
+    768 and AdamW's per-element step should shrink as the model widens. Narrower models keep the 768 rates
+    (scaled up, the tuned rates made d2-d4 CPU runs at a 512-token batch spike). weight_decay is Muon's (cautious);
+    adam_groups="tuned" also gives each AdamW kind its own betas and weight decay. muon_beta2 > 0 turns on
+    Muon's per-neuron normalization. Under torch.distributed (world size > 1) step() synchronizes gradients
+    itself (do not wrap the model in DDP); shard=True also splits the optimizer state and work across ranks.
     """
+    if adam_groups not in ADAM_GROUPS:
+        raise ValueError(f"adam_groups must be one of {', '.join(ADAM_GROUPS)}, got {adam_groups!r}")
     groups = model.param_groups()
-    expected = {"matrix", "embedding", "lm_head", "scalar"}
-    if set(groups) != expected:
-        raise ValueError(f"model.param_groups() must return keys {sorted(expected)}, got {sorted(groups)}")
+    unknown = set(groups) - {"matrix", *ADAMW_KINDS}
+    if "matrix" not in groups or unknown:
+        raise ValueError(f"model.param_groups() must return 'matrix' and kinds among {sorted(ADAMW_KINDS)}, "
+                         f"got {sorted(groups)}")
     grouped = [p for ps in groups.values() for p in ps]
     if len({id(p) for p in grouped}) != len(grouped):
         raise ValueError("a parameter appears in two of model.param_groups()")
@@ -306,22 +370,27 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: 
 
     muon = None
     if groups["matrix"]:
-        muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
-        muon.param_groups[0].update(kind="matrix", initial_lr=matrix_lr)
-    dmodel_scale = (model.config.n_embd / 768) ** -0.5
-    adam_groups = [
-        dict(params=groups["embedding"], lr=embedding_lr * dmodel_scale, kind="embedding"),
-        dict(params=groups["lm_head"], lr=unembedding_lr * dmodel_scale, kind="lm_head"),
-        dict(params=groups["scalar"], lr=scalar_lr, kind="scalar"),
-    ]
-    adam_groups = [g for g in adam_groups if g["params"]]
-    for g in adam_groups:
+        muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, beta2=muon_beta2)
+        muon.param_groups[0].update(kind="matrix", initial_lr=matrix_lr, initial_weight_decay=weight_decay)
+    rates = dict(embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr)
+    dmodel_scale = min(1.0, (model.config.n_embd / 768) ** -0.5)  # narrower models keep d12's rates
+    adam_param_groups = []
+    for kind, params in groups.items():
+        if kind == "matrix" or not params:
+            continue
+        rate, factor, betas, decay = ADAMW_KINDS[kind]
+        lr = rates[rate] * (dmodel_scale if kind in WIDTH_SCALED else 1.0)
+        if adam_groups == "tuned":
+            adam_param_groups.append(dict(params=params, lr=lr * factor, betas=betas, weight_decay=decay, kind=kind))
+        else:
+            adam_param_groups.append(dict(params=params, lr=lr, betas=adam_betas, weight_decay=0.0, kind=kind))
+    for g in adam_param_groups:
         g["initial_lr"] = g["lr"]
     adamw = None
-    if adam_groups:
+    if adam_param_groups:
         on_cuda = any(p.is_cuda for p in grouped)
-        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0,
-                                  fused=True if on_cuda else None, foreach=None if on_cuda else True)
+        adamw = torch.optim.AdamW(adam_param_groups, eps=1e-10, fused=True if on_cuda else None,
+                                  foreach=None if on_cuda else True)
     return MuonAdamW(muon, adamw, grouped, world_size=world_size, owners=owners)
 
 
@@ -342,12 +411,27 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ra
     return 1.0 + progress * (final_lr_frac - 1.0)
 
 
-def muon_momentum(step: int, warmup: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+def muon_momentum(step: int, warmup: int = 300, start: float = 0.85, end: float = 0.95,
+                  num_iterations: int = 0, warmdown_ratio: float = 0.0, final: float | None = None) -> float:
     """Muon momentum: start -> end linearly over the first `warmup` steps (less momentum early, while
-    the gradients still change direction fast)."""
-    frac = min(step / warmup, 1.0)
-    return start + frac * (end - start)
+    the gradients still change direction fast); with `final`, end -> final linearly over the LR's warmdown
+    (the last round(warmdown_ratio * num_iterations) steps), as the steps shrink."""
+    momentum = start + min(step / warmup, 1.0) * (end - start) if warmup > 0 else end
+    warmdown = round(warmdown_ratio * num_iterations)
+    if final is None or warmdown == 0 or step < num_iterations - warmdown:
+        return momentum
+    progress = min(1.0, (step - (num_iterations - warmdown)) / warmdown)
+    return momentum + progress * (final - momentum)
+
+
+def weight_decay_multiplier(step: int, num_iterations: int, schedule: str) -> float:
+    """Muon's weight decay over training: "constant" 1, or "cosine" from 1 to 0 over num_iterations."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, num_iterations) / max(num_iterations, 1)))
+    raise ValueError(f"weight decay schedule must be constant or cosine, got {schedule!r}")
 
 
 __all__ = ["POLAR_EXPRESS_COEFFS", "orthogonalize", "Muon", "MuonAdamW", "reduce_gradients", "assign_owners",
-           "build_optimizer", "lr_multiplier", "muon_momentum"]
+           "build_optimizer", "lr_multiplier", "muon_momentum", "weight_decay_multiplier"]

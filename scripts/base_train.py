@@ -6,20 +6,27 @@
 The script owns the loop and wires the parts together: tokenizer -> packed loader -> GPT (with the chosen
 loss/attention kernels) -> Muon+AdamW -> atomic checkpoints. Every log line has step, loss, lr, step ms,
 tok/s, MFU and peak memory; the last line is one JSON object with the run's figures.
+
+Depth is the one dial (`derive_shapes`, printed at start): width = depth x aspect_ratio; the horizon is
+target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
+(horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19); Muon's weight
+decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 (nanochat.optim).
+Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
+measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from nanochat import kernels
-from nanochat.checkpoint import load_checkpoint, run_checkpoint_dir, save_checkpoint
+from nanochat.checkpoint import claim_checkpoint_dir, load_checkpoint, run_checkpoint_dir, save_checkpoint
 from nanochat.common import (
     compute_cleanup, compute_init, device_name, log0, peak_flops, peak_memory_gib, print0,
     synchronize,
@@ -28,11 +35,13 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.gpt import config_from_depth, model_class
-from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, model_class
+from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import FP8_RECIPES_HELP, apply_precision, cache_low_precision_weights, check_precision
 from nanochat.runtime import check_recompute, compile_model, default_compile, setup_torch_env
+from nanochat.progress import progress_bar
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
+from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
 
 
 @dataclass
@@ -40,42 +49,72 @@ class TrainConfig:
     # model
     arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers; no sampling)"})
     depth: int = field(default=20, metadata={"help": "number of layers; width = depth * aspect_ratio"})
-    aspect_ratio: int = 64
-    head_dim: int = 128
+    aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio, rounded up to head_dim"})
+    head_dim: int = field(default=128, metadata={"help": "channels per attention head"})
     max_seq_len: int | None = field(default=None, metadata={"help": "context length (default 2048; 512 on CPU)"})
-    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = half context)"})
+    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = short_window)"})
+    short_window: int | None = field(default=None, metadata={"help": "the S window in tokens (default: a quarter "
+                                                             "of the context, rounded up to 128)"})
     n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
-    value_embeds: bool = False
+    value_embeds: bool = field(default=True, metadata={"help": "value embeddings on alternating layers"})
+    value_embed_gate: str = field(default="input", metadata={"help": "their gate: input (from the block input) or scalar"})
+    smear: bool = field(default=True, metadata={"help": "mix the previous token's embedding in through a gate"})
+    backout: bool = field(default=True, metadata={"help": "subtract a learned part of the mid-depth residual at the end"})
+    qk_scale: float = field(default=1.2, metadata={"help": "q and k times this after QK-norm"})
+    rope_base: float = field(default=100_000.0, metadata={"help": "rotary base frequency"})
+    unet_skips: bool = field(default=False, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
+    init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
+    c_fc_init_scale: float = field(default=0.4, metadata={"help": "the MLP input matrix's initial scale factor"})
+    embedding_init_std: float = field(default=0.8, metadata={"help": "initial std of the token embedding"})
     recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block (memory for compute)"})
     # batch and horizon
     device_batch_size: int | None = field(default=None, metadata={"help": "rows per device per micro-step (default 32; 1 on CPU)"})
-    total_batch_size: int | None = field(default=None, metadata={"help": "tokens per optimizer step (default 524288; one micro-batch on CPU)"})
+    total_batch_size: int | None = field(default=None, metadata={"help": "tokens per optimizer step (default: from the "
+                                                                 "horizon, 524288 at d12; one micro-batch on CPU)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from target_param_data_ratio"})
     max_seconds: float = field(default=0.0, metadata={"help": "time budget for the training steps (evals excluded): "
                                                       "the LR schedule follows the larger of the step and time "
                                                       "fractions, training stops when it is spent; 0 = off"})
-    target_param_data_ratio: float = 20.0
-    # optimizer and schedule
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
+    target_param_data_ratio: float = field(default=12.0, metadata={"help": "horizon: tokens per block-matrix and "
+                                                                   "lm_head parameter"})
+    split_long_docs: bool = field(default=True, metadata={"help": "split documents longer than a row into pieces "
+                                                          "(else crop them to one row)"})
+    # optimizer and schedule (learning rates and weight decay at the d12 reference batch; see the docstring)
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate"})
+    embedding_lr: float = field(default=0.3, metadata={"help": "AdamW rate of the token (and value) embeddings"})
+    unembedding_lr: float = field(default=0.008, metadata={"help": "AdamW rate of lm_head"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW rate of the per-layer scalars"})
+    weight_decay: float = field(default=0.28, metadata={"help": "Muon's cautious weight decay at d12 (scaled with "
+                                                        "batch and horizon)"})
+    wd_schedule: str = field(default="cosine", metadata={"help": "Muon's weight decay over the run: cosine (to 0) or constant"})
+    adam_groups: str = field(default="tuned", metadata={"help": "AdamW settings: tuned (per-kind betas, rates, decay) "
+                                                        "or uniform"})
+    muon_beta2: float = field(default=0.9, metadata={"help": "Muon's per-neuron normalization EMA (NorMuon); 0 = off"})
+    muon_momentum_warmup: int = field(default=400, metadata={"help": "steps of Muon momentum 0.85 -> its peak"})
+    muon_momentum_peak: float = field(default=0.97, metadata={"help": "Muon momentum after its warmup"})
+    muon_momentum_final: float | None = field(default=0.90, metadata={"help": "Muon momentum at the end of the LR "
+                                                                      "warmdown (none = stay at the peak)"})
+    batch_lr_scale: float | None = field(default=None, metadata={"help": "learning-rate factor (default "
+                                                                 "sqrt(total_batch_size / 2^19))"})
+    weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
+                                                                     "sqrt(batch / 2^19) x d12 horizon / horizon)"})
     shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
-    warmup_steps: int = 0
-    warmdown_ratio: float = 0.4
-    final_lr_frac: float = 0.0
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear LR warmup"})
+    warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the steps the LR decays over, at the end"})
+    final_lr_frac: float = field(default=0.05, metadata={"help": "the LR at the end, as a fraction of its peak"})
     # evaluation, sampling, checkpoints
-    eval_every: int = 250
+    eval_every: int = field(default=250, metadata={"help": "validation bpb period in steps (and at the end); <= 0 = never"})
     eval_tokens: int | None = field(default=None, metadata={"help": "validation tokens per bpb evaluation (default 10 x 524288; 8 rows on CPU)"})
     sample_every: int = field(default=2000, metadata={"help": "sampling period in steps (and at the end); 0 = never"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint period in steps; -1 = only at the end, 0 = never"})
-    keep_last: int | None = 2
+    keep_last: int | None = field(default=2, metadata={"help": "checkpoints kept (the newest); none = all"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved step; -1 = fresh run"})
+    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
+                                                     "(all for a fresh run, those past --resume_from_step else)"})
     model_tag: str = field(default="", metadata={"help": "checkpoint folder name (default d<depth>)"})
     # data and runtime
     data_dir: str = field(default="", metadata={"help": "shards folder (default: base dir, then ../shared/data/pretrain)"})
-    tokenizer_dir: str = ""
+    tokenizer_dir: str = field(default="", metadata={"help": "the tokenizer to train with (default <base dir>/tokenizer)"})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
@@ -87,8 +126,9 @@ class TrainConfig:
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
     fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
-    seed: int = 42
-    run: str = field(default="", metadata={"help": "wandb run name; empty = no wandb (needs `pip install wandb`)"})
+    seed: int = field(default=42, metadata={"help": "seed of the initial weights"})
+    run: str = field(default="", metadata={"help": RUN_HELP})
+    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
 
 
 def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> TrainConfig:
@@ -102,8 +142,8 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
     if cfg.device_batch_size is None:
         cfg.device_batch_size = 1 if on_cpu else 32
         filled.append("device_batch_size")
-    if cfg.total_batch_size is None:
-        cfg.total_batch_size = cfg.device_batch_size * cfg.max_seq_len * world_size if on_cpu else 524288
+    if cfg.total_batch_size is None and on_cpu:  # on CUDA derive_schedule sizes it from the horizon
+        cfg.total_batch_size = cfg.device_batch_size * cfg.max_seq_len * world_size
         filled.append("total_batch_size")
     if cfg.eval_tokens is None:  # a GPU evaluates 5M tokens in seconds; a CPU takes minutes for 8 rows
         cfg.eval_tokens = 8 * cfg.device_batch_size * cfg.max_seq_len * world_size if on_cpu else 10 * 524288
@@ -118,6 +158,49 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
     return cfg
 
 
+B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
+
+
+def recipe_config(cfg: TrainConfig, vocab_size: int, depth: int | None = None) -> GPTConfig:
+    """The GPTConfig of this run (or of the same recipe at another depth)."""
+    seq = cfg.max_seq_len
+    short = cfg.short_window if cfg.short_window is not None else -(-seq // 4 // 128) * 128
+    return config_from_depth(
+        depth or cfg.depth, vocab_size=vocab_size, sequence_len=seq, aspect_ratio=cfg.aspect_ratio,
+        head_dim=cfg.head_dim, window_pattern=cfg.window_pattern, short_window=min(short, seq),
+        value_embeds=cfg.value_embeds, value_embed_gate=cfg.value_embed_gate, smear=cfg.smear, backout=cfg.backout,
+        qk_scale=cfg.qk_scale, rope_base=cfg.rope_base, unet_skips=cfg.unet_skips, init_ramp=cfg.init_ramp,
+        c_fc_init_scale=cfg.c_fc_init_scale, embedding_init_std=cfg.embedding_init_std, attn_backend=cfg.attn,
+        recompute=cfg.recompute, **({"n_kv_head": cfg.n_kv_head} if cfg.n_kv_head else {}))
+
+
+def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
+    """target_param_data_ratio x the parameters a horizon scales with (block matrices + lm_head)."""
+    with torch.device("meta"):
+        model = GPT(recipe_config(cfg, vocab_size, depth))
+    return round(cfg.target_param_data_ratio * model.scaling_params())
+
+
+def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: bool) -> dict:
+    """Fill total_batch_size and num_iterations from the depth (unless given) and return the learning-rate
+    and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
+    recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF), Muon's weight decay
+    with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
+    on that curve: there both factors default to 1."""
+    tokens, ref = horizon_tokens(cfg, vocab_size, cfg.depth), horizon_tokens(cfg, vocab_size, DEPTH_REF)
+    micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.total_batch_size is None:
+        predicted = B_REF * (tokens / ref) ** 0.383
+        cfg.total_batch_size = max(2 ** round(math.log2(predicted)), micro)
+    if cfg.num_iterations <= 0:
+        cfg.num_iterations = max(1, round(tokens / cfg.total_batch_size))
+    batch_ratio = cfg.total_batch_size / B_REF
+    lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else batch_ratio ** 0.5
+    wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
+        1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
+    return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_flags(TrainConfig, argv, description=__doc__.split("\n")[0])
     setup_torch_env()
@@ -127,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     master = rank == 0
     torch.manual_seed(cfg.seed)
     t_start = time.time()
-    wandb_run = init_wandb(cfg, master)
+    tracker = Tracker("base", config=asdict(cfg), run=cfg.run, tensorboard_dir=cfg.tensorboard)
 
     # tokenizer and data (a missing or broken data dir fails here, before the model is built)
     tokenizer = get_tokenizer(cfg.tokenizer_dir or None)
@@ -136,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_shards = split_shards(shards, "train")
     log0(f"data: {len(train_shards)} training shard(s) and validation shard {shards[-1].name} in {data_dir}")
     token_bytes = tokenizer.token_bytes(device=device)
+    schedule = derive_schedule(cfg, tokenizer.get_vocab_size(), world_size, device.type != "cuda")
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len
     if cfg.total_batch_size % (tokens_per_micro * world_size) != 0:
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
@@ -143,12 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     grad_accum = cfg.total_batch_size // (tokens_per_micro * world_size)
 
     # model: built on meta, materialized on the device, then initialized
-    model_config = config_from_depth(
-        cfg.depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=cfg.max_seq_len,
-        aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, window_pattern=cfg.window_pattern,
-        value_embeds=cfg.value_embeds, attn_backend=cfg.attn, recompute=cfg.recompute,
-        **({"n_kv_head": cfg.n_kv_head} if cfg.n_kv_head else {}),
-    )
+    model_config = recipe_config(cfg, tokenizer.get_vocab_size())
     with torch.device("meta"):
         model = model_class(cfg.arch)(model_config)
     model.to_empty(device=device)
@@ -160,18 +239,23 @@ def main(argv: list[str] | None = None) -> dict:
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     num_iterations = cfg.num_iterations
-    if num_iterations <= 0:
-        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+    lr_scale, wd = schedule["lr_scale"], cfg.weight_decay * schedule["wd_scale"]
     log0(f"model {asdict(model_config)}")
     log0(f"params {num_params:,} | FLOPs/token {flops_per_token:.3e} | grad accum {grad_accum} | "
          f"{num_iterations} steps of {cfg.total_batch_size:,} tokens | device {device_name(device)} x{world_size}")
+    log0(f"depth {cfg.depth}: width {model_config.n_embd} | horizon {schedule['horizon_tokens']:,} tokens "
+         f"(d{DEPTH_REF}: {schedule['d12_horizon_tokens']:,}) | batch {cfg.total_batch_size:,} | LRs x{lr_scale:.3f} "
+         f"(matrix {cfg.matrix_lr * lr_scale:.4g}, embedding {cfg.embedding_lr * lr_scale:.4g}, unembedding "
+         f"{cfg.unembedding_lr * lr_scale:.4g}, scalar {cfg.scalar_lr * lr_scale:.4g}) | weight decay {wd:.4g}")
 
-    optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
-                                weight_decay=cfg.weight_decay, shard=cfg.shard_optimizer)
+    optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
+                                unembedding_lr=cfg.unembedding_lr * lr_scale, scalar_lr=cfg.scalar_lr * lr_scale,
+                                weight_decay=wd, adam_groups=cfg.adam_groups, muon_beta2=cfg.muon_beta2,
+                                shard=cfg.shard_optimizer)
     cache_low_precision_weights(model, optimizer, cfg.precision)
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1
     checkpoint_dir = run_checkpoint_dir("base", cfg.model_tag)
+    claim_checkpoint_dir(checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
     step = 0
     loader_state = None
     val_bpb = float("nan")
@@ -191,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         log0(f"resumed from {checkpoint_dir} step {step}")
     resumed_at = step if cfg.resume_from_step >= 0 else None
     train_loader = PackedLoader(tokenizer, data_dir, "train", cfg.device_batch_size, cfg.max_seq_len, device,
-                                rank=rank, world_size=world_size, state=loader_state)
+                                rank=rank, world_size=world_size, state=loader_state,
+                                split_long_docs=cfg.split_long_docs)
 
     orig_model = model  # uncompiled: for eval with other shapes, sampling and saving
     if cfg.compile:
@@ -203,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def evaluate() -> float:
         val_loader = PackedLoader(tokenizer, data_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device,
-                                  rank=rank, world_size=world_size)
+                                  rank=rank, world_size=world_size, split_long_docs=cfg.split_long_docs)
         steps = max(1, cfg.eval_tokens // (tokens_per_micro * world_size))
         orig_model.eval()
         with autocast:
@@ -232,28 +317,31 @@ def main(argv: list[str] | None = None) -> dict:
                 "val_bpb": val_bpb}
         optim_state = optimizer.state_dict() if master or sharded else None  # replicated: rank 0's copy suffices
         save_checkpoint(checkpoint_dir, at_step, orig_model.state_dict(), optim_state, meta,
-                        rank=rank, world_size=world_size, keep_last=cfg.keep_last)
+                        rank=rank, world_size=world_size, keep_last=cfg.keep_last,
+                        tokenizer_dir=resolve_tokenizer_dir(cfg.tokenizer_dir))
 
     from tqdm import tqdm
-    from nanochat.report import log_metrics
     step_times: list[float] = []
     losses: list[float] = []
     compile_seconds = 0.0
     train_seconds = 0.0  # time in training steps (compile included), for --max_seconds
-    bar = tqdm(total=num_iterations, initial=step, disable=not master, file=sys.stderr, dynamic_ncols=True,
-               desc="base_train")
+    if cfg.max_seconds > 0:  # whichever ends first: a budgeted run's bar counts its seconds
+        bar = progress_bar(total=cfg.max_seconds, desc="base_train", unit="s")
+    else:
+        bar = progress_bar(total=num_iterations, initial=step, desc="base_train", unit="step")
     train_iter = iter(train_loader)
     while True:
         time_frac = spent_fraction(train_seconds, cfg.max_seconds, device, is_ddp)
         last = step == num_iterations or time_frac >= 1.0
+        if last and step < num_iterations and master:
+            tqdm.write(f"time budget of {cfg.max_seconds:.0f} s spent after step {step} of {num_iterations}: "
+                       f"evaluating and saving this step (--max_seconds)")
         periodic = step != resumed_at or last  # the step resumed from was evaluated, sampled and saved already
         if periodic and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             val_bpb = evaluate()  # every rank evaluates its share; evaluate_bpb all-reduces the sums
             if master:
                 tqdm.write(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            log_metrics("base", step, val_bpb=val_bpb)
-            if wandb_run is not None:
-                wandb_run.log({"val/bpb": val_bpb}, step=step)
+            tracker.log(step, val_bpb=val_bpb)
         if master and periodic and cfg.arch == "gpt" and cfg.sample_every > 0 and (
                 last or (step > 0 and step % cfg.sample_every == 0)):
             sample()
@@ -265,10 +353,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         synchronize(device)
         t0 = time.perf_counter()
-        lrm = lr_multiplier(max(step, int(time_frac * num_iterations)), num_iterations, cfg.warmup_steps,
-                            cfg.warmdown_ratio, cfg.final_lr_frac)
+        progress = max(step, int(time_frac * num_iterations))
+        lrm = lr_multiplier(progress, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
         optimizer.set_lr_multiplier(lrm)
-        optimizer.set_muon_momentum(muon_momentum(step))
+        optimizer.set_muon_momentum(muon_momentum(step, cfg.muon_momentum_warmup, end=cfg.muon_momentum_peak,
+                                                  num_iterations=num_iterations, warmdown_ratio=cfg.warmdown_ratio,
+                                                  final=cfg.muon_momentum_final))
+        optimizer.set_weight_decay_multiplier(weight_decay_multiplier(progress, num_iterations, cfg.wd_schedule))
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             x, y = next(train_iter)
@@ -291,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
             compile_seconds = dt
         else:
             step_times.append(dt)
+        if step == 1 or step % GC_EVERY == 0:
+            collect_garbage_by_hand()
         losses.append(train_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates "
@@ -300,11 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
         if master:
             tqdm.write(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                        f"{1000 * dt:.0f} ms | {tok_per_s:,.0f} tok/s | MFU {mfu} | mem {peak_memory_gib(device):.2f} GiB")
-            log_metrics("base", step, loss=train_loss, lrm=lrm, step_ms=1000 * dt, tok_per_s=tok_per_s)
-            if wandb_run is not None:
-                wandb_run.log({"train/loss": train_loss, "train/lrm": lrm, "train/tok_per_s": tok_per_s}, step=step)
-        bar.update(1)
+        tracker.log(step, loss=train_loss, lrm=lrm, step_ms=1000 * dt, tok_per_s=tok_per_s)
+        bar.update(min(dt, cfg.max_seconds - bar.n) if cfg.max_seconds > 0 else 1)
     bar.close()
+    gc.unfreeze()
+    gc.enable()
 
     median_dt = statistics.median(step_times) if step_times else float("nan")
     median_tok_s = cfg.total_batch_size / median_dt if step_times else float("nan")
@@ -323,12 +416,23 @@ def main(argv: list[str] | None = None) -> dict:
         from nanochat.report import write_section
         write_section("base_train", {"config": asdict(cfg), **result})
         print(json.dumps(result), flush=True)
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
-        wandb_run.finish()
+    tracker.finish(result)
     train_loader.close()
     compute_cleanup()
     return result
+
+
+GC_EVERY = 1000  # steps between garbage collections once the automatic collector is off
+
+
+def collect_garbage_by_hand() -> None:
+    """Collect now, freeze what survives (the model, compiled code) out of later scans, and turn the automatic
+    collector off (main turns it back on at the end). In the d12 race on the H100 about one step in ten took
+    150-550 ms more than the median (~3% of the training time), while the peer's loop, which turns the collector
+    off the same way, had none (BENCHMARKS.md). The loop calls this every GC_EVERY steps: cycles still get freed."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
 
 
 def spent_fraction(seconds: float, budget: float, device: torch.device, is_ddp: bool) -> float:
@@ -347,19 +451,6 @@ def spent_fraction(seconds: float, budget: float, device: torch.device, is_ddp: 
     if is_ddp:
         torch.distributed.broadcast(frac, 0)
     return frac.item()
-
-
-def init_wandb(cfg: TrainConfig, master: bool):
-    """The wandb run for --run=<name> on rank 0 (None elsewhere, or without --run). Every rank checks that
-    wandb is installed, so a missing package stops all of them at once, before any work."""
-    if not cfg.run:
-        return None
-    try:
-        import wandb
-    except ImportError as err:
-        raise RuntimeError(f"--run={cfg.run} logs to Weights & Biases, which is not installed: `pip install wandb` "
-                           "(then `wandb login`), or leave --run out") from err
-    return wandb.init(project="nanochat", name=cfg.run, config=asdict(cfg)) if master else None
 
 
 if __name__ == "__main__":

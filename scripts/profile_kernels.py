@@ -43,16 +43,19 @@ _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 @dataclass
 class ProfileConfig:
     arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers)"})
-    depth: int = 12
+    depth: int = field(default=12, metadata={"help": "model depth (layers)"})
     aspect_ratio: int = field(default=64, metadata={
         "help": "width = depth * aspect_ratio (--depth 2 --aspect_ratio 768: two d24-wide layers, quick to compile)"})
-    device_batch_size: int = 16
-    max_seq_len: int = 2048
-    vocab_size: int = 32768
-    window_pattern: str = "L"
+    device_batch_size: int = field(default=16, metadata={"help": "rows per micro-batch"})
+    max_seq_len: int = field(default=2048, metadata={"help": "context length"})
+    vocab_size: int = field(default=32768, metadata={"help": "vocabulary size of the synthetic model"})
+    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = a quarter context "
+                                                       "with --recipe, else half)"})
+    recipe: bool = field(default=True, metadata={"help": "the model and optimizer of scripts.base_train's defaults; "
+                                                 "false: the plain GPT and optimizer"})
     recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
-    attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
+    attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, fa4, flex, sdpa"})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: " + FP8_RECIPES_HELP})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
@@ -64,10 +67,10 @@ class ProfileConfig:
     inductor: str = field(default="default", metadata={"help": "torch._inductor.config entries, KEY=VALUE;KEY=VALUE"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
     steps: int = field(default=3, metadata={"help": "profiled training steps"})
-    top: int = 20
+    top: int = field(default=20, metadata={"help": "kernels listed in the table, by time"})
     expect: list[str] = field(default_factory=list, metadata={"help": "group=backend, repeatable or comma list"})
     profiler: str = field(default="torch", metadata={"help": "torch, nsys, or auto (nsys when on PATH)"})
-    device_type: str = "auto"
+    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     trace: str = field(default="", metadata={"help": "write a Chrome trace (torch profiler) to this path"})
     timed_steps: int = field(default=0, metadata={"help": "time this many steps before profiling (bench mode)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -76,9 +79,20 @@ class ProfileConfig:
 
 def build(cfg: ProfileConfig, device: torch.device):
     """GPT with random weights + its optimizer, through the pinned interfaces only."""
-    model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
-                                     aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern,
-                                     attn_backend=cfg.attn, recompute=cfg.recompute)
+    optimizer_options = {}
+    if cfg.recipe and cfg.arch == "gpt":  # TE's layers run the plain block
+        from scripts.base_train import TrainConfig, recipe_config
+        train = TrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, max_seq_len=cfg.max_seq_len,
+                            window_pattern=cfg.window_pattern, attn=cfg.attn, recompute=cfg.recompute)
+        model_config = recipe_config(train, cfg.vocab_size)
+        optimizer_options = dict(matrix_lr=train.matrix_lr, embedding_lr=train.embedding_lr,
+                                 unembedding_lr=train.unembedding_lr, scalar_lr=train.scalar_lr,
+                                 weight_decay=train.weight_decay, adam_groups=train.adam_groups,
+                                 muon_beta2=train.muon_beta2)
+    else:
+        model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
+                                         aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern,
+                                         attn_backend=cfg.attn, recompute=cfg.recompute)
     with torch.device("meta"):
         model = model_class(cfg.arch)(model_config)
     model.to_empty(device=device)
@@ -86,7 +100,7 @@ def build(cfg: ProfileConfig, device: torch.device):
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
                     fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
                     fp8_skip=cfg.fp8_skip)  # bf16: a no-op; before torch.compile
-    optimizer = build_optimizer(model)
+    optimizer = build_optimizer(model, **optimizer_options)
     cache_low_precision_weights(model, optimizer, cfg.precision)
     return model, optimizer
 

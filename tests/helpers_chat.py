@@ -51,19 +51,29 @@ def tiny_tokenizer():
     return Tokenizer.train_from_iterator(chunks, vocab_size=TINY_VOCAB)
 
 
-def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256, noise: float = 0.3):
-    """A 2-layer random GPT over the tiny tokenizer's vocabulary, in eval mode on the CPU.
+# the architecture options of the training recipe, on in the chat tests so that every inference path (prefill,
+# the decoder's step, the server) is checked with them: the smear's carried token, backout, gated value
+# embeddings, QK scale, rotary base, U-net skips; grouped-query attention too (2 heads, 1 kv head)
+RECIPE = dict(value_embeds=True, value_embed_gate="input", smear=True, backout=True, qk_scale=1.2,
+              rope_base=100_000.0, unet_skips=True, n_kv_head=1)
 
-    `init_weights` zeroes some projections (so a fresh model predicts near-uniform logits, where
-    argmax ties would make greedy comparisons meaningless); we add noise to every weight matrix so
-    that the logits are spread out and each position really depends on the context.
+
+def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256, noise: float = 0.3,
+               **options):
+    """A 2-layer random GPT over the tiny tokenizer's vocabulary, in eval mode on the CPU, with RECIPE's
+    options (override any with `options`).
+
+    `init_weights` zeroes some projections and gates (so a fresh model predicts near-uniform logits, where
+    argmax ties would make greedy comparisons meaningless, and the smear and skips would be inert); we add
+    noise to every weight matrix and set the gates, so that the logits are spread out, each position really
+    depends on the context, and every option acts.
     """
     from nanochat.gpt import GPT, config_from_depth
 
     cfg = config_from_depth(2, vocab_size=tiny_tokenizer().get_vocab_size(), sequence_len=sequence_len,
                             aspect_ratio=32, head_dim=32, window_pattern=window_pattern,
-                            n_embd=64, n_head=2, n_kv_head=2, attn_backend="auto",
-                            **({"short_window": 16} if "S" in window_pattern else {}))
+                            n_embd=64, n_head=2, attn_backend="auto",
+                            **({"short_window": 16} if "S" in window_pattern else {}), **{**RECIPE, **options})
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -74,6 +84,9 @@ def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=gen) * noise / p.shape[1] ** 0.5)
+        for name in ("smear_lambda", "backout_lambda", "skip_lambdas"):
+            if hasattr(model, name):
+                getattr(model, name).uniform_(0.3, 0.8, generator=gen)
     return model.eval()
 
 
@@ -91,24 +104,25 @@ def naive_generate(model, tokens: list[int], max_tokens: int, stop_ids: set[int]
 
 
 class LiveServer:
-    """uvicorn serving the chat app (tiny model, CPU) on a free loopback port, in a thread."""
+    """The chat app (tiny model, CPU) served by nanochat.web.server (uvicorn with its timeouts) on a free
+    loopback port, in a thread. `server` takes make_server's keywords, `app` create_app's, the rest are
+    Limits."""
 
-    def __init__(self, slots: int = 8, **limits):
+    def __init__(self, slots: int = 8, app: dict | None = None, server: dict | None = None, **limits):
         import socket
         import threading
 
-        import uvicorn
-
         from nanochat.web.app import Limits, create_app
         from nanochat.web.scheduler import BatchScheduler
+        from nanochat.web.server import make_server
 
         self.worker = BatchScheduler(tiny_model(sequence_len=512), tiny_tokenizer(), slots=slots)
-        app = create_app([self.worker], limits=Limits(**limits))
+        app = create_app([self.worker], limits=Limits(**limits), **(app or {}))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = make_server(app, host="127.0.0.1", port=self.port, log_level="warning", **(server or {}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         import time

@@ -5,6 +5,7 @@ Runs call `main(argv)` in-process on a tiny model (2 layers, width 64) over a ti
 per-step losses come from <report>/train_log.jsonl, which base_train appends on rank 0.
 """
 import dataclasses
+import math
 import json
 import subprocess
 import sys
@@ -47,6 +48,29 @@ def run(monkeypatch, report_dir, argv):
 
 # ------------------------------------------------------------------------------------------------- flags
 
+def test_depth_sets_batch_horizon_and_scales():
+    """d12 is the reference (2^19 tokens, factors 1); d20's horizon D gives 2^19 (D/D12)^0.383 rounded to a power
+    of two, LRs x sqrt(B / 2^19) and weight decay x sqrt(B / 2^19) D12 / D; a CPU run keeps factors of 1."""
+    def derive(depth, device, **kw):
+        cfg = resolve_defaults(parse_flags(TrainConfig, [f"--depth={depth}", *kw.get("argv", [])]), device, 1)
+        return cfg, base_train.derive_schedule(cfg, 32768, 1, device != "cuda")
+
+    d12, s12 = derive(12, "cuda")
+    assert d12.total_batch_size == 2 ** 19 and s12["lr_scale"] == s12["wd_scale"] == 1.0
+    # 12 layers of q, k, v, o (768 x 768) and the MLP (2 x 768 x 3072), 6 value-embedding gates (6 x 12), lm_head
+    assert s12["horizon_tokens"] == 12 * (12 * 12 * 768 * 768 + 6 * 6 * 12 + 32768 * 768)
+    assert d12.num_iterations == round(s12["horizon_tokens"] / 2 ** 19)
+    d20, s20 = derive(20, "cuda")
+    ratio = s20["horizon_tokens"] / s12["horizon_tokens"]
+    assert d20.total_batch_size == 2 ** round(math.log2(2 ** 19 * ratio ** 0.383)) == 2 ** 20
+    assert s20["lr_scale"] == pytest.approx(2 ** 0.5) and s20["wd_scale"] == pytest.approx(2 ** 0.5 / ratio)
+    given, s_given = derive(20, "cuda", argv=["--total_batch_size=262144", "--num_iterations=7",
+                                              "--batch_lr_scale=0.9"])
+    assert (given.total_batch_size, given.num_iterations, s_given["lr_scale"]) == (262144, 7, 0.9)
+    cpu, s_cpu = derive(4, "cpu")
+    assert cpu.total_batch_size == 512 and s_cpu["lr_scale"] == s_cpu["wd_scale"] == 1.0
+
+
 def test_documented_command_parses_with_both_spellings():
     snake = parse_flags(TrainConfig, ["--depth=20", "--num_iterations=10", "--warmup_steps=2"])
     kebab = parse_flags(TrainConfig, ["--depth", "20", "--num-iterations", "10", "--warmup-steps=2"])
@@ -54,7 +78,7 @@ def test_documented_command_parses_with_both_spellings():
     assert (snake.depth, snake.num_iterations, snake.warmup_steps) == (20, 10, 2)
     gpu = resolve_defaults(dataclasses.replace(snake), "cuda", world_size=1)
     assert (gpu.max_seq_len, gpu.device_batch_size, gpu.total_batch_size, gpu.compile, gpu.model_tag) == \
-        (2048, 32, 524288, True, "d20")
+        (2048, 32, None, True, "d20")  # the batch comes from the depth: derive_schedule
     cpu = resolve_defaults(dataclasses.replace(snake), "cpu", world_size=2)
     assert (cpu.max_seq_len, cpu.device_batch_size, cpu.total_batch_size, cpu.compile) == (512, 1, 1024, False)
     assert (gpu.eval_tokens, cpu.eval_tokens) == (10 * 524288, 8 * 512 * 2)  # a CPU evaluates 8 rows per rank
@@ -63,8 +87,10 @@ def test_documented_command_parses_with_both_spellings():
     for f in dataclasses.fields(TrainConfig):
         value = {"int": "7", "float": "0.25", "str": "x", "bool": "true"}.get(type(f.default).__name__)
         if f.name in ("n_kv_head", "max_seq_len", "device_batch_size", "total_batch_size", "keep_last",
-                      "eval_tokens"):
+                      "eval_tokens", "short_window"):
             value = "3"
+        if f.name in ("muon_momentum_final", "batch_lr_scale", "weight_decay_scale"):
+            value = "0.5"
         if f.name == "compile":
             value = "false"
         if f.name == "fp8_skip":  # the one list flag
@@ -114,6 +140,16 @@ def test_short_run_lowers_loss_and_prints_json_last(assets, env, monkeypatch, ca
     assert meta["val_bpb"] == pytest.approx(result["val_bpb"]) and meta["train_config"]["num_iterations"] == 30
 
 
+def test_time_budget_ends_the_run_with_a_line_that_says_so(assets, env, monkeypatch, capsys):
+    tok_dir, data_dir = assets
+    clock = iter(range(0, 10**6, 2))  # every perf_counter() call: 2 more seconds, so each step takes 2 s
+    monkeypatch.setattr(base_train.time, "perf_counter", lambda: next(clock))
+    result, rows = run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=400, max_seconds=9))
+    assert result["steps"] == len(rows) == 5  # 2 s a step: the budget is spent after step 5 (10 s >= 9 s)
+    out = capsys.readouterr().out
+    assert "time budget of 9 s spent after step 5 of 400: evaluating and saving this step (--max_seconds)" in out
+
+
 def test_resume_continues_exactly(assets, env, monkeypatch):
     tok_dir, data_dir = assets
     flags = dict(num_iterations=12, save_every=6, eval_every=6)
@@ -121,7 +157,8 @@ def test_resume_continues_exactly(assets, env, monkeypatch):
     ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
     assert latest_step(ckpt_dir) == 12 and (ckpt_dir / "step_000006").is_dir()
     step12 = load_file(str(ckpt_dir / "step_000012" / "model.safetensors"))
-    _, resumed = run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, resume_from_step=6, **flags))
+    _, resumed = run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, resume_from_step=6, overwrite=True,
+                                                               **flags))  # step 12 is redone: replace it
     assert [r["step"] for r in resumed] == list(range(7, 13))
     for a, b in zip(full[6:], resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, f"step {a['step']}: {a['loss']} vs {b['loss']} after resume"
@@ -177,6 +214,16 @@ def test_total_batch_size_must_be_a_multiple(assets, env):
         base_train.main(tiny_flags(tok_dir, data_dir, total_batch_size=300))
 
 
+def test_fresh_run_into_a_tag_with_checkpoints_is_refused(assets, env, monkeypatch):
+    """A fresh run next to an earlier run's steps would have its own deleted by keep_last (issue 27)."""
+    tok_dir, data_dir = assets
+    run(monkeypatch, env / "report_a", tiny_flags(tok_dir, data_dir, num_iterations=4, save_every=2))
+    with pytest.raises(FileExistsError, match=r"steps \[2, 4\].*--resume_from_step 4.*--overwrite"):
+        base_train.main(tiny_flags(tok_dir, data_dir, num_iterations=2))
+    run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=2, overwrite=True))
+    assert latest_step(env / "base" / "checkpoints" / "base" / "d2") == 2
+
+
 def test_resume_of_a_missing_step_lists_the_saved_ones(assets, env, monkeypatch):
     tok_dir, data_dir = assets
     run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=1))
@@ -205,14 +252,14 @@ def test_run_logs_to_wandb(assets, env, monkeypatch):
         def finish(self):
             runs.append("finished")
 
-    def init(project, name, config):
-        runs.append((project, name, config["depth"]))
+    def init(project, name, config, job_type):
+        runs.append((project, name, config["depth"], job_type))
         return FakeRun()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     tok_dir, data_dir = assets
     run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=3, eval_every=3, run="tiny"))
-    assert runs == [("nanochat", "tiny", 2), "finished"]
-    assert [s for s, d in logged if "train/loss" in d] == [1, 2, 3]
-    assert [s for s, d in logged if "val/bpb" in d] == [0, 3]
+    assert runs == [("nanochat", "tiny", 2, "base"), "finished"]
+    assert [s for s, d in logged if "base/loss" in d] == [1, 2, 3]  # nanochat.tracking's keys: <stage>/<metric>
+    assert [s for s, d in logged if "base/val_bpb" in d] == [0, 3]
     assert FakeRun.summary["steps"] == 3

@@ -98,21 +98,40 @@ def test_chat_rl_two_steps_writes_checkpoint(tiny_run):
     assert json.loads((base / "report" / "chat_rl.json").read_text())["data"]["steps"] == 2
 
 
+def test_chat_rl_from_a_model_dir_logs_to_tensorboard(tiny_run):
+    from scripts import chat_rl
+    from tests.test_chat_sft import moved_model, tensorboard_scalars
+
+    base, data = tiny_run
+    moved = moved_model(base)
+    tb = base.parent / "tb"
+    result = chat_rl.main(["--model", str(moved), "--device_type", "cpu", "--data_root", str(data),
+                           "--num_iterations", "2", "--examples_per_step", "2", "--num_samples", "2",
+                           "--max_new_tokens", "4", "--eval_every", "0", "--eval_examples", "2",
+                           "--tensorboard", str(tb)])
+    meta = json.loads((base / "checkpoints" / "rl" / TAG / "step_000002" / "meta.json").read_text())
+    assert meta["source"] == {"path": str(moved), "step": 0}
+    scalars = tensorboard_scalars(tb)
+    assert [r["reward"] for r in result["history"]] == pytest.approx(scalars["rl/reward"])
+    assert scalars["rl/pass@1"] == [result["pass@1"]]
+
+
 def test_chat_rl_raises_a_toy_reward_and_resumes_exactly(tiny_run, monkeypatch):
     """The sign and plumbing of the whole loop: rewarded replies (here: starting with a vowel, ~20% of a
-    random model's) become more likely within a few steps. Resuming at step 4 replays steps 5..8."""
+    random model's) become more likely within 16 steps (at 8 the recipe's tiny model was still noisy: 0.06 ->
+    0.31 -> 0.06). Resuming at step 8 replays steps 9..16."""
     from scripts import chat_rl
 
     _, data = tiny_run
     monkeypatch.setattr(chat_rl.GSM8K, "evaluate", lambda self, conv, completion: int(completion[:1].lower() in "aeiou"))
     flags = ["--source", "base", "--model_tag", TAG, "--device_type", "cpu", "--data_root", str(data),
-             "--num_iterations", "8", "--examples_per_step", "2", "--num_samples", "8", "--device_batch_size", "8",
+             "--num_iterations", "16", "--examples_per_step", "2", "--num_samples", "8", "--device_batch_size", "8",
              "--max_new_tokens", "3", "--init_lr_frac", "1.0", "--eval_examples", "0", "--seed", "2"]
-    result = chat_rl.main(flags + ["--save_every", "4"])
+    result = chat_rl.main(flags + ["--save_every", "8"])
     rewards = [h["reward"] for h in result["history"]]
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
 
-    resumed = chat_rl.main(flags + ["--resume_from_step", "4"])
-    assert [h["step"] for h in resumed["history"]] == [5, 6, 7, 8]
-    for a, b in zip(result["history"][4:], resumed["history"]):
+    resumed = chat_rl.main(flags + ["--resume_from_step", "8", "--overwrite"])  # redo steps 9..16
+    assert [h["step"] for h in resumed["history"]] == list(range(9, 17))
+    for a, b in zip(result["history"][8:], resumed["history"]):
         assert a["reward"] == b["reward"] and abs(a["loss"] - b["loss"]) <= 1e-5, (result["history"], resumed["history"])

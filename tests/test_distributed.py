@@ -70,7 +70,7 @@ def runs(assets, work):
                               shard_optimizer=str(shard).lower(), **FLAGS)
             if name.endswith("resumed"):
                 get(name.split("_")[0])  # the uninterrupted run saved the step to resume from
-                argv.append(f"--resume_from_step={SAVE_AT}")
+                argv += [f"--resume_from_step={SAVE_AT}", "--overwrite=true"]  # redo the steps past it
             made[name] = torchrun(work, name, argv)
         return made[name]
 
@@ -81,10 +81,11 @@ class RankInterleavedLoader:
     """One process standing in for WORLD ranks: yields rank 0's next batch, then rank 1's, and so on, so a
     step's WORLD micro-batches are exactly the batches the ranks of a WORLD-process run get at that step."""
 
-    def __init__(self, tokenizer, data_dir, split, batch_size, seq_len, device, rank=0, world_size=1, state=None):
+    def __init__(self, tokenizer, data_dir, split, batch_size, seq_len, device, rank=0, world_size=1, state=None,
+                 split_long_docs=True):
         assert (rank, world_size, state) == (0, 1, None), "the reference runs as one fresh process"
         self.loaders = [PackedLoader(tokenizer, data_dir, split, batch_size, seq_len, device, rank=r,
-                                     world_size=WORLD) for r in range(WORLD)]
+                                     world_size=WORLD, split_long_docs=split_long_docs) for r in range(WORLD)]
         self.calls = 0
         self.cropped_fraction = 0.0
 
@@ -145,7 +146,7 @@ def test_rank_zero_alone_logs_and_writes_the_model(runs, work):
     assert "step " not in two["stdout"][1] and "sample" not in two["stdout"][1] and "{" not in two["stdout"][1]
     step_dir = work / "base" / "checkpoints" / "base" / "replicated" / f"step_{SAVE_AT:06d}"
     # replicated optimizer: every rank holds the same state, so only rank 0's copy is written
-    assert sorted(p.name for p in step_dir.iterdir()) == ["meta.json", "model.safetensors", "optim_rank0.pt"]
+    assert sorted(p.name for p in step_dir.iterdir()) == ["meta.json", "model.safetensors", "optim_rank0.pt", "tokenizer"]
 
 
 def test_sharded_optimizer_matches_replicated_and_saves_every_shard(runs, work):
@@ -172,7 +173,8 @@ def test_resume_at_another_world_size_is_refused_clearly(runs, assets, work):
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, work / "base")
         mp.setenv("NANOCHAT_REPORT_DIR", str(work / "report" / "refused"))
-        argv = tiny_flags(tok_dir, data_dir, **{**FLAGS, "sample_every": 0}, resume_from_step=SAVE_AT)
+        # from the latest step: an earlier one would be refused first, for the later steps next to it
+        argv = tiny_flags(tok_dir, data_dir, **{**FLAGS, "sample_every": 0}, resume_from_step=STEPS)
         with pytest.raises(ValueError, match="sharded optimizer state.*same --shard_optimizer"):
             base_train.main(argv + ["--model_tag=sharded"])
         with pytest.raises(ValueError, match="holds 2 ranks but this run has world_size=1"):

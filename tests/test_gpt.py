@@ -9,6 +9,9 @@ import nanochat.gpt as gpt_mod
 from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
 
 V, T = 300, 32
+# every architecture option on at once (init-only options too): the tests below run with it
+FEATURES = dict(value_embeds=True, value_embed_gate="input", smear=True, backout=True, qk_scale=1.2,
+                rope_base=100_000.0, unet_skips=True, init_ramp=True, c_fc_init_scale=0.4, embedding_init_std=0.8)
 
 
 def tiny(**kw) -> GPTConfig:
@@ -31,6 +34,13 @@ def build(cfg: GPTConfig, seed: int = 0, perturb: bool = True) -> GPT:
                 block.mlp.c_proj.weight.normal_(std=0.02)
                 if block.attn.ve_gate is not None:
                     block.attn.ve_gate.uniform_(0.5, 1.5)
+                if block.attn.ve_gate_linear is not None:
+                    block.attn.ve_gate_linear.weight.normal_(std=0.5)
+            for name in ("smear_lambda", "backout_lambda", "skip_lambdas"):  # zero or small at init
+                if hasattr(model, name):
+                    getattr(model, name).uniform_(0.3, 0.8)
+            if hasattr(model, "smear_gate"):
+                model.smear_gate.weight.normal_(std=0.5)
             model.lm_head.weight.normal_(std=0.05)
             model.x0_lambdas.uniform_(0.1, 0.5)
             model.resid_lambdas.uniform_(0.8, 1.2)
@@ -76,9 +86,9 @@ def model_hidden(model: GPT, idx):
     return out["h"]
 
 
-@pytest.mark.parametrize("pattern,ve", [("L", False), ("SL", True)])
-def test_causality(pattern, ve):
-    model = build(tiny(window_pattern=pattern, short_window=5, value_embeds=ve))
+@pytest.mark.parametrize("pattern,features", [("L", {}), ("SL", {"value_embeds": True}), ("SL", FEATURES)])
+def test_causality(pattern, features):
+    model = build(tiny(window_pattern=pattern, short_window=5, **features))
     idx = tokens()
     base = model(idx)
     for t in (0, 10, T - 2):
@@ -131,9 +141,10 @@ def test_layer_windows_cycle_and_last_is_full():
     assert tiny(n_layer=3, window_pattern="SL", short_window=4).layer_windows() == [4, None, None]
 
 
-@pytest.mark.parametrize("pattern,n_kv_head,ve", [("L", 4, False), ("SL", 2, True), ("SSL", 1, True)])
-def test_kv_cache_decoding_equals_full_forward(pattern, n_kv_head, ve):
-    cfg = tiny(n_layer=3, window_pattern=pattern, short_window=5, n_kv_head=n_kv_head, value_embeds=ve)
+@pytest.mark.parametrize("pattern,n_kv_head,features", [("L", 4, {}), ("SL", 2, {"value_embeds": True}),
+                                                       ("SSL", 1, {"value_embeds": True}), ("SL", 2, FEATURES)])
+def test_kv_cache_decoding_equals_full_forward(pattern, n_kv_head, features):
+    cfg = tiny(n_layer=3, window_pattern=pattern, short_window=5, n_kv_head=n_kv_head, **features)
     model = build(cfg)
     idx = tokens(T_=24)
     full = model(idx)
@@ -149,25 +160,6 @@ def test_kv_cache_decoding_equals_full_forward(pattern, n_kv_head, ve):
     torch.testing.assert_close(model(idx[:, :7], kv_cache=cache), full[:, :7], atol=1e-4, rtol=0)
 
 
-def test_kv_cache_prefill_from_fans_out_one_prompt():
-    cfg = tiny(window_pattern="SL", short_window=6, value_embeds=True)
-    model = build(cfg)
-    prompt = tokens(B=1, T_=9)
-    one = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 9, "cpu", torch.float32)
-    model(prompt, kv_cache=one)
-    many = KVCache(3, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 20, "cpu", torch.float32)
-    many.prefill_from(one)
-    assert many.pos == 9
-    nxt = torch.tensor([[5], [77], [299]])
-    out = model(nxt, kv_cache=many)
-    full = model(torch.cat([prompt.expand(3, -1), nxt], 1))
-    torch.testing.assert_close(out[:, 0], full[:, -1], atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="batch-1"):
-        many.prefill_from(many)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model(tokens(B=3, T_=12), kv_cache=many)
-
-
 def test_estimate_flops_hand_count():
     cfg = tiny(n_head=2, n_kv_head=1, window_pattern="SL", short_window=8, value_embeds=True)
     model = build(cfg, perturb=False)
@@ -181,18 +173,21 @@ def test_estimate_flops_hand_count():
         build(tiny(window_pattern="L"), perturb=False).estimate_flops()
 
 
-@pytest.mark.parametrize("ve", [False, True])
-def test_param_groups_partition_parameters(ve):
-    model = build(tiny(n_layer=3, value_embeds=ve), perturb=False)
+@pytest.mark.parametrize("features", [{}, {"value_embeds": True}, FEATURES])
+def test_param_groups_partition_parameters(features):
+    model = build(tiny(n_layer=3, **features), perturb=False)
     groups = model.param_groups()
-    assert set(groups) == {"matrix", "embedding", "lm_head", "scalar"}
+    assert set(groups) == {"matrix", "embedding", "value_embed", "lm_head", "resid", "x0", "scalar"}
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert sum(p.numel() for g in groups.values() for p in g) == model.num_params()
-    assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 3 * 6
-    assert groups["lm_head"] == [model.lm_head.weight]
-    assert len(groups["embedding"]) == (1 + 2 if ve else 1)  # layers 0 and 2 of 3 carry value embeds
-    assert all(p.ndim <= 1 for p in groups["scalar"]) and len(groups["scalar"]) == (2 + 2 if ve else 2)
+    ve, gated = features.get("value_embeds", False), features.get("value_embed_gate") == "input"
+    assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 3 * 6 + (2 if gated else 0)
+    assert groups["lm_head"] == [model.lm_head.weight] and groups["embedding"] == [model.wte.weight]
+    assert len(groups["value_embed"]) == (2 if ve else 0)  # layers 0 and 2 of 3 carry value embeds
+    assert groups["resid"] == [model.resid_lambdas] and groups["x0"] == [model.x0_lambdas]
+    # scalar value-embed gates; or smear's lambda and gate, backout's lambda, the skip lambdas
+    assert len(groups["scalar"]) == (4 if features is FEATURES else 2 if ve else 0)
 
 
 def test_meta_build_init_is_finite_and_as_documented():
@@ -209,9 +204,9 @@ def test_meta_build_init_is_finite_and_as_documented():
     assert "cos" not in model.state_dict()  # derived buffers are not checkpointed
 
 
-@pytest.mark.parametrize("ve", [False, True])
-def test_gradients_reach_every_parameter(ve):
-    model = build(tiny(value_embeds=ve, window_pattern="SL", short_window=4)).train()
+@pytest.mark.parametrize("features", [{}, {"value_embeds": True}, FEATURES])
+def test_gradients_reach_every_parameter(features):
+    model = build(tiny(n_layer=3, window_pattern="SL", short_window=4, **features)).train()
     model(tokens(), tokens(seed=2)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -276,9 +271,10 @@ def test_bad_config_is_a_clear_error(kw, match):
         tiny(**kw)
 
 
-def test_forward_compiles_without_graph_breaks():
+@pytest.mark.parametrize("features", [{"value_embeds": True}, FEATURES])
+def test_forward_compiles_without_graph_breaks(features):
     """fullgraph=True fails on any graph break (a .item(), a data-dependent branch, a log call)."""
-    model = build(tiny(window_pattern="SL", short_window=8, value_embeds=True))
+    model = build(tiny(window_pattern="SL", short_window=8, **features))
     idx, tgt = tokens(), tokens(seed=2)
     expected = model(idx, tgt)  # eager first: the backend choice and its log line happen here
     compiled = torch.compile(model, backend="eager", fullgraph=True)
@@ -423,3 +419,45 @@ def test_cuda_auto_backends_match_sdpa_in_the_model():
         cache = KVCache(2, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 128, "cuda", torch.bfloat16)
         steps = [model(idx[:, :50], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(50, 80)]
     assert (torch.cat(steps, 1) - full).abs().max() < 0.1  # bf16 logits, softcap 15
+
+
+@pytest.mark.parametrize("option", ["smear", "backout", "value_embed_gate", "qk_scale", "rope_base", "unet_skips"])
+def test_each_option_changes_the_output(option):
+    """Each architecture option, alone on top of value embeddings, is live (same weights otherwise)."""
+    changed = {"smear": True, "backout": True, "value_embed_gate": "input", "qk_scale": 1.5, "rope_base": 100.0,
+               "unet_skips": True}[option]
+    plain, other = (build(tiny(n_layer=4, value_embeds=True, **kw)) for kw in ({}, {option: changed}))
+    idx = tokens()
+    assert (plain(idx) - other(idx)).abs().max() > 1e-3
+
+
+def test_smear_mixes_in_exactly_the_previous_embedding():
+    model = build(tiny(smear=True))
+    idx = tokens()
+    x = gpt_mod.embed(model.wte, idx)
+    gate = model.smear_lambda * torch.sigmoid(model.smear_gate(x[..., :gpt_mod.SMEAR_CHANNELS]))
+    expected = torch.cat((x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]), dim=1)
+    torch.testing.assert_close(model._smear(x, None), expected)
+    before = gpt_mod.embed(model.wte, idx[:, :1])
+    torch.testing.assert_close(model._smear(x[:, 1:], before), expected[:, 1:])  # a decode step's view
+
+
+def test_recipe_init_values():
+    model = build(tiny(n_layer=5, **FEATURES), perturb=False)
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15, 1.125, 1.10, 1.075, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.1625, 0.125, 0.0875, 0.05]))
+    assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
+    assert (model.skip_lambdas == 0).all()
+    bound = math.sqrt(3.0 / 64)
+    assert model.blocks[0].mlp.c_fc.weight.abs().max() <= 0.4 * bound < model.blocks[0].attn.c_q.weight.abs().max()
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.05
+    angles = gpt_mod.rotary_angles(3, 32, base=100_000.0)
+    torch.testing.assert_close(model.cos[0, :3, 0], angles.cos())
+
+
+def test_checkpoint_config_without_the_options_builds_the_old_model():
+    """A model_config saved before the options existed (no such keys) gives a model without them."""
+    old = {k: v for k, v in tiny(value_embeds=True).__dict__.items() if k not in FEATURES or k == "value_embeds"}
+    cfg = GPTConfig(**old)
+    assert not cfg.smear and not cfg.backout and cfg.value_embed_gate == "scalar" and cfg.qk_scale == 1.0
+    assert {n for n, _ in build(cfg).named_parameters()} == {n for n, _ in build(tiny(value_embeds=True)).named_parameters()}

@@ -122,7 +122,7 @@ def test_build_optimizer_groups_and_lr_scaling():
     opt = build_optimizer(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5)
     kinds = {g["kind"]: g for g in opt.param_groups}
     assert set(kinds) == {"matrix", "embedding", "lm_head", "scalar"}
-    scale = (16 / 768) ** -0.5
+    scale = 1.0  # narrower than 768: the d12 rates, not scaled up
     assert kinds["matrix"]["lr"] == 0.02 and kinds["scalar"]["lr"] == 0.5
     assert kinds["embedding"]["lr"] == pytest.approx(0.2 * scale)
     assert kinds["lm_head"]["lr"] == pytest.approx(0.004 * scale)
@@ -131,6 +131,73 @@ def test_build_optimizer_groups_and_lr_scaling():
         assert g["lr"] == pytest.approx(g["initial_lr"] * 0.25)
     opt.set_muon_momentum(0.9)
     assert kinds["matrix"]["momentum"] == 0.9
+
+
+def test_tuned_adamw_groups_take_their_kind_settings():
+    """adam_groups="tuned": each kind's rate (times its factor; width-scaled kinds also by (d/768)^-0.5), betas and
+    weight decay from ADAMW_KINDS; a model may return any subset of the kinds."""
+    from nanochat.optim import ADAMW_KINDS
+    model = ToyModel(d=16)
+    opt = build_optimizer(model, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, adam_groups="tuned",
+                          weight_decay=0.2, muon_beta2=0.9)
+    kinds = {g["kind"]: g for g in opt.param_groups}
+    rates = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}  # width 16: not scaled up
+    for kind in ("embedding", "lm_head", "scalar"):
+        rate, factor, betas, decay = ADAMW_KINDS[kind]
+        assert kinds[kind]["lr"] == pytest.approx(rates[rate] * factor)
+        assert kinds[kind]["betas"] == betas and kinds[kind]["weight_decay"] == decay
+    assert kinds["matrix"]["beta2"] == 0.9 and kinds["matrix"]["initial_weight_decay"] == 0.2
+    opt.set_weight_decay_multiplier(0.5)
+    assert kinds["matrix"]["weight_decay"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="adam_groups"):
+        build_optimizer(model, adam_groups="fancy")
+
+
+def test_optimizer_state_of_another_recipe_is_a_clear_error():
+    class Split(ToyModel):  # one more parameter kind, so one more AdamW group
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Parameter(torch.zeros(2))
+
+        def param_groups(self):
+            return {**super().param_groups(), "x0": [self.gate]}
+    state = build_optimizer(ToyModel()).state_dict()
+    with pytest.raises(ValueError, match="parameter groups"):
+        build_optimizer(Split()).load_state_dict(state)
+
+
+def test_neuron_normalization_evens_rows_and_keeps_the_norm():
+    """NorMuon's first step: every row of the update gets the same RMS (the EMA starts at the value itself),
+    and the update's Frobenius norm is Muon's."""
+    torch.manual_seed(0)
+    W, plain = nn.Parameter(torch.zeros(24, 16)), nn.Parameter(torch.zeros(24, 16))
+    grad = torch.randn(24, 16) * torch.linspace(0.1, 3, 24)[:, None]  # rows of very different size
+    for p, beta2 in ((W, 0.9), (plain, 0.0)):
+        opt = Muon([p], lr=1.0, momentum=0.0, nesterov=False, beta2=beta2)
+        p.grad = grad.clone()
+        opt.step()
+    rms = W.detach().square().mean(dim=1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, rms.mean().item()), rtol=1e-3, atol=0)
+    assert plain.detach().square().mean(dim=1).sqrt().std() > 10 * rms.std()
+    torch.testing.assert_close(W.detach().norm(), plain.detach().norm(), rtol=1e-4, atol=0)
+    wide = nn.Parameter(torch.zeros(8, 20))  # wide: normalized per column
+    opt = Muon([wide], lr=1.0, momentum=0.0, nesterov=False, beta2=0.5)
+    wide.grad = torch.randn(8, 20) * torch.linspace(0.1, 3, 20)
+    opt.step()
+    cols = wide.detach().square().mean(dim=0).sqrt()
+    torch.testing.assert_close(cols, torch.full_like(cols, cols.mean().item()), rtol=1e-3, atol=0)
+
+
+def test_momentum_and_weight_decay_schedules():
+    from nanochat.optim import weight_decay_multiplier
+    kw = dict(warmup=400, start=0.85, end=0.97, num_iterations=1000, warmdown_ratio=0.5, final=0.90)
+    assert muon_momentum(0, **kw) == pytest.approx(0.85) and muon_momentum(200, **kw) == pytest.approx(0.91)
+    assert muon_momentum(500, **kw) == pytest.approx(0.97)  # warmdown starts after step 500
+    assert muon_momentum(750, **kw) == pytest.approx(0.935) and muon_momentum(1000, **kw) == pytest.approx(0.90)
+    assert muon_momentum(1000, warmup=400, end=0.97) == pytest.approx(0.97)  # no final: stays at the peak
+    assert weight_decay_multiplier(0, 100, "cosine") == 1.0 and weight_decay_multiplier(100, 100, "cosine") == 0.0
+    assert weight_decay_multiplier(50, 100, "cosine") == pytest.approx(0.5)
+    assert weight_decay_multiplier(70, 100, "constant") == 1.0
 
 
 def test_build_optimizer_rejects_uncovered_params():
