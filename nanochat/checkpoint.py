@@ -1,13 +1,18 @@
 """Atomic checkpoints: save into a temporary directory, fsync, then one rename; load without pickle code.
 
-Layout: <checkpoint_dir>/step_<n:06d>/ holds `model.safetensors`, `meta.json` and one
-`optim_rank<r>.pt` per rank. A step directory only ever appears whole (os.replace of a finished
+Layout: <checkpoint_dir>/step_<n:06d>/ holds `model.safetensors`, `meta.json`, one `optim_rank<r>.pt`
+per rank and, when saved with its tokenizer, `tokenizer/` (then the step dir alone is a portable model). A step directory only ever appears whole (os.replace of a finished
 temporary directory), so a crash or `kill -9` mid-save leaves the previous checkpoint as the latest.
 Loading never runs pickled code: the model is safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
+meta.json records each file's sha256, checked at load: a damaged or truncated copy is refused by name
+(safetensors itself would load flipped bytes as NaNs). It also records the tokenizer's directory, relative
+to the base dir when inside it (a base dir copied elsewhere keeps working), and the sha256 of its files.
+`claim_checkpoint_dir`, called before training, keeps a run from mixing its checkpoints with an earlier one's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -22,7 +27,12 @@ from safetensors.torch import load_file, save_file
 from nanochat.common import get_base_dir, log0
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TOKENIZER_SUBDIR = "tokenizer"  # a step dir's own copy of its tokenizer (save_checkpoint's tokenizer_dir)
 STALE_DIR = re.compile(r"^\.(tmp|old)_step_\d+_(\d+)$")
+CHECKSUMS = "checksums"  # meta.json: {file name: sha256} of the step dir's other files
+_warned_unverified: set[str] = set()
+MODEL_DIR_HELP = ("a checkpoint directory to load instead of the phase/tag under NANOCHAT_BASE_DIR: a step_<n> "
+                  "dir (any name; with its tokenizer/) or a run dir (its latest step, or --step)")
 HOW_TO_CREATE = {
     "base": "python -m scripts.base_train",
     "sft": "python -m scripts.chat_sft",
@@ -114,12 +124,16 @@ def latest_step(checkpoint_dir: str | Path) -> int | None:
 
 
 def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, optimizer_state: dict | None,
-                    meta: dict, rank: int = 0, world_size: int = 1, keep_last: int | None = None) -> Path:
+                    meta: dict, rank: int = 0, world_size: int = 1, keep_last: int | None = None,
+                    tokenizer_dir: str | Path | None = None) -> Path:
     """Write <checkpoint_dir>/step_<step:06d>/ atomically and return its path.
 
     Every rank calls this (with world_size > 1, torch.distributed must be initialized): each writes
     its own optimizer state; rank 0 writes the model and meta.json and does the final rename.
-    keep_last=K deletes all but the K newest complete steps after the save succeeded.
+    keep_last=K deletes, after the save succeeded, all but the K newest complete steps up to this one: never
+    this step, nor steps above it (another run's; `claim_checkpoint_dir` stops a run from starting next to them).
+    tokenizer_dir: the model's tokenizer, copied into the step dir (`tokenizer/`, a few hundred KB), so
+    that the step dir alone is a model that can be moved to another machine and loaded by path.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if step < 0:
@@ -128,8 +142,8 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     if optimizer_state is not None:
         _check_plain(optimizer_state)
-    meta = {**meta, "step": step}
-    meta_text = json.dumps(meta, indent=2, default=_json_refuse)  # fail before touching the disk
+    meta = {**meta, "step": step, **_tokenizer_meta(meta.get("tokenizer_dir"), tokenizer_dir)}
+    json.dumps(meta, default=_json_refuse)  # fail before touching the disk
     distributed = world_size > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"save_checkpoint(world_size={world_size}) needs torch.distributed initialized")
@@ -147,13 +161,20 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
         tmp = checkpoint_dir / name[0]
 
     try:
-        _write_files(tmp, model_state, optimizer_state, meta_text, rank)
+        checksums = _write_files(tmp, model_state, optimizer_state, rank)
+        if rank == 0 and tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_SUBDIR)
+        if distributed:  # rank 0's meta.json records every rank's files (this also waits for all of them)
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, checksums)
+            checksums = {name: digest for part in gathered for name, digest in part.items()}
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps({**meta, CHECKSUMS: checksums}, indent=2))
+            _fsync_file(tmp / "meta.json")
     except BaseException:
         if not distributed:  # with several ranks, the next save's stale-dir sweep cleans up
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if distributed:
-        dist.barrier()
     if rank == 0:
         _fsync_dir(tmp)
         old = None
@@ -173,7 +194,7 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if keep_last is not None:
-            for s in _complete_steps(checkpoint_dir)[:-keep_last]:
+            for s in [s for s in _complete_steps(checkpoint_dir) if s <= step][:-keep_last]:
                 shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
         log0(f"saved checkpoint {final}")
     if distributed:
@@ -181,8 +202,9 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
     return final
 
 
-def _write_files(tmp: Path, model_state: dict, optimizer_state: dict | None, meta_text: str, rank: int) -> None:
-    """This rank's files into the temporary step dir, each fsynced before the rename can publish it."""
+def _write_files(tmp: Path, model_state: dict, optimizer_state: dict | None, rank: int) -> dict[str, str]:
+    """This rank's files into the temporary step dir, each fsynced before the rename can publish it;
+    returns {file name: sha256}."""
     written = []
     if optimizer_state is not None:
         written.append(tmp / f"optim_rank{rank}.pt")
@@ -190,10 +212,100 @@ def _write_files(tmp: Path, model_state: dict, optimizer_state: dict | None, met
     if rank == 0:
         written.append(tmp / "model.safetensors")
         save_file(_model_tensors(model_state), str(written[-1]))
-        written.append(tmp / "meta.json")
-        written[-1].write_text(meta_text)
     for path in written:
         _fsync_file(path)
+    return {path.name: _sha256(path) for path in written}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tokenizer_sha256(directory: Path) -> str | None:
+    """One digest over a tokenizer's files (None without them): equal digests, equal vocabularies."""
+    from nanochat.tokenizer import META_FILE, RANKS_FILE
+
+    paths = [directory / RANKS_FILE, directory / META_FILE]
+    if not all(p.is_file() for p in paths):
+        return None
+    return hashlib.sha256(" ".join(_sha256(p) for p in paths).encode()).hexdigest()
+
+
+def _tokenizer_meta(named: str | None, copied_from: str | Path | None) -> dict:
+    """meta's tokenizer entries as saved: the dir meta names, relative to the base dir when inside it, and
+    the digest of the tokenizer's files (the copied one's, else the named one's)."""
+    out = {}
+    source = Path(copied_from).resolve() if copied_from else None
+    if named:
+        path, base = Path(named).resolve(), get_base_dir().resolve()
+        out["tokenizer_dir"] = str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+        source = source or path
+    digest = _tokenizer_sha256(source) if source else None
+    if digest:
+        out["tokenizer_sha256"] = digest
+    return out
+
+
+def _tokenizer_path(saved: str) -> Path:
+    """meta.json's tokenizer_dir on this machine: relative ones are under the base dir."""
+    return Path(saved) if Path(saved).is_absolute() else get_base_dir() / saved
+
+
+def _verify(path: Path, checksums: dict | None) -> None:
+    """Refuse a file whose bytes changed since the save; a checkpoint saved without checksums loads, warned once."""
+    if checksums is None:
+        if str(path.parent) not in _warned_unverified:
+            _warned_unverified.add(str(path.parent))
+            log0(f"warning: {path.parent} has no checksums (saved before nanochat recorded them): "
+                 "loading it unverified")
+        return
+    expected = checksums.get(path.name)
+    if expected is None:
+        raise ValueError(f"{path} is not among the files that {path.parent / 'meta.json'} records: it was not saved "
+                         "with this checkpoint. Copy the checkpoint again, or load another step")
+    actual = _sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path} is corrupted: its sha256 is {actual[:16]}..., it was {expected[:16]}... when saved "
+                         "(a disk or copy error). Copy it again from where it came from, or load another step")
+
+
+def _read_model(step_dir: Path, device: str | torch.device) -> tuple[dict, dict, dict | None]:
+    """(model_state, meta, checksums) of a step dir; the weights checked against their saved sha256, meta's
+    tokenizer_dir made a path of this machine."""
+    meta_path = step_dir / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path} is unreadable ({e}): the checkpoint is damaged. Copy it again, or load "
+                         "another step") from e
+    checksums = meta.pop(CHECKSUMS, None)
+    if meta.get("tokenizer_dir"):
+        meta["tokenizer_dir"] = str(_tokenizer_path(meta["tokenizer_dir"]))
+    path = step_dir / "model.safetensors"
+    _verify(path, checksums)
+    try:
+        model_state = load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path} is unreadable ({e}): the file is damaged. Copy it again, or load another "
+                         "step") from e
+    return model_state, meta, checksums
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer's files (tokenizer.RANKS_FILE and META_FILE) into dst, fsynced."""
+    from nanochat.tokenizer import META_FILE, RANKS_FILE
+
+    dst.mkdir()
+    for name in (RANKS_FILE, META_FILE):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"tokenizer_dir {src} has no {name}: pass the directory the model's tokenizer "
+                                    "was saved in (`python -m scripts.tok_train` writes one)")
+        shutil.copyfile(src / name, dst / name)
+        _fsync_file(dst / name)
 
 
 def _json_refuse(obj):
@@ -215,8 +327,7 @@ def load_checkpoint(checkpoint_dir: str | Path, step: int | None = None, device:
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}; "
                                 f"available steps: {steps}")
     path = _step_dir(checkpoint_dir, step)
-    model_state = load_file(str(path / "model.safetensors"), device=str(device))
-    meta = json.loads((path / "meta.json").read_text())
+    model_state, meta, checksums = _read_model(path, device)
     optimizer_state = None
     if load_optimizer:
         optim_path = path / f"optim_rank{rank}.pt"
@@ -224,12 +335,39 @@ def load_checkpoint(checkpoint_dir: str | Path, step: int | None = None, device:
             saved = sorted(p.name for p in path.glob("optim_rank*.pt"))
             raise FileNotFoundError(f"{optim_path} is missing (found {saved or 'no optimizer files'}): resume "
                                     "with the world size the checkpoint was saved with, or load_optimizer=False")
+        _verify(optim_path, checksums)
         try:
             optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
         except pickle.UnpicklingError as e:
             raise ValueError(f"refusing to load {optim_path}: it holds objects other than tensors and "
                              f"plain containers, and loading it could execute code ({e})") from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{optim_path} is unreadable ({e}): the file is damaged. Copy it again, or resume "
+                             "from another step") from e
     return model_state, optimizer_state, meta
+
+
+def claim_checkpoint_dir(checkpoint_dir: str | Path, resume_from_step: int, overwrite: bool, rank: int = 0) -> None:
+    """Call before training: keep this run's checkpoints apart from an earlier run's in the same dir.
+
+    A fresh run (resume_from_step < 0) into a dir holding checkpoints, or a resumed one into a dir holding
+    steps past its start, would leave steps there that are not its own: `load_model` would return the
+    highest of them. Refused, naming the ways out; with `overwrite` those steps are deleted now (rank 0).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    steps = _complete_steps(checkpoint_dir)
+    others = steps if resume_from_step < 0 else [s for s in steps if s > resume_from_step]
+    if not others:
+        return
+    if not overwrite:
+        what = "a fresh run" if resume_from_step < 0 else f"a run resumed from step {resume_from_step}"
+        raise FileExistsError(f"{checkpoint_dir} holds steps {others} of an earlier run, and {what} would mix its "
+                              f"checkpoints with them: continue that run with --resume_from_step {steps[-1]}, pick "
+                              "another --model_tag, or pass --overwrite to delete those steps first")
+    if rank == 0:
+        for s in others:
+            shutil.rmtree(_step_dir(checkpoint_dir, s))
+        log0(f"--overwrite: deleted steps {others} of {checkpoint_dir}")
 
 
 def run_checkpoint_dir(phase: str, tag: str | None = None) -> Path:
@@ -238,42 +376,117 @@ def run_checkpoint_dir(phase: str, tag: str | None = None) -> Path:
     return phase_dir / tag if tag else phase_dir
 
 
+def resolve_model_dir(path: str | Path, step: int | None = None) -> Path:
+    """The step dir that a user-given checkpoint path means: the path itself when it holds model.safetensors
+    and meta.json (a step dir, under any name), else its step_<n> dir for `step` (None = the latest)."""
+    path = Path(path).expanduser()
+    if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
+        if step is not None and STEP_DIR.match(path.name) and int(STEP_DIR.match(path.name).group(1)) != step:
+            raise ValueError(f"--model {path} is the checkpoint of step {int(STEP_DIR.match(path.name).group(1))}, "
+                             f"but --step {step} was asked for: pass its run directory {path.parent} instead")
+        return path
+    steps = _complete_steps(path)
+    if not steps:
+        raise FileNotFoundError(f"{path} is not a checkpoint: a step directory holds model.safetensors and "
+                                "meta.json, a run directory holds step_<n>/ ones (e.g. "
+                                "~/.cache/nanochat/checkpoints/sft/d20 or its step_000800)")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {path}; available steps: {steps}")
+    return _step_dir(path, steps[-1] if step is None else step)
+
+
 def load_model(phase: str = "base", device: str | torch.device = "cpu", tag: str | None = None,
-               step: int | None = None):
-    """(model in eval mode, tokenizer, meta) from <base_dir>/checkpoints/<phase>/<tag>/step_<n>/.
+               step: int | None = None, model_dir: str | Path | None = None):
+    """(model in eval mode, tokenizer, meta) from <base_dir>/checkpoints/<phase>/<tag>/step_<n>/, or from
+    `model_dir` when given (a step dir or a run dir, anywhere: see `resolve_model_dir`; phase and tag unused).
 
-    tag None: the only tag directory, or else the most recently modified one.
+    tag None: the only tag directory, or else the most recently modified one. The tokenizer is the step
+    dir's own copy (`tokenizer/`), else the directory its meta names; a checkpoint found by phase may also
+    fall back to <base_dir>/tokenizer, one loaded by path may not (on another machine that would be a
+    different tokenizer).
     """
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer, get_tokenizer
+    if model_dir is not None:
+        step_dir = resolve_model_dir(model_dir, step)
+    else:
+        step_dir = _phase_step_dir(phase, tag, step)
+    model_state, meta, _ = _read_model(step_dir, device)
+    try:
+        model = build_model(meta["model_config"], model_state, device)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"the weights in {step_dir / 'model.safetensors'} do not fit the model that "
+                         f"{step_dir / 'meta.json'} describes ({e}): the checkpoint is damaged or mixed from two "
+                         "saves. Copy it again, or load another step") from e
+    tokenizer_dir = _tokenizer_dir(step_dir, meta, allow_default=model_dir is None)
+    from nanochat.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model "
+                         f"in {step_dir} was trained with {model.config.vocab_size}: put the model's own tokenizer "
+                         f"in {step_dir / TOKENIZER_SUBDIR}")
+    log0(f"model {step_dir} (step {meta.get('step')}) | tokenizer {tokenizer_dir}")
+    return model, tokenizer, meta
 
+
+def build_model(model_config: dict, model_state: dict, device: str | torch.device = "cpu"):
+    """A GPT in eval mode from a checkpoint's model_config and weights. The attention backend and activation
+    recompute are choices of a training run, not of the weights: reset to auto and none."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    config = GPTConfig(**{**model_config, "attn_backend": "auto", "recompute": "none"})
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills non-persistent buffers (e.g. rotary tables); weights are overwritten next
+    model.load_state_dict(model_state, strict=True)
+    return model.eval()
+
+
+def _phase_step_dir(phase: str, tag: str | None, step: int | None) -> Path:
+    """<base_dir>/checkpoints/<phase>/<tag>/step_<n>: tag None = the newest tag dir, step None = its latest."""
     phase_dir = run_checkpoint_dir(phase)
     how = HOW_TO_CREATE.get(phase, "the training script of that phase")
     tags = [d for d in phase_dir.iterdir() if d.is_dir() and not d.name.startswith(".")] if phase_dir.is_dir() else []
     tags = [d for d in tags if _complete_steps(d)]
     if tag is None:
         if not tags:
-            raise FileNotFoundError(f"no {phase} checkpoint under {phase_dir}: run `{how}` first")
+            raise FileNotFoundError(f"no {phase} checkpoint under {phase_dir}: run `{how}` first, "
+                                    "or load one by path with --model DIR")
         tag_dir = max(tags, key=lambda d: d.stat().st_mtime)
     else:
         tag_dir = phase_dir / tag
         if tag_dir not in tags:
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {phase_dir}; "
                                     f"tags there: {sorted(d.name for d in tags)}. Run `{how}` to make one")
-    model_state, _, meta = load_checkpoint(tag_dir, step=step, device=device, load_optimizer=False)
-    # the attention backend and activation recompute are choices of a run, not of the weights: reset here
-    config = GPTConfig(**{**meta["model_config"], "attn_backend": "auto", "recompute": "none"})
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # fills non-persistent buffers (e.g. rotary tables); weights are overwritten next
-    model.load_state_dict(model_state, strict=True)
-    tokenizer_dir = meta.get("tokenizer_dir")
-    if tokenizer_dir and Path(tokenizer_dir).is_dir():
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    else:
-        tokenizer = get_tokenizer()
-    return model.eval(), tokenizer, meta
+    steps = _complete_steps(tag_dir)
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {tag_dir}; available steps: {steps}")
+    return _step_dir(tag_dir, steps[-1] if step is None else step)
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "load_model"]
+def _tokenizer_dir(step_dir: Path, meta: dict, allow_default: bool) -> Path:
+    from nanochat.tokenizer import resolve_tokenizer_dir
+
+    candidates = [step_dir / TOKENIZER_SUBDIR]
+    if meta.get("tokenizer_dir"):
+        candidates.append(Path(meta["tokenizer_dir"]))
+    if allow_default:
+        candidates.append(resolve_tokenizer_dir(None))
+    expected = meta.get("tokenizer_sha256")  # saved since checkpoints record it: the vocabulary, exactly
+    others = []
+    for directory in candidates:
+        if directory.is_dir():
+            if expected and _tokenizer_sha256(directory) != expected:
+                others.append(directory)
+                continue
+            return directory
+    if others:
+        raise ValueError(f"the tokenizer in {others[0]} is not the one the model in {step_dir} was trained with "
+                         f"(its files' sha256 differs from meta.json's tokenizer_sha256): copy the model's own "
+                         f"tokenizer directory to {step_dir / TOKENIZER_SUBDIR}")
+    raise FileNotFoundError(f"no tokenizer for the model in {step_dir}: looked in {', '.join(map(str, candidates))}. "
+                            f"Copy the model's tokenizer directory (tokenizer.tiktoken, tokenizer.json) to "
+                            f"{step_dir / TOKENIZER_SUBDIR}")
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "load_model", "resolve_model_dir", "build_model",
+           "claim_checkpoint_dir"]

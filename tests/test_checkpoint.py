@@ -1,7 +1,11 @@
 """Checkpoints: exact round trip, atomicity under exceptions and kill -9, no pickle code on load,
-clear errors, keep_last, per-rank optimizer files, and load_model."""
+clear errors, keep_last, per-rank optimizer files, load_model, and (issue 27) another run's steps in the same
+dir, damaged files refused by their checksum, and the tokenizer found after the base dir moved."""
+import hashlib
+import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,9 +256,19 @@ def test_load_refuses_pickled_code(tmp_path):
     d = tmp_path / "ckpt"
     save_checkpoint(d, 1, *small(1), {})
     torch.save({"state": Exploit(str(marker))}, d / "step_000001" / "optim_rank0.pt")
+    with pytest.raises(ValueError, match="optim_rank0.pt is corrupted"):  # the checksum notices first
+        load_checkpoint(d)
+    _rerecord_checksum(d / "step_000001" / "optim_rank0.pt")  # as someone who also edits meta.json would
     with pytest.raises(ValueError, match="refusing to load"):
         load_checkpoint(d)
     assert not marker.exists()
+
+
+def _rerecord_checksum(path: Path) -> None:
+    meta_path = path.parent / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["checksums"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
 
 
 def _save_worker(rank, world_size, out):
@@ -279,7 +293,13 @@ def test_load_model(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     from nanochat.tokenizer import Tokenizer
     loaded_from = []
-    monkeypatch.setattr(Tokenizer, "load", classmethod(lambda cls, d: loaded_from.append(str(d)) or "TOK"))
+
+    class FakeTokenizer:
+        def get_vocab_size(self):
+            return 50  # tiny_gpt's vocab
+
+    tok_stub = FakeTokenizer()
+    monkeypatch.setattr(Tokenizer, "load", classmethod(lambda cls, d: loaded_from.append(str(d)) or tok_stub))
     tok_dir = tmp_path / "tokenizer"
     tok_dir.mkdir()
     model, cfg, _ = trained_state(2)
@@ -292,7 +312,7 @@ def test_load_model(tmp_path, monkeypatch):
     save_checkpoint(new_dir, 2, model.state_dict(), None, meta_for(run_choices, 2, tokenizer_dir=str(tok_dir)))
 
     loaded, tok, meta = load_model("base")
-    assert tok == "TOK" and loaded_from == [str(tok_dir)] and meta["step"] == 2 and not loaded.training
+    assert tok is tok_stub and loaded_from == [str(tok_dir)] and meta["step"] == 2 and not loaded.training
     assert (loaded.config.attn_backend, loaded.config.recompute) == ("auto", "none")
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -303,3 +323,202 @@ def test_load_model(tmp_path, monkeypatch):
         load_model("base", tag="d9")
     with pytest.raises(FileNotFoundError, match="scripts.chat_sft"):
         load_model("sft")
+
+
+def test_load_model_by_path_travels(tmp_path, monkeypatch):
+    """A step dir saved with its tokenizer loads by path from anywhere, renamed, after the original tokenizer
+    dir is gone; a run dir means its latest step (or --step); a path without a tokenizer is refused."""
+    from nanochat.gpt import GPT, GPTConfig
+    from tests.helpers_chat import byte_tokenizer
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # no default tokenizer to fall back to
+    tokenizer = byte_tokenizer()
+    tok_dir = tmp_path / "tok"
+    tokenizer.save(tok_dir)
+    cfg = GPTConfig(sequence_len=16, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
+                    n_embd=32, head_dim=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(run_dir, step, model.state_dict(), None, meta_for(cfg, step, tokenizer_dir=str(tok_dir)),
+                        tokenizer_dir=tok_dir)
+    assert load_model(model_dir=run_dir)[2]["step"] == 2
+    assert load_model(model_dir=run_dir, step=1)[2]["step"] == 1
+    with pytest.raises(FileNotFoundError, match=r"available steps: \[1, 2\]"):
+        load_model(model_dir=run_dir, step=3)
+    with pytest.raises(ValueError, match="pass its run directory"):
+        load_model(model_dir=run_dir / "step_000002", step=1)
+
+    moved = tmp_path / "usb" / "my_model"
+    moved.parent.mkdir()
+    (run_dir / "step_000002").rename(moved)
+    import shutil
+    shutil.rmtree(tok_dir)
+    loaded, tok, meta = load_model(model_dir=moved)
+    assert meta["step"] == 2 and tok.encode("hi") == tokenizer.encode("hi")
+    idx = torch.randint(0, cfg.vocab_size, (1, 8))
+    assert torch.equal(model.eval()(idx), loaded(idx))
+
+    shutil.rmtree(moved / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="Copy the model's tokenizer directory"):
+        load_model(model_dir=moved)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        load_model(model_dir=tmp_path / "usb")
+
+
+def test_load_model_refuses_another_vocab(tmp_path, monkeypatch):
+    from tests.helpers_chat import byte_tokenizer
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    byte_tokenizer().save(tmp_path / "tok")  # 265 tokens; tiny_gpt has 50
+    model, cfg = tiny_gpt()
+    save_checkpoint(tmp_path / "run", 1, model.state_dict(), None, meta_for(cfg, 1), tokenizer_dir=tmp_path / "tok")
+    with pytest.raises(ValueError, match="has 265 tokens but the model"):
+        load_model(model_dir=tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.tiktoken"):
+        save_checkpoint(tmp_path / "run", 2, model.state_dict(), None, meta_for(cfg, 2), tokenizer_dir=tmp_path)
+    assert latest_step(tmp_path / "run") == 1  # the failed save left nothing behind
+
+
+# ---- another run's steps, damaged files, the tokenizer (issue 27) ----------------------------------------
+
+def test_fresh_run_into_an_old_tag_is_refused_or_overwrites(tmp_path):
+    """An earlier run left steps 100 and 200: a fresh run there would save 10, 20, ... and keep_last=2 used to
+    delete them at once (keeping the old 100 and 200), so loading returned the old model."""
+    for s in (100, 200):
+        save_checkpoint(tmp_path, s, *small(1), {}, keep_last=2)
+    with pytest.raises(FileExistsError, match=r"steps \[100, 200\].*--resume_from_step 200.*--model_tag.*--overwrite"):
+        ckpt.claim_checkpoint_dir(tmp_path, resume_from_step=-1, overwrite=False)
+    assert ckpt._complete_steps(tmp_path) == [100, 200]  # refusing deleted nothing
+    ckpt.claim_checkpoint_dir(tmp_path, resume_from_step=200, overwrite=False)  # continuing it is fine
+    ckpt.claim_checkpoint_dir(tmp_path, resume_from_step=-1, overwrite=True)
+    assert ckpt._complete_steps(tmp_path) == []
+    for s in (10, 20, 30):
+        save_checkpoint(tmp_path, s, *small(s), {}, keep_last=2)
+    m, _, meta = load_checkpoint(tmp_path)
+    assert ckpt._complete_steps(tmp_path) == [20, 30] and meta["step"] == 30 and m["w"][0, 0] == 30
+
+
+def test_resume_below_later_steps_is_refused_or_overwrites(tmp_path):
+    for s in (6, 12):
+        save_checkpoint(tmp_path, s, *small(s), {})
+    with pytest.raises(FileExistsError, match=r"steps \[12\].*resumed from step 6"):
+        ckpt.claim_checkpoint_dir(tmp_path, resume_from_step=6, overwrite=False)
+    ckpt.claim_checkpoint_dir(tmp_path, resume_from_step=6, overwrite=True)
+    assert ckpt._complete_steps(tmp_path) == [6]
+
+
+def test_keep_last_never_deletes_the_step_it_just_saved(tmp_path):
+    for s in (100, 200):
+        save_checkpoint(tmp_path, s, *small(1), {})
+    save_checkpoint(tmp_path, 10, *small(10), {}, keep_last=2)
+    assert ckpt._complete_steps(tmp_path) == [10, 100, 200]  # others' steps are left alone, ours too
+    m, _, _ = load_checkpoint(tmp_path, step=10)
+    assert m["w"][0, 0] == 10
+
+
+def _damage(path: Path, offset_from_end: int, length: int) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) - offset_from_end
+    data[start:start + length] = b"\xff" * length  # 0xffff... floats are NaN
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_model_file_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    model, cfg = tiny_gpt()
+    run_dir = tmp_path / "base" / "checkpoints" / "base" / "d2"
+    save_checkpoint(run_dir, 1, model.state_dict(), {"v": torch.ones(3)}, meta_for(cfg, 1))
+    weights = run_dir / "step_000001" / "model.safetensors"
+    _damage(weights, offset_from_end=4096, length=4088)  # inside the data section: safetensors loads it as NaNs
+    for load in (lambda: load_checkpoint(run_dir), lambda: load_model("base"), lambda: load_model(model_dir=run_dir)):
+        with pytest.raises(ValueError, match=r"model.safetensors is corrupted.*Copy it again"):
+            load()
+    weights.write_bytes(b"\x00" * 8)  # truncated: named too
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupted"):
+        load_checkpoint(run_dir)
+    (run_dir / "step_000001" / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta.json is unreadable.*Copy it again"):
+        load_checkpoint(run_dir)
+
+
+def test_corrupted_optimizer_file_is_refused_by_name(tmp_path):
+    save_checkpoint(tmp_path, 1, *small(1), {})
+    _damage(tmp_path / "step_000001" / "optim_rank0.pt", offset_from_end=600, length=8)
+    with pytest.raises(ValueError, match=r"optim_rank0.pt is corrupted"):
+        load_checkpoint(tmp_path)
+    load_checkpoint(tmp_path, load_optimizer=False)  # the model alone is intact
+
+
+def test_checkpoint_without_checksums_loads_with_one_warning(tmp_path, monkeypatch):
+    """Checkpoints saved before checksums existed stay loadable."""
+    logged = []
+    monkeypatch.setattr(ckpt, "log0", logged.append)
+    save_checkpoint(tmp_path, 1, *small(1), {"x": 1})
+    meta_path = tmp_path / "step_000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert set(meta["checksums"]) == {"model.safetensors", "optim_rank0.pt"}
+    del meta["checksums"]
+    meta_path.write_text(json.dumps(meta))
+    for _ in range(2):
+        m, o, meta = load_checkpoint(tmp_path)
+    assert meta == {"x": 1, "step": 1} and m["w"][0, 0] == 1
+    assert [line for line in logged if "no checksums" in line] == \
+        [f"warning: {tmp_path / 'step_000001'} has no checksums (saved before nanochat recorded them): "
+         "loading it unverified"]
+
+
+def _tiny_model_for(tokenizer):
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = GPTConfig(sequence_len=16, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
+                    n_embd=32, head_dim=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model, cfg
+
+
+def test_base_dir_copied_elsewhere_keeps_its_tokenizer(tmp_path, monkeypatch):
+    """meta.json names the tokenizer relative to the base dir: a copied base dir loads its own copy."""
+    from tests.helpers_chat import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    old = tmp_path / "old_base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(old))
+    tokenizer.save(old / "tokenizer_cpu")  # a run's own tokenizer dir, not the default one
+    model, cfg = _tiny_model_for(tokenizer)
+    save_checkpoint(old / "checkpoints" / "base" / "d1", 1, model.state_dict(), None,
+                    meta_for(cfg, 1, tokenizer_dir=str(old / "tokenizer_cpu")))
+    saved = json.loads((old / "checkpoints" / "base" / "d1" / "step_000001" / "meta.json").read_text())
+    assert saved["tokenizer_dir"] == "tokenizer_cpu" and len(saved["tokenizer_sha256"]) == 64
+    new = tmp_path / "new_base"
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(new))
+    _, tok, meta = load_model("base")
+    assert tok.directory == new / "tokenizer_cpu" and meta["tokenizer_dir"] == str(new / "tokenizer_cpu")
+
+
+def test_missing_or_different_tokenizer_fails_clearly(tmp_path, monkeypatch):
+    from nanochat.tokenizer import Tokenizer
+    from tests.helpers_chat import byte_tokenizer
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    tokenizer = byte_tokenizer()
+    tokenizer.save(base / "tok_a")
+    model, cfg = _tiny_model_for(tokenizer)
+    save_checkpoint(base / "checkpoints" / "base" / "d1", 1, model.state_dict(), None,
+                    meta_for(cfg, 1, tokenizer_dir=str(base / "tok_a")))
+    shutil.rmtree(base / "tok_a")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer for the model.*tok_a.*Copy the model's tokenizer"):
+        load_model("base")
+    # the default dir holds a tokenizer of the same size but another vocabulary ('a' and 'b' swapped):
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"a"], ranks[b"b"] = ranks[b"b"], ranks[b"a"]
+    Tokenizer(ranks).save(base / "tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer in .*tokenizer is not the one the model .* was trained with"):
+        load_model("base")

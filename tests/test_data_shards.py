@@ -1,5 +1,6 @@
 """Shard listing, splits, document streams (parquet/txt/jsonl, ranks, positions) and bad input."""
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,12 @@ from nanochat.data.shards import DocumentStream, list_shards, split_shards
 class ByteTokenizer:
     def get_bos_token_id(self):
         return 256
+
+    def get_vocab_size(self):
+        return 257
+
+    def token_piece(self, token):
+        return bytes([token]) if token < 256 else b"<|bos|>"
 
     def encode(self, texts, prepend=None, num_threads=1):
         return [[prepend] + list(t.encode()) for t in texts]
@@ -141,3 +148,39 @@ def test_stream_position_resumes_and_loops(tmp_path):
     assert first == [f"a{i}" for i in range(7)] and again == rest
     assert rest[:8] == ["a7", "a8", "a9", "b0", "b1", "b2", "b3", "b4"] and rest[8:11] == ["a0", "a1", "a2"]
     assert stream.position["epoch"] == 1
+
+
+# ---- bad shards are refused by name, with the fix, before training (issue 27) --------------------------------
+
+@pytest.mark.parametrize("column", [pa.array([1, 2]), pa.array([b"a", b"b"]), pa.array([["a"], ["b"]])],
+                         ids=["ints", "binary", "lists"])
+def test_text_column_of_other_types_is_refused(tmp_path, column):
+    write_parquet(tmp_path / "a.parquet", ["doc"])
+    pq.write_table(pa.table({"text": column}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"b.parquet: its `text` column holds .* values.*write the column as strings"):
+        PackedLoader(ByteTokenizer(), tmp_path, "val", 1, 8, "cpu")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_non_utf8_text_shard_is_refused_by_name(tmp_path, suffix):
+    (tmp_path / f"a{suffix}").write_bytes("caf\xe9 au lait\n".encode("latin-1") if suffix == ".txt"
+                                          else b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"a\{suffix} is not UTF-8 text \(byte \d+.*iconv"):
+        DocumentStream([tmp_path / f"a{suffix}"])
+
+
+def test_damaged_row_group_is_refused_when_the_stream_is_built(tmp_path):
+    """A byte range overwritten inside row group 2 used to fail only when training reached it."""
+    path = tmp_path / "a.parquet"
+    rng = random.Random(0)
+    texts = [" ".join("".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(80)) for _ in range(40)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=8, compression="zstd", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[start:start + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"a.parquet: row group 2 of 5 does not decode .*download it again"):
+        DocumentStream([path])
+    # rank 1 of 2 reads row groups 1 and 3 only: it is not held up by rank 0's damaged one
+    assert len(DocumentStream([path], rank=1, world_size=2, loop=False).read(100)) == 16

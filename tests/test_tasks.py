@@ -114,15 +114,15 @@ def test_hellaswag_items():
 
 @needs_data
 def test_humaneval_prompt_and_canonical_solutions():
-    from nanochat.tasks.humaneval import HumanEval, build_program
+    from nanochat.tasks.humaneval import HumanEval, build_solution
     task = HumanEval(stop=4)
     assert len(task) == 4 and len(HumanEval()) == 164
     conv = task[0]
     assert conv["messages"][0]["content"].startswith("from typing import List\n\n\ndef has_close_elements(")
     assert conv["entry_point"] == "has_close_elements"
     body = task.rows[0]["canonical_solution"]
-    program = build_program(conv["prompt"], body, conv["test"], conv["entry_point"])
-    assert program.rstrip().endswith("check(has_close_elements)") and "def has_close_elements" in program
+    solution = build_solution(conv["prompt"], body, conv["entry_point"])
+    assert solution.startswith(conv["prompt"]) and "check(" not in solution  # the tests stay out of its reach
     for conv in task:  # the reference reply (prompt + canonical body) passes its tests
         assert task.evaluate(conv, conv["messages"][1]["content"]) == 1
     first = task[0]

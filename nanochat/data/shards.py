@@ -13,18 +13,25 @@ file order, and row group g goes to rank g % world_size, so every rank gets a fa
 files hold few row groups. When a split has fewer row groups than ranks (a small validation shard on
 8 GPUs), every rank reads every row group and keeps rows r with r % world_size == rank instead.
 
-A bad shard is refused when the stream is built, before any training: not parquet, no `text` column,
-or no documents (an empty shard is an error, not a skip: it is most likely a broken download, and a
-silent skip would shift the train/val split).
+A bad shard is refused when the stream is built, before any training, by file name and with the fix: not
+parquet, no `text` column, a `text` column of something other than strings, a row group that does not
+decode (each rank decodes its own row groups once per process, in parallel: a damaged download fails now,
+not at the step that first reads it), a .txt/.jsonl file that is not UTF-8, or no documents (an empty
+shard is an error, not a skip: it is most likely a broken download, and a silent skip would shift the
+train/val split).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import default_data_dir, log0
@@ -32,6 +39,7 @@ from nanochat.common import default_data_dir, log0
 FORMATS = (".parquet", ".jsonl", ".txt")  # order of preference when a dir mixes formats
 TEXT_BLOCK_DOCS = 1024  # documents per row group of a .jsonl/.txt file (parquet shards use 1024 too)
 SHARED_PRETRAIN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pretrain"
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, row group) this process has decoded without error
 _FIX = "download shards with `python -m nanochat.dataset -n 8`, or point at a folder of shards with " \
        "`--data_dir ../shared/data/pretrain`"
 
@@ -90,27 +98,69 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     if "text" not in names:
         raise ValueError(f"{path} has no `text` column (its columns: {names}); shards need one document per "
                          f"row in a string column named `text`")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: its `text` column holds {kind} values, but shards need one document per row "
+                         f"as a string: write the column as strings (e.g. pa.array(texts, pa.string()))")
     return pf
+
+
+def _verify_row_groups(paths: list[Path], groups: list[tuple[int, int]]) -> None:
+    """Decode the given (file index, row group) of parquet shards, each once per process, several files at a
+    time: a damaged row group fails here, before training, instead of at the step that first reads it."""
+    todo: dict[Path, list[tuple[int, tuple]]] = {}
+    for i, j in groups:
+        path = paths[i]
+        if path.suffix == ".parquet":  # .txt/.jsonl files were read whole when their documents were counted
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns, j)
+            if key not in _VERIFIED:
+                todo.setdefault(path, []).append((j, key))
+    if not todo:
+        return
+
+    def verify(path: Path, items: list[tuple[int, tuple]]) -> int:
+        pf = _open_parquet(path)
+        for j, key in items:
+            try:
+                pf.read_row_group(j, columns=["text"])
+            except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ... for a damaged page
+                raise ValueError(f"{path}: row group {j} of {pf.num_row_groups} does not decode ({err}); the file "
+                                 f"is damaged: delete it and download it again (`python -m nanochat.dataset -n N`)"
+                                 ) from err
+            _VERIFIED.add(key)
+        return len(items)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+        count = sum(f.result() for f in [pool.submit(verify, path, items) for path, items in todo.items()])
+    log0(f"decoded {count} row groups of {len(todo)} parquet shard(s) in {time.perf_counter() - t0:.1f} s: "
+         "none is damaged")
 
 
 def _read_text_docs(path: Path) -> list[str]:
     """All documents of a .txt (blank-line separated) or .jsonl ("text" field per line) file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. `iconv -f "
+                         f"latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, and keep only the converted "
+                         f"file in the data dir") from err
     if path.suffix == ".txt":
-        return [d.strip() for d in re.split(r"\n[ \t\r]*\n", path.read_text(encoding="utf-8")) if d.strip()]
+        return [d.strip() for d in re.split(r"\n[ \t\r]*\n", text) if d.strip()]
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({err}); each line must be one JSON object "
-                                 f"with a \"text\" field") from err
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno} has no string \"text\" field; each line must be one JSON "
-                                 f"object with a \"text\" field")
-            docs.append(obj["text"])
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno} is not valid JSON ({err}); each line must be one JSON object "
+                             f"with a \"text\" field") from err
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{lineno} has no string \"text\" field; each line must be one JSON "
+                             f"object with a \"text\" field")
+        docs.append(obj["text"])
     return docs
 
 
@@ -159,6 +209,7 @@ class DocumentStream:
         self.stride_rows = len(self.groups) < world_size
         self.my_groups = list(range(len(self.groups))) if self.stride_rows else \
             list(range(rank, len(self.groups), world_size))
+        _verify_row_groups(self.paths, [self.groups[g] for g in self.my_groups])
         self.epoch, self.index, self.row = 0, 0, 0  # next document: epoch, my_groups[index], row
         if position is not None:
             self._seek(position)

@@ -1,7 +1,9 @@
 """HumanEval: write a Python function from its signature and docstring; graded by unit tests.
 
 The user turn is the prompt (imports, signature, docstring); the reference reply is the prompt
-with the canonical body. Scoring runs `code + test + check(entry_point)` in the sandbox.
+with the canonical body. Scoring runs the reply's code in one sandbox and the prompt + tests in another,
+which call the reply's function across the boundary (nanochat/eval/judge.py): the reply cannot see,
+skip or fool the tests.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ def extract_code(completion: str) -> str:
     return m.group(1) if m else completion
 
 
-def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The program the sandbox runs. If the reply only holds the function body (or omits the
-    function), the prompt goes in front so the signature and imports are there."""
+def build_solution(prompt: str, completion: str, entry_point: str) -> str:
+    """The reply's code as the solution sandbox runs it. If the reply only holds the function body (or
+    omits the function), the prompt goes in front so the signature and imports are there."""
     code = extract_code(completion)
     if not re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
         code = prompt + code
@@ -28,7 +30,7 @@ def build_program(prompt: str, completion: str, test: str, entry_point: str) -> 
         # keep the prompt's imports, which a reply that restates the function often drops
         imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
         code = imports + "\n" + code
-    return f"{code}\n\n{test}\n\ncheck({entry_point})\n"
+    return code
 
 
 class HumanEval(Task):
@@ -50,7 +52,9 @@ class HumanEval(Task):
                 "prompt": row["prompt"]}
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        from nanochat.eval.sandbox import run_code  # imported here: tasks stay importable without eval
+        from nanochat.eval.judge import check_solution  # imported here: tasks stay importable without eval
 
-        program = build_program(conversation["prompt"], completion, conversation["test"], conversation["entry_point"])
-        return int(run_code(program, timeout=self.timeout)["passed"])
+        solution = build_solution(conversation["prompt"], completion, conversation["entry_point"])
+        # the tests run with the prompt's own helpers (e.g. encode_cyclic), not the reply's versions of them
+        tests = conversation["prompt"] + "\n\n" + conversation["test"]
+        return int(check_solution(solution, tests, conversation["entry_point"], timeout=self.timeout)["passed"])
