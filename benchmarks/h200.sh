@@ -286,7 +286,7 @@ infer|web)
   # a d20 checkpoint to serve (one uncompiled step: the server's speed does not depend on the weights)
   run ckpt_d20 90 $TRAIN --depth 20 --num_iterations 1 --device_batch_size 4 --max_seq_len 1024 \
       --total_batch_size 4096 --eval_every 0 --compile false --model_tag web --save_every -1
-  python3 -m scripts.chat_web -i base --tag web --port 8011 --host 127.0.0.1 > "$OUT/chat_web.txt" 2>&1 &
+  python3 -m scripts.chat_web -i base --model_tag web --port 8011 --host 127.0.0.1 > "$OUT/chat_web.txt" 2>&1 &
   SERVER=$!
   for _ in $(seq 90); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
   TAIL=6 run web_load 120 python3 -m benchmarks.web_load --url http://127.0.0.1:8011 --clients 1,32 --duration_s 25

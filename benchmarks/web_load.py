@@ -46,7 +46,7 @@ async def client_loop(cfg: LoadConfig, deadline: float, i: int) -> tuple[int, in
     connection at each request's start and end (~15% of this process's CPU at 32 clients). No TLS on
     loopback: verify=False skips loading the CA certificates, ~30 ms per client, inside the timing."""
     tokens = requests = 0
-    body = {"model": "nanochat", "stream": True, "max_tokens": cfg.max_tokens, "temperature": 0.8,
+    body = {"stream": True, "max_tokens": cfg.max_tokens, "temperature": 0.8,
             "seed": i, "messages": [{"role": "user", "content": f"{cfg.prompt} (#{i})"}]}
     async with httpx.AsyncClient(base_url=cfg.url, timeout=httpx.Timeout(300.0), verify=False) as http:
         while time.perf_counter() < deadline and requests < cfg.max_requests:

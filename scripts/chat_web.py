@@ -1,49 +1,65 @@
 """Serve a chat model over HTTP: the chat page at / and an OpenAI-compatible API under /v1.
 
     python -m scripts.chat_web -i sft --port 8000 --host 127.0.0.1 --num_gpus 1
+    python -m scripts.chat_web --model path/to/step_000800     # a checkpoint directory from anywhere
 
 One worker (model replica + continuous-batching thread) per GPU; requests go to the least loaded.
+The model is served as `nanochat-<source>` (e.g. nanochat-sft): a request's `model` must name it or be
+left out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
+from nanochat.checkpoint import MODEL_DIR_HELP
 from nanochat.common import autodetect_device_type, log0
 from nanochat.flags import parse_flags
 
-SHORT_FLAGS = {"-i": "source"}
+FLAG_ALIASES = {"-i": "source", "--tag": "model_tag"}
 
 
 @dataclass
 class WebConfig:
-    source: str = "sft"             # checkpoint phase: sft | base | rl
-    tag: str | None = None
-    step: int | None = None
-    device_type: str = "auto"
-    num_gpus: int = 1               # workers, one per GPU (cuda:0 .. cuda:N-1)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    slots: int = 32                 # sequences decoded together per worker
-    compile: bool = True            # compiled decode step + CUDA graph (CUDA only)
-    attention: str = "auto"         # decode attention: auto | torch (masked) | triton (kernels.decode_attention) | triton_dot
-    kv_fp8: bool = False            # fp8 KV cache, half the bytes per step (a decode kernel reads it; not exact)
-    max_messages: int = 500
-    max_chars_per_message: int = 8000
-    max_tokens: int = 2048
-    default_max_tokens: int = 512
+    """Serve a chat model: the chat page and an OpenAI-compatible API."""
+    source: str = field(default="sft", metadata={"help": "checkpoint phase: sft, base or rl"})
+    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
+    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
+    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
+    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
+    num_gpus: int = field(default=1, metadata={"help": "workers, one per GPU (cuda:0 .. cuda:N-1)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    slots: int = field(default=32, metadata={"help": "sequences decoded together per worker"})
+    compile: bool = field(default=True, metadata={"help": "compiled decode step + CUDA graph (CUDA only)"})
+    attention: str = field(default="auto", metadata={"help": "decode attention: auto, torch (masked), triton "
+                                                             "(kernels.decode_attention) or triton_dot"})
+    kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache: half the bytes per step, read by a "
+                                                          "decode kernel (not exact)"})
+    max_messages: int = field(default=500, metadata={"help": "most messages a request may hold"})
+    max_chars_per_message: int = field(default=8000, metadata={"help": "longest message a request may hold"})
+    max_tokens: int = field(default=2048, metadata={"help": "most tokens a request may ask for"})
+    default_max_tokens: int = field(default=512, metadata={"help": "tokens per reply when a request names none"})
+    max_n: int = field(default=8, metadata={"help": "most samples (n) a request may ask for"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger request bodies get 413, unread"})
+    read_timeout_s: float = field(default=30.0, metadata={"help": "a connection must send each whole request "
+                                                                  "(headers and body) within this, or is closed"})
+    keep_alive_s: float = field(default=5.0, metadata={"help": "an idle connection is closed this long after "
+                                                               "its last response"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1 and "
+                                                                "/metrics (default: $NANOCHAT_API_KEY, else none)"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_flags(WebConfig, argv, description=__doc__, short=SHORT_FLAGS)
-    import uvicorn
-
+    cfg = parse_flags(WebConfig, argv, description=__doc__, aliases=FLAG_ALIASES)
     from nanochat.checkpoint import load_model
     from nanochat.engine import cast_params
     from nanochat.runtime import setup_torch_env
     from nanochat.web.app import Limits, create_app
     from nanochat.web.scheduler import BatchScheduler
+    from nanochat.web.server import make_server
 
     setup_torch_env()
     device_type = autodetect_device_type() if cfg.device_type == "auto" else cfg.device_type
@@ -58,18 +74,23 @@ def main(argv: list[str] | None = None) -> None:
     for i, device in enumerate(devices):
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model, tokenizer, meta = load_model(cfg.source, device=device, tag=cfg.tag, step=cfg.step)
+        model, tokenizer, meta = load_model(cfg.source, device=device, tag=cfg.model_tag, step=cfg.step,
+                                            model_dir=cfg.model or None)
         if device.type == "cuda":
             cast_params(model, torch.bfloat16)
         workers.append(BatchScheduler(model, tokenizer, slots=cfg.slots, name=f"worker{i}",
                                       compile=cfg.compile and device.type == "cuda",
                                       attention=cfg.attention, kv_fp8=cfg.kv_fp8))
-        log0(f"worker {i}: {cfg.source} step {meta.get('step')} on {device}")
+        log0(f"worker {i}: {cfg.model or cfg.source} step {meta.get('step')} on {device}")
     limits = Limits(max_messages=cfg.max_messages, max_chars_per_message=cfg.max_chars_per_message,
-                    max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens))
-    app = create_app(workers, model_name=f"nanochat-{cfg.source}", limits=limits)
-    log0(f"serving on http://{cfg.host}:{cfg.port}/")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+                    max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
+                    max_n=cfg.max_n, max_body_bytes=cfg.max_body_bytes)
+    api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY") or None
+    model_name = f"nanochat-{cfg.source}"
+    app = create_app(workers, model_name=model_name, limits=limits, api_key=api_key)
+    log0(f"serving {model_name} on http://{cfg.host}:{cfg.port}/ (API key {'required' if api_key else 'off'})")
+    make_server(app, host=cfg.host, port=cfg.port, read_timeout_s=cfg.read_timeout_s,
+                keep_alive_s=cfg.keep_alive_s).run()
 
 
 if __name__ == "__main__":

@@ -49,3 +49,32 @@ def test_page_streams_a_reply(tmp_path):
             browser.close()
     finally:
         server.close()
+
+
+def test_page_asks_once_for_the_api_key():
+    """A server started with an API key answers the page 401: the page asks for the key (a prompt
+    dialog), resends, and keeps the key for the next message."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs Playwright's Python package: pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    server = LiveServer(slots=2, default_max_tokens=8, app={"api_key": "sekret"})
+    server.worker.engine.tools.stop_ids = set()  # no empty reply (an end-of-turn token first)
+    dialogs = []
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.accept("sekret")))
+            page.goto(server.url + "/")
+            for turn, text in enumerate(["Hello, who are you?", "And then?"], start=1):
+                page.fill("#input", text)
+                page.click("#send")
+                page.wait_for_function(f"document.querySelectorAll('.msg.assistant').length == {turn}")
+                page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+                reply = page.locator(".msg.assistant").nth(turn - 1).text_content()
+                assert reply and "[error" not in reply, reply
+            assert dialogs == ["This server needs an API key:"]
+            browser.close()
+    finally:
+        server.close()

@@ -1,112 +1,46 @@
 """An OpenAI-compatible chat server: FastAPI routes over continuous-batching workers.
 
     app = create_app([BatchScheduler(model, tokenizer)])
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    make_server(app, host="127.0.0.1", port=8000).run()       # nanochat.web.server: uvicorn with timeouts
 
-Routes: GET / (the chat page), POST /v1/chat/completions (OpenAI schema, stream true/false),
-GET /v1/models, GET /health. Bad requests answer 400 with {"error": {"message", "type"}}, the shape
-OpenAI clients parse. Requests go to the least loaded worker (one per GPU); within a worker, requests
-share decode steps (see scheduler.py).
+Routes: GET / (the chat page), POST /v1/chat/completions (chat, OpenAI schema), POST /v1/completions
+(plain text in, plain text out), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
+(Prometheus text). Both generation routes stream (SSE) or not, and honour n, seed, temperature, top_p,
+top_k, stop, logprobs and stream_options.include_usage; a field they cannot honour is refused (params.py).
+Every error answers {"error": {"message", "type", "param", "code"}}, the shape OpenAI clients parse.
+With `api_key`, /v1/* and /metrics need "Authorization: Bearer <key>".
+
+Requests go to the least loaded worker (one per GPU); within a worker, requests share decode steps (see
+scheduler.py). A request body is read up to `Limits.max_body_bytes` (413 past it) and parsed, validated
+and tokenized in a worker thread, so that a large one never stalls the event loop that streams everyone's
+tokens. A client that goes away cancels its generation, streaming or not.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as json_string  # json.dumps of a str
 from pathlib import Path
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from nanochat.conversation import render_for_completion
-from nanochat.engine import TextStream
+from nanochat.web.choice import Choice, chat_logprobs, text_logprobs
+from nanochat.web.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from nanochat.web.params import (ApiError, BadRequest, Limits, Params, parse_chat_request,
+                                 parse_completion_request)
 from nanochat.web.scheduler import BatchScheduler, GenerationRequest
 
+__all__ = ["ApiError", "BadRequest", "Limits", "create_app"]
 UI_PATH = Path(__file__).with_name("ui.html")
-
-
-@dataclass
-class Limits:
-    max_messages: int = 500
-    max_chars_per_message: int = 8000
-    max_tokens: int = 2048        # cap on a request's max_tokens
-    default_max_tokens: int = 512
-    max_n: int = 8
-
-
-class BadRequest(Exception):
-    pass
-
-
-def error_response(message: str, status: int = 400, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
-def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not lo <= value <= hi:
-        raise BadRequest(f"'{key}' must be between {lo} and {hi}, got {value}")
-    return int(value) if integer else float(value)
-
-
-def _content_text(content: Any, index: int) -> str:
-    """OpenAI content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts")
-
-
-def parse_chat_request(body: Any, limits: Limits) -> dict:
-    """Validated generation settings from an OpenAI chat request body; raises BadRequest."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-    if len(messages) > limits.max_messages:
-        raise BadRequest(f"too many messages: {len(messages)} > {limits.max_messages}; start a new chat")
-    clean = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
-        text = _content_text(msg.get("content"), i)
-        if len(text) > limits.max_chars_per_message:
-            raise BadRequest(f"messages[{i}] is too long: {len(text)} characters > "
-                             f"{limits.max_chars_per_message}; shorten it")
-        clean.append({"role": msg.get("role"), "content": text})
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return {
-        "messages": clean,
-        "stream": bool(body.get("stream", False)),
-        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", limits.default_max_tokens,
-                              1, limits.max_tokens, integer=True),
-        "temperature": _number(body, "temperature", 0.8, 0.0, 2.0),
-        "top_p": _number(body, "top_p", None, 0.0, 1.0),
-        "top_k": _number(body, "top_k", None, 1, 1 << 20, integer=True),
-        "n": _number(body, "n", 1, 1, limits.max_n, integer=True),
-        "seed": _number(body, "seed", None, 0, 2 ** 63 - 1, integer=True),
-    }
-
-
-class _Choice(TextStream):
-    """One sample of the response: its text stream and, once it ends, why ("stop" or "length")."""
-
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
-        self.finish_reason: str | None = None
 
 
 class _Inbox:
@@ -155,118 +89,301 @@ class _Mailbox:
             self.posted.popleft().wake()
 
 
-def create_app(workers: list[BatchScheduler], model_name: str = "nanochat", limits: Limits | None = None) -> FastAPI:
+class _ChatFormat:
+    """The chat completion's JSON: chunks carry a delta {"content"}, the answer a message."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def __init__(self, rid: str, created: int, model: str, tokenizer):
+        self.base = {"id": rid, "object": self.chunk_object, "created": created, "model": model}
+        self.tokenizer = tokenizer
+        # a content chunk's fixed part, encoded once: json.dumps of the whole chunk cost the event loop
+        # ~4 µs per streamed token
+        self.head = "data: " + json.dumps(self.base)[:-1] + ', "choices": [{"index": '
+
+    def _sse(self, index: int, payload: dict, finish_reason: str | None) -> str:
+        choice = {"index": index, **payload, "finish_reason": finish_reason}
+        return f"data: {json.dumps({**self.base, 'choices': [choice]})}\n\n"
+
+    def first(self, n: int) -> str:
+        return "".join(self._sse(i, {"delta": {"role": "assistant", "content": ""}}, None) for i in range(n))
+
+    def fast(self, index: int, text: str) -> str:
+        """chunk(index, text) of a plain choice."""
+        return f'{self.head}{index}, "delta": {{"content": {json_string(text)}}}, "finish_reason": null}}]}}\n\n'
+
+    def chunk(self, index: int, text: str, entries: list | None, finish_reason: str | None) -> str:
+        """A chunk with `text` (and the logprobs of `entries`), then one with the finish reason once known."""
+        out = ""
+        if text or entries:
+            payload = {"delta": {"content": text}}
+            if entries is not None:
+                payload["logprobs"] = chat_logprobs(self.tokenizer, entries)
+            out = self._sse(index, payload, None)
+        if finish_reason is not None:
+            out += self._sse(index, {"delta": {}}, finish_reason)
+        return out
+
+    def choice(self, index: int, choice: Choice) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": choice.full_text()},
+                "logprobs": chat_logprobs(self.tokenizer, choice.new_entries()) if choice.wants_logprobs else None,
+                "finish_reason": choice.finish_reason}
+
+
+class _TextFormat(_ChatFormat):
+    """The (legacy) text completion's JSON: chunks and answer carry "text", logprobs in the legacy lists."""
+
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    def first(self, n: int) -> str:
+        return ""
+
+    def fast(self, index: int, text: str) -> str:
+        return f'{self.head}{index}, "text": {json_string(text)}, "logprobs": null, "finish_reason": null}}]}}\n\n'
+
+    def chunk(self, index: int, text: str, entries: list | None, finish_reason: str | None) -> str:
+        if not (text or entries or finish_reason):
+            return ""
+        logprobs = text_logprobs(self.tokenizer, entries) if entries is not None else None
+        return self._sse(index, {"text": text, "logprobs": logprobs}, finish_reason)
+
+    def choice(self, index: int, choice: Choice) -> dict:
+        return {"index": index, "text": choice.full_text(),
+                "logprobs": text_logprobs(self.tokenizer, choice.new_entries()) if choice.wants_logprobs else None,
+                "finish_reason": choice.finish_reason}
+
+
+def _error_response(exc: ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _parse_json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the request body's JSON is nested too deeply; flatten it") from None
+    except ValueError as exc:  # also bad UTF-8, and integers of more than 4300 digits
+        raise BadRequest(f"the request body is not valid JSON ({str(exc)[:200]})") from None
+
+
+def create_app(workers: list[BatchScheduler], model_name: str = "nanochat", limits: Limits | None = None,
+               api_key: str | None = None) -> FastAPI:
     """The FastAPI app over already started workers (each a model replica with its own thread)."""
     if not workers:
         raise ValueError("create_app needs at least one worker (a BatchScheduler)")
     limits = limits or Limits()
     tokenizer = workers[0].tokenizer
     app = FastAPI(title="nanochat")
+    metrics = Metrics(workers)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     ui = UI_PATH.read_text(encoding="utf-8")
     created = int(time.time())
     mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        close = {"Connection": "close"} if exc.status == 413 else None  # do not read the rest of the body
+        return _error_response(exc, close)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        what = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            err = ApiError(f"no such route: {what}; the API is under /v1 (GET /v1/models)", 404, code="not_found")
+        elif exc.status_code == 405:
+            err = ApiError(f"method not allowed: {what}; allowed: {(exc.headers or {}).get('Allow', '?')}", 405,
+                           code="method_not_allowed")
+        else:
+            err = ApiError(str(exc.detail), exc.status_code)
+        return _error_response(err, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(ApiError(f"internal error: {type(exc).__name__}", 500, kind="server_error"))
+
+    async def check_key(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+                           "the server was started with (--api_key)", 401, code="invalid_api_key")
+
+    guard = [Depends(check_key)] if api_key else []
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
+    async def index() -> HTMLResponse:
         return HTMLResponse(ui)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "model": model_name, "workers": len(workers),
                 "load": [w.load() for w in workers]}
 
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanochat"}]}
+    @app.get("/metrics", dependencies=guard)
+    async def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models", dependencies=guard)
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guard)
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise ApiError(f"the model '{model_id[:100]}' does not exist; this server serves '{model_name}'",
+                           404, param="model", code="model_not_found")
+        return model_card
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 once it is known to exceed the limit (by its Content-Length, or
+        while it streams in), so that no more of it is read or held."""
+        cap = limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = (f"request body of {{}} bytes exceeds this server's limit of {cap}; send less "
+                     "(the server's --max_body_bytes sets it)")
+        if declared.isdigit() and int(declared) > cap:
+            raise ApiError(too_large.format(declared), 413, code="request_too_large")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise ApiError(too_large.format(f"more than {cap}"), 413, code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise BadRequest("the client went away before sending the whole body") from None
+        return b"".join(chunks)
+
+    def prepare_chat(raw: bytes) -> tuple[Params, list[int]]:
+        params = parse_chat_request(_parse_json(raw), limits, model_name)
+        try:
+            return params, render_for_completion(tokenizer, {"messages": params.messages})
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="messages") from None
+
+    def prepare_text(raw: bytes) -> tuple[Params, list[int]]:
+        params = parse_completion_request(_parse_json(raw), limits, model_name)
+        return params, tokenizer.encode(params.prompt, prepend="<|bos|>")
+
+    @app.post("/v1/chat/completions", dependencies=guard)
     async def chat_completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(f"the request body is not valid JSON ({exc})")
-        try:
-            params = parse_chat_request(body, limits)
-            prompt = render_for_completion(tokenizer, {"messages": params["messages"]})
-        except (BadRequest, ValueError) as exc:
-            return error_response(str(exc))
+        start = time.perf_counter()
+        params, prompt = await asyncio.to_thread(prepare_chat, await read_body(request))
+        return await generate(request, params, prompt, _ChatFormat, start)
+
+    @app.post("/v1/completions", dependencies=guard)
+    async def completions(request: Request):
+        start = time.perf_counter()
+        params, prompt = await asyncio.to_thread(prepare_text, await read_body(request))
+        return await generate(request, params, prompt, _TextFormat, start)
+
+    async def generate(request: Request, params: Params, prompt: list[int], format_cls, start: float):
         loop = asyncio.get_running_loop()
         mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, _Mailbox(loop))
         inbox = _Inbox()
         gen = GenerationRequest(
             prompt=prompt, emit=functools.partial(mailbox.post, inbox),
-            num_samples=params["n"], max_tokens=params["max_tokens"], temperature=params["temperature"],
-            top_k=params["top_k"], top_p=params["top_p"], seed=params["seed"])
+            num_samples=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p, seed=params.seed, logprobs=params.logprobs)
         try:
             min(workers, key=lambda w: w.load()).submit(gen)
         except ValueError as exc:
-            return error_response(str(exc))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        choices = [_Choice(tokenizer) for _ in range(params["n"])]
+            raise BadRequest(str(exc)) from None
+        fmt = format_cls(f"{format_cls.id_prefix}{uuid.uuid4().hex[:24]}", int(time.time()), model_name, tokenizer)
+        choices = [Choice(tokenizer, params.stop, params.logprobs) for _ in range(params.n)]
+        state = {"first": True, "failed": False}
+
+        def first_events() -> None:
+            if state["first"]:
+                state["first"] = False
+                metrics.first_token.observe(time.perf_counter() - start)
+
+        def apply(index: int, kind: str, value) -> str:
+            """An event of sample `index`; returns the text it releases."""
+            choice = choices[index]
+            if choice.finish_reason is not None:  # ended by a stop string: the scheduler's last events
+                return ""
+            if kind == "logprob":
+                choice.on_logprob(value)
+                return ""
+            if kind == "token":
+                text = choice.on_token(value)
+                if choice.finish_reason is not None:
+                    gen.stopped.add(index)  # a stop string: free the slot
+                return text
+            return choice.on_done(value)
 
         def usage() -> dict:
-            completion = sum(len(c.tokens) + (c.finish_reason == "stop") for c in choices)
+            completion = sum(c.generated() for c in choices)
             return {"prompt_tokens": len(prompt), "completion_tokens": completion,
                     "total_tokens": len(prompt) + completion}
 
-        if not params["stream"]:
+        def finish() -> None:
+            """Every way a request ends (done, failed, client gone): free its slots, count it."""
+            gen.cancelled.set()
+            if not state["failed"] and any(c.finish_reason is None for c in choices):
+                metrics.cancelled.inc()
+            metrics.prompt_tokens.inc(len(prompt))
+            metrics.completion_tokens.inc(sum(c.generated() for c in choices))
+
+        def failure(message: str) -> ApiError:
+            state["failed"] = True
+            return ApiError(f"generation failed: {message}", 500, kind="server_error")
+
+        if not params.stream:
+            async def watch_disconnect() -> None:
+                """A client that goes away cancels its generation (the only receive after the body)."""
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                mailbox.post(inbox, ("gone", -1, None))
+
+            watcher = asyncio.ensure_future(watch_disconnect())
             try:
                 while any(c.finish_reason is None for c in choices):
-                    for kind, index, value in await inbox.take():
+                    events = await inbox.take()
+                    first_events()
+                    for kind, index, value in events:
+                        if kind == "gone":
+                            return Response(status_code=499)  # nobody reads it
                         if kind == "error":
-                            return error_response(f"generation failed: {value}", 500, "server_error")
-                        if kind == "token":
-                            choices[index].add(value)
-                        else:
-                            choices[index].finish_reason = value
+                            raise failure(value)
+                        apply(index, kind, value)
             finally:
-                gen.cancelled.set()
-            return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": c.text()},
-                                 "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                    "usage": usage()}
-
-        def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-            data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
-            return f"data: {json.dumps(data)}\n\n"
-
-        head = "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": now,
-                                      "model": model_name})[:-1] + ', "choices": [{"index": '
-
-        def content_chunk(index: int, text: str) -> str:
-            """chunk(index, {"content": text}), its fixed part encoded once: json.dumps of the whole
-            chunk cost the event loop ~4 µs per streamed token."""
-            return f'{head}{index}, "delta": {{"content": {json_string(text)}}}, "finish_reason": null}}]}}\n\n'
-
-        def event_text(kind: str, index: int, value) -> str:
-            """A token or "done" event as SSE text ("" while a character is incomplete)."""
-            choice = choices[index]
-            if kind == "token":
-                delta = choice.add(value)
-                return content_chunk(index, delta) if delta else ""
-            choice.finish_reason, tail = value, choice.finish()
-            return (chunk(index, {"content": tail}) if tail else "") + chunk(index, {}, value)
+                watcher.cancel()
+                finish()
+            return JSONResponse({"id": fmt.base["id"], "object": fmt.object, "created": fmt.base["created"],
+                                 "model": model_name, "choices": [fmt.choice(i, c) for i, c in enumerate(choices)],
+                                 "usage": usage()})
 
         async def stream():
             try:
-                yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(choices)))
-                failed = False
-                while not failed and any(c.finish_reason is None for c in choices):
+                yield fmt.first(len(choices))
+                while not state["failed"] and any(c.finish_reason is None for c in choices):
                     out = []
-                    for kind, index, value in await inbox.take():
+                    events = await inbox.take()
+                    first_events()
+                    for kind, index, value in events:
                         if kind == "error":
-                            err = {"error": {"message": f"generation failed: {value}", "type": "server_error"}}
-                            out.append(f"data: {json.dumps(err)}\n\n")
-                            failed = True
+                            out.append(f"data: {json.dumps(failure(value).body())}\n\n")
                             break
-                        out.append(event_text(kind, index, value))
-                    if text := "".join(out):
-                        yield text
+                        choice = choices[index]
+                        if choice.plain and kind == "token":  # the common case: the token's text as it decodes
+                            if delta := choice.add(value):
+                                out.append(fmt.fast(index, delta))
+                            continue
+                        if choice.finish_reason is not None:
+                            continue
+                        text = apply(index, kind, value)
+                        entries = choice.new_entries() if choice.wants_logprobs else None
+                        out.append(fmt.chunk(index, text, entries, choice.finish_reason))
+                    if data := "".join(out):
+                        yield data
+                if params.include_usage and not state["failed"]:
+                    yield f"data: {json.dumps({**fmt.base, 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also runs when the client disconnects (Stop button): free the slots
-                gen.cancelled.set()
+                finish()
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -30,12 +30,16 @@ from nanochat.engine import Engine, RowState, StaticDecoder, draw, hashed_exp_no
 
 log = logging.getLogger("nanochat")
 SAMPLE_STRIDE = 1_000_003  # a row's key: seed * SAMPLE_STRIDE + its sample index (n <= slots < this)
+MAX_TOP_LOGPROBS = 20      # most alternatives per token a request may ask for (OpenAI's limit)
 
 
 @dataclass
 class GenerationRequest:
     """One completion call. `emit(event)` is called from the scheduler thread with
-    ("token", sample_index, token_id), ("done", sample_index, finish_reason) or ("error", -1, message)."""
+    ("token", sample_index, token_id), ("done", sample_index, finish_reason) or ("error", -1, message);
+    with `logprobs` = k, each token's event follows ("logprob", sample_index, (logprob, [(id, logprob)] * k)):
+    the token's log-probability under the model (temperature 1, before top-k/top-p) and the k likeliest.
+    `cancelled` ends the request; a sample index added to `stopped` ends that sample (a stop string)."""
     prompt: list[int]
     emit: Callable[[tuple], None]
     num_samples: int = 1
@@ -44,7 +48,9 @@ class GenerationRequest:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopped: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -74,6 +80,9 @@ class BatchScheduler:
         self._cuda = self.decoder.device.type == "cuda"
         # a step's tokens come back through pinned memory: an asynchronous copy, waited for by its event alone
         self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=self._cuda)
+        # and, when a request asks for them, each token's logprob and the top alternatives
+        self._host_logprobs = torch.zeros(slots, 1 + MAX_TOP_LOGPROBS, pin_memory=self._cuda)
+        self._host_top_ids = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.long, pin_memory=self._cuda)
         self._copied = torch.cuda.Event() if self._cuda else None
         self._outbox: list[tuple[Callable[[tuple], None], tuple]] = []  # (emit, event) for `_report`
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
@@ -89,12 +98,19 @@ class BatchScheduler:
         when it asks for more samples than there are slots or its prompt fills the context."""
         if request.num_samples > len(self.slots):
             raise ValueError(f"n={request.num_samples} exceeds this server's {len(self.slots)} slots per worker")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={request.logprobs}: the top alternatives are 0 to {MAX_TOP_LOGPROBS}")
         request.max_tokens = self.engine.fit_max_tokens(request.prompt, request.max_tokens)
         self.pending.put(request)
 
     def load(self) -> int:
         """Sequences active or waiting: the app sends new requests to the least loaded worker."""
         return sum(s is not None for s in self.slots) + self.pending.qsize() + len(self.waiting)
+
+    def stats(self) -> dict[str, int]:
+        """Slots in all, slots decoding, requests queued for a slot (for /metrics)."""
+        return {"slots": len(self.slots), "active": sum(s is not None for s in self.slots),
+                "queued": self.pending.qsize() + len(self.waiting)}
 
     def close(self) -> None:
         self._stop.set()
@@ -210,6 +226,27 @@ class BatchScheduler:
             self._copied.synchronize()
         return self._host_tokens.tolist()
 
+    def _copy_logprobs(self, tokens: torch.Tensor, top: int) -> None:
+        """Queue, before the step that overwrites the logits, the copy to the host of each slot's
+        log-probability of the token it is fed and of its `top` likeliest tokens (only when a live
+        request asks for logprobs: a log-softmax over every slot's logits). The copies land in the
+        front of the pinned buffers, contiguous (a strided destination would make them synchronous)."""
+        logp = torch.log_softmax(self.logits.float(), dim=-1)
+        values, ids = logp.topk(top, dim=-1)
+        slots = len(self.slots)
+        host = self._host_logprobs.view(-1)[:slots * (top + 1)].view(slots, top + 1)
+        host.copy_(torch.cat([logp.gather(1, tokens[:, None]), values], dim=1), non_blocking=True)
+        self._host_top_ids.view(-1)[:slots * top].view(slots, top).copy_(ids, non_blocking=True)
+
+    def _fetch_logprobs(self, top: int) -> tuple[list, list]:
+        """What `_copy_logprobs(tokens, top)` copied (ready with the tokens): per slot [logprob, top
+        logprobs...] and [top ids...]."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        slots = len(self.slots)
+        return (self._host_logprobs.view(-1)[:slots * (top + 1)].view(slots, top + 1).tolist(),
+                self._host_top_ids.view(-1)[:slots * top].view(slots, top).tolist())
+
     def _report(self) -> None:
         """Emit the events the last step's tokens made."""
         for emit, event in self._outbox:
@@ -224,16 +261,19 @@ class BatchScheduler:
         reports) take the GIL while the device is busy, not while the next step is being launched."""
         by_settings: dict[tuple, list[int]] = {}  # sampling settings -> the slots of the requests using them
         forced: list[tuple[int, int]] = []         # (slot, token) the tool forces this step
+        top = -1                                   # the most top logprobs a live request asks for (-1: none)
         for i, seq in enumerate(self.slots):
             if seq is None:
                 continue
             req = seq.request
-            if req.cancelled.is_set():
+            if req.cancelled.is_set() or req.stopped and seq.index in req.stopped:
                 self._free(i)
                 continue
             by_settings.setdefault((req.temperature, req.top_k, req.top_p), []).append(i)
             if seq.row.forced:
                 forced.append((i, seq.row.forced[0]))
+            if req.logprobs is not None:
+                top = max(top, req.logprobs)
         if not by_settings:
             self._report()
             return
@@ -243,12 +283,15 @@ class BatchScheduler:
             tokens.index_copy_(0, rows, self._sample(rows, *settings))
         for i, token in forced:  # replaces the sample, as ToolRunner.next_token will on the host
             tokens[i].fill_(token)
+        if top >= 0:
+            self._copy_logprobs(tokens, top)
         self._host_tokens.copy_(tokens, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         self.logits.copy_(self.decoder.step())
         self._report()
         next_token, outbox = self.engine.tools.next_token, self._outbox
+        logprobs = self._fetch_logprobs(top) if top >= 0 else None
         for i, token in enumerate(self._fetch_tokens()):
             seq = self.slots[i]
             if seq is None:
@@ -256,6 +299,9 @@ class BatchScheduler:
             emit, index = seq.request.emit, seq.index
             token, _ = next_token(seq.row, token)
             seq.generated += 1
+            if logprobs is not None and seq.request.logprobs is not None and not seq.row.done:
+                values, ids, k = logprobs[0][i], logprobs[1][i], seq.request.logprobs
+                outbox.append((emit, ("logprob", index, (values[0], list(zip(ids[:k], values[1:k + 1]))))))
             if seq.row.done:
                 outbox.append((emit, ("done", index, "stop")))
                 self._free(i)
