@@ -6,14 +6,28 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+class TqdmWriteHandler(logging.Handler):
+    """Writes each record to stderr through tqdm.write: a progress bar on the terminal is lifted out of
+    the way and drawn again below the line, instead of the line landing in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 -- logging's own contract: report, never raise
+            self.handleError(record)
+
+
 logger = logging.getLogger("nanochat")
 if not logger.handlers:
-    _handler = logging.StreamHandler()
+    _handler = TqdmWriteHandler()
     _handler.setFormatter(logging.Formatter("[nanochat] %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(os.environ.get("NANOCHAT_LOG_LEVEL", "INFO"))
@@ -52,10 +66,14 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else dist_info()[1]
 
 
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only, flushed (logs of several ranks stay readable)."""
+def print0(*args, sep: str = " ", end: str = "\n") -> None:
+    """print to stdout on rank 0 only, flushed (logs of several ranks stay readable), through tqdm.write so
+    that a progress bar on the terminal is not broken by the line."""
     if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(sep.join(map(str, args)), file=sys.stdout, end=end)
+        sys.stdout.flush()
 
 
 def log0(msg: str) -> None:
@@ -135,6 +153,12 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def autocast_precision(device: torch.device | str) -> str:
+    """The precision the evaluation and fine-tuning stages run at, for their reports: bf16 autocast on
+    CUDA, fp32 elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def synchronize(device: torch.device | str) -> None:

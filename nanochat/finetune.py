@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanochat.checkpoint import run_checkpoint_dir, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import get_rank, log0
+from nanochat.common import autocast_precision, get_rank, log0
 from nanochat.optim import build_optimizer
-from nanochat.tokenizer import resolve_tokenizer_dir
 
 if TYPE_CHECKING:
     from nanochat.gpt import GPT
@@ -28,12 +27,12 @@ if TYPE_CHECKING:
 @dataclass
 class FineTune:
     """A fine-tuning run's model, optimizer and where it saves; `step` > 0 when it resumed."""
-    cfg: Any                   # the script's flags: source, model_tag, step, *_lr, init_lr_frac, keep_last, ...
+    cfg: Any                   # the script's flags: source, model, model_tag, step, *_lr, init_lr_frac, keep_last, ...
     model: "GPT"               # in train mode; the uncompiled module (what checkpoints hold)
     tokenizer: "Tokenizer"
     source_meta: dict          # meta.json of the checkpoint fine-tuned from
     tag: str                   # output tag, the source's unless --model_tag says otherwise
-    tokenizer_dir: str
+    tokenizer_dir: str         # the tokenizer loaded with the model (each checkpoint gets a copy)
     optimizer: "MuonAdamW"
     phase: str                 # what this run trains: "sft" or "rl"
     step: int = 0              # the step resumed from, else 0
@@ -47,9 +46,15 @@ class FineTune:
         """Checkpoint `step` with the shared meta (model and train config, tokenizer, tag, source) + `meta`."""
         full_meta = {"step": step, "model_config": asdict(self.model.config), "train_config": asdict(self.cfg),
                      "tokenizer_dir": self.tokenizer_dir, "model_tag": self.tag,
-                     "source": {"phase": self.cfg.source, "step": self.source_meta["step"]}, **meta}
+                     "source": self.source(), **meta}
         return save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
-                               full_meta, rank=rank, world_size=world_size, keep_last=self.cfg.keep_last)
+                               full_meta, rank=rank, world_size=world_size, keep_last=self.cfg.keep_last,
+                               tokenizer_dir=self.tokenizer_dir)
+
+    def source(self) -> dict:
+        """What this run fine-tunes: {"phase", "step"}, and "path" when it was loaded with --model."""
+        where = {"path": str(self.cfg.model)} if self.cfg.model else {"phase": self.cfg.source}
+        return {**where, "step": self.source_meta["step"]}
 
     def finish(self, section: str, summary: dict, device: torch.device, world_size: int) -> None:
         """On rank 0: write report section `section` (the flags, and the GPU count for the report's
@@ -58,7 +63,7 @@ class FineTune:
             return
         from nanochat.report import write_section
         write_section(section, {"phase": self.phase, "config": asdict(self.cfg),
-                                "wall_time_s": summary["total_seconds"],
+                                "wall_time_s": summary["total_seconds"], "precision": autocast_precision(device),
                                 "num_gpus": world_size if device.type == "cuda" else 0, **summary})
         print(json.dumps(summary), flush=True)
 
@@ -72,15 +77,15 @@ def output_tag(model_tag: str, source_meta: dict, n_layer: int) -> str:
 def start_finetune(cfg: Any, phase: str, device: torch.device, rank: int = 0) -> FineTune:
     """Load `cfg.source`'s checkpoint, build the scaled-LR optimizer, and resume from
     checkpoints/<phase>/<tag>/step_<cfg.resume_from_step> when that flag is >= 0."""
-    model, tokenizer, source_meta = load_model(cfg.source, device, cfg.model_tag or None, cfg.step)
+    model, tokenizer, source_meta = load_model(cfg.source, device, cfg.model_tag or None, cfg.step,
+                                               model_dir=cfg.model or None)
     model.train()
     tag = output_tag(cfg.model_tag, source_meta, model.config.n_layer)
-    tokenizer_dir = str(resolve_tokenizer_dir(source_meta.get("tokenizer_dir")))
     frac = cfg.init_lr_frac
     optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr * frac, embedding_lr=cfg.embedding_lr * frac,
                                 unembedding_lr=cfg.unembedding_lr * frac, scalar_lr=cfg.scalar_lr * frac,
                                 weight_decay=cfg.weight_decay)
-    run = FineTune(cfg, model, tokenizer, source_meta, tag, tokenizer_dir, optimizer, phase)
+    run = FineTune(cfg, model, tokenizer, source_meta, tag, str(tokenizer.directory), optimizer, phase)
     if cfg.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(run.checkpoint_dir, cfg.resume_from_step, device, rank=rank)
         model.load_state_dict(model_state)

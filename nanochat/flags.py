@@ -2,6 +2,8 @@
 
 Each field `foo_bar` is accepted as `--foo_bar` and `--foo-bar`, with `=value` or a separate value.
 Booleans also take `--flag` / `--no-flag`. `list[...]` fields take comma-separated values.
+A field's help text is its `metadata["help"]`; `--help` adds the default unless the text already says it
+(or the default is "", which the text explains: off, none, automatic).
 """
 from __future__ import annotations
 
@@ -57,20 +59,23 @@ def _converter(tp: Any) -> Callable[[str], Any]:
 
 
 def build_parser(config_cls: type, description: str | None = None,
-                 short: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """`short` maps one-letter flags to field names, e.g. {"-i": "source"} (nanochat's `-i sft`)."""
-    unknown = set((short or {}).values()) - {f.name for f in dataclasses.fields(config_cls)}
+                 aliases: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """`aliases` maps extra flag names to field names: short forms such as {"-i": "source"} (nanochat's
+    `-i sft`) and old spellings kept working, such as {"--tag": "model_tag"}."""
+    unknown = set((aliases or {}).values()) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
-        raise ValueError(f"short flags name unknown fields {sorted(unknown)} of {config_cls.__name__}")
+        raise ValueError(f"flag aliases name unknown fields {sorted(unknown)} of {config_cls.__name__}")
     parser = argparse.ArgumentParser(description=description or config_cls.__doc__)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         tp = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        names = [flag for flag, name in (short or {}).items() if name == field.name] + [f"--{field.name}"]
+        names = [flag for flag, name in (aliases or {}).items() if name == field.name] + [f"--{field.name}"]
         if "_" in field.name:
             names.append(f"--{field.name.replace('_', '-')}")
-        help_text = field.metadata.get("help", "") + f" (default: {default})"
+        help_text = field.metadata.get("help", "")
+        if "default" not in help_text and default != "":  # an empty default is off/none, which the help says
+            help_text = f"{help_text} (default: {default})".lstrip()
         if _strip_optional(tp)[0] is bool:
             parser.add_argument(*names, dest=field.name, type=_parse_bool, nargs="?", const=True,
                                 default=default, help=help_text)
@@ -84,7 +89,7 @@ def build_parser(config_cls: type, description: str | None = None,
 
 
 def parse_flags(config_cls: type[T], argv: list[str] | None = None, description: str | None = None,
-                short: dict[str, str] | None = None) -> T:
+                aliases: dict[str, str] | None = None) -> T:
     """Parse argv (default sys.argv[1:]) into an instance of the dataclass `config_cls`."""
-    args = build_parser(config_cls, description, short).parse_args(argv)
+    args = build_parser(config_cls, description, aliases).parse_args(argv)
     return config_cls(**vars(args))

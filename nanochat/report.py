@@ -6,13 +6,15 @@
 
 Sections are JSON files `<base>/report/<name>.json` holding the stage's data plus the environment
 (GPU, torch, git commit, time). A section's "phase" ("base" | "sft" | "rl"; else taken from the
-name's prefix) and its "metrics" fill the BASE / SFT / RL columns of the table; "wall_time_s" (or
-"total_seconds") times "num_gpus" (or "world_size") adds up to the GPU hours of the cost line. `train_log.jsonl` feeds the loss-curve PNG.
+name's prefix) and its "metrics" (and a top-level "val_bpb") fill the BASE / SFT / RL columns of the table;
+"precision" says what it ran at; "wall_time_s" (or "total_seconds") times "num_gpus" (or "world_size") adds up
+to the GPU hours of the cost line. `train_log.jsonl` feeds the loss curves, one plot per stage.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -21,7 +23,9 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir, get_rank
 
-TABLE_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+TABLE_ROWS = ("val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+ROW_LABELS = {"val_bpb": "val bpb"}
+TOP_LEVEL_METRICS = ("val_bpb",)  # read from a section's top level too (base_train reports it there)
 PHASES = ("base", "sft", "rl")
 TRAIN_LOG = "train_log.jsonl"
 CURVES_PNG = "loss_curves.png"
@@ -98,14 +102,26 @@ def section_phase(section: dict) -> str | None:
 
 
 def metrics_table(sections: list[dict]) -> dict[str, dict[str, float]]:
-    """{row: {phase: value}}; later sections overwrite earlier ones."""
+    """{row: {phase: value}}; later sections overwrite earlier ones; NaN (not evaluated) is left out."""
     table: dict[str, dict[str, float]] = {row: {} for row in TABLE_ROWS}
     for section in sections:
         phase = section_phase(section)
-        for key, value in (section["data"].get("metrics") or {}).items():
-            if phase and key in table and isinstance(value, (int, float)):
+        data = section["data"]
+        values = {**{k: data[k] for k in TOP_LEVEL_METRICS if k in data}, **(data.get("metrics") or {})}
+        for key, value in values.items():
+            if phase and key in table and isinstance(value, (int, float)) and math.isfinite(value):
                 table[key][phase] = float(value)
     return table
+
+
+def precisions(sections: list[dict]) -> dict[str, list[str]]:
+    """{precision: [section names]} of the sections that report the precision they ran at."""
+    out: dict[str, list[str]] = {}
+    for section in sections:
+        precision = section["data"].get("precision")
+        if precision:
+            out.setdefault(str(precision), []).append(section["name"])
+    return out
 
 
 def gpu_hours(sections: list[dict]) -> tuple[float, float]:
@@ -122,34 +138,54 @@ def gpu_hours(sections: list[dict]) -> tuple[float, float]:
     return wall, gpu
 
 
-def plot_curves(log_path: Path, out_path: Path) -> Path | None:
-    """Loss (and val metrics) per step, one line per stage; None when there is no log."""
-    if not log_path.is_file():
-        return None
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for row in rows:
+def curve_series(log_path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{stage: {metric: [(step, value), ...]}} of the loss and bpb metrics in the training log."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for line in log_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
         for key, value in row.items():
             if key in ("stage", "step", "time") or not isinstance(value, (int, float)):
                 continue
             if "loss" in key or "bpb" in key:
-                series.setdefault((row["stage"], key), []).append((row["step"], value))
-    if not series:
-        return None
+                series.setdefault(row["stage"], {}).setdefault(key, []).append((row["step"], value))
+    return series
+
+
+def curves_figure(series: dict[str, dict[str, list[tuple[int, float]]]]):
+    """One axes per stage, side by side: base pretraining and SFT run for different numbers of steps at
+    different loss levels, so on shared axes one squashes the other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (stage, key), points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{stage} {key}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss / bpb")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    stages = [s for s in PHASES if s in series] + sorted(set(series) - set(PHASES))
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for key, points in sorted(series[stage].items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("loss / bpb")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(log_path: Path, out_path: Path) -> Path | None:
+    """The loss curves PNG (see curves_figure); None when there is no log or nothing to plot."""
+    if not log_path.is_file():
+        return None
+    series = curve_series(log_path)
+    if not series:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(series)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
@@ -168,12 +204,15 @@ def assemble(directory: Path | None = None) -> Path:
     lines += [f"- generated: {dt.datetime.now().isoformat(timespec='seconds')}",
               f"- git commit: {env.get('git_commit')}",
               f"- GPU: {env.get('gpu')} x {env.get('gpu_count')}",
-              f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}", ""]
+              f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}"]
+    ran_at = precisions(sections)
+    lines += ["- precision: " + ("; ".join(f"{p} ({', '.join(names)})" for p, names in ran_at.items())
+                                 if ran_at else "not recorded by any stage"), ""]
     table = metrics_table(sections)
     lines += ["## Metrics", "", "| Metric | BASE | SFT | RL |", "| --- | --- | --- | --- |"]
     for row in TABLE_ROWS:
         cells = [_fmt(table[row][p]) if p in table[row] else "-" for p in PHASES]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     wall, gpu = gpu_hours(sections)
     lines += ["", "## Cost", "", f"- wall time: {wall:.2f} h", f"- GPU hours: {gpu:.2f}", ""]
     png = plot_curves(directory / TRAIN_LOG, directory / CURVES_PNG)
@@ -206,8 +245,12 @@ def reset(directory: Path | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m nanochat.report [generate|reset]  (generate: assemble report.md, the default)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return
     if argv and argv[0] not in ("reset", "generate"):
-        raise SystemExit(f"usage: python -m nanochat.report [generate|reset]; got {argv[0]!r}")
+        raise SystemExit(f"{usage}; got {argv[0]!r}")
     if argv and argv[0] == "reset":
         print(json.dumps({"reset": True, "removed": reset(), "dir": str(report_dir())}))
         return

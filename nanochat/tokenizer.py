@@ -57,6 +57,7 @@ class Tokenizer:
                                       special_tokens=self._special_ids)
         self._token_bytes: torch.Tensor | None = None
         self._pieces: list[bytes] | None = None
+        self.directory: Path | None = None  # where `load` read it from (checkpoints copy it from there)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Tokenizer:
                 raise ValueError(f"{ranks_path}:{lineno} is not '<base64> <rank>' ({e}); "
                                  f"re-run `python -m scripts.tok_train`") from e
         tokenizer = cls(ranks, pattern, specials)
+        tokenizer.directory = directory
         if tokenizer.get_vocab_size() != vocab_size:
             raise ValueError(f"{directory} is inconsistent: {META_FILE} says vocab_size={vocab_size} but the files "
                              f"hold {tokenizer.get_vocab_size()} tokens; re-run `python -m scripts.tok_train`")
@@ -133,6 +135,15 @@ class Tokenizer:
 
     def get_special_tokens(self) -> list[str]:
         return list(self._special_ids)
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Token bytes -> id of every ordinary token (a copy): what another BPE engine needs to reproduce ours."""
+        return dict(self._mergeable_ranks)
+
+    @property
+    def pattern(self) -> str:
+        """The regex that cuts text into chunks before BPE merges within each."""
+        return self._pattern
 
     def get_bos_token_id(self) -> int:
         return self._special_ids["<|bos|>"]

@@ -115,4 +115,4 @@ if [ "$BASE" != "$HOME/.cache/nanochat" ]; then WEB_ENV="NANOCHAT_BASE_DIR=$BASE
 SOURCE=sft
 if [ "$HAVE_EVAL_DATA" = 0 ]; then SOURCE=base; fi
 echo
-echo "chat with it:  ${WEB_ENV}python -m scripts.chat_web -i $SOURCE --tag $TAG   (then open http://127.0.0.1:8000/)"
+echo "chat with it:  ${WEB_ENV}python -m scripts.chat_web -i $SOURCE --model_tag $TAG   (then open http://127.0.0.1:8000/)"

@@ -138,4 +138,4 @@ stage_end
 
 stage_table
 echo
-echo "chat with it:  NANOCHAT_BASE_DIR=$BASE python -m scripts.chat_web -i sft --tag $TAG --num_gpus $NPROC"
+echo "chat with it:  NANOCHAT_BASE_DIR=$BASE python -m scripts.chat_web -i sft --model_tag $TAG --num_gpus $NPROC"

@@ -2,6 +2,7 @@
 
     python -m scripts.base_eval                              # latest base checkpoint, everything
     python -m scripts.base_eval --max_per_task=500 --eval=core
+    python -m scripts.base_eval --model path/to/step_004000 # a checkpoint directory from anywhere
     torchrun --nproc_per_node=8 -m scripts.base_eval         # ranks split the items / batches
 
 Writes the "base_eval" report section; the last stdout line is one JSON object.
@@ -14,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanochat.checkpoint import load_model
-from nanochat.common import compute_cleanup, compute_init, device_name, log0, print0
+from nanochat.checkpoint import MODEL_DIR_HELP, load_model
+from nanochat.common import autocast_precision, compute_cleanup, compute_init, device_name, log0, print0
 from nanochat.flags import parse_flags
+from nanochat.progress import progress_bar
 
 SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -27,8 +29,9 @@ EVALS = ("core", "bpb", "sample")
 @dataclass
 class BaseEvalConfig:
     """Evaluate a base checkpoint (CORE, val bpb, samples)."""
-    model_tag: str | None = None
-    step: int | None = None
+    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
+    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
+    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
     eval: str = field(default="core,bpb,sample", metadata={"help": f"comma list of {EVALS}"})
     max_per_task: int = field(default=-1, metadata={"help": "items per CORE task (-1 = all)"})
     core_tasks: str = field(default="all", metadata={"help": "comma list of CORE task labels, or all"})
@@ -37,7 +40,7 @@ class BaseEvalConfig:
     bpb_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens for bpb (over all ranks)"})
     data_dir: str | None = field(default=None, metadata={"help": "pretraining shards (val = last shard)"})
     data_root: str | None = field(default=None, metadata={"help": "eval data folder (default ../shared/data)"})
-    device_type: str = "auto"
+    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--eval: unknown {sorted(unknown)}; choose from {EVALS}")
     _, rank, _, world_size, device = compute_init(cfg.device_type)
-    model, tokenizer, meta = load_model("base", device, cfg.model_tag, cfg.step)
+    model, tokenizer, meta = load_model("base", device, cfg.model_tag, cfg.step, model_dir=cfg.model or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     result: dict = {"step": meta.get("step"), "device": device_name(device), "world_size": world_size}
     t0 = time.time()
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             tasks = [t for t in tasks if t.label in wanted]
         with autocast:
             core = evaluate_core(model, tokenizer, device, max_per_task=cfg.max_per_task, batch_size=cfg.batch_size,
-                                 tasks=tasks, log=log0)
+                                 tasks=tasks, log=log0, desc="CORE")
         result["core"] = core["core"]
         result["core_tasks"] = {k: round(v["centered"], 4) for k, v in core["tasks"].items()}
         if "hellaswag" in core:
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
                               device, rank=rank, world_size=world_size)
         steps = max(1, cfg.bpb_tokens // (cfg.device_batch_size * seq_len * world_size))
         with autocast:
-            result["val_bpb"] = evaluate_bpb(model, loader, steps, tokenizer.token_bytes(device))
+            batches = progress_bar(loader, total=steps, desc="val bpb", unit="batch")
+            result["val_bpb"] = evaluate_bpb(model, batches, steps, tokenizer.token_bytes(device))
+            batches.close()
         loader.close()
         log0(f"val bpb {result['val_bpb']:.4f} over {steps} steps")
 
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         from nanochat.engine import Engine
         engine = Engine(model, tokenizer)
         samples = []
-        for prompt in SAMPLE_PROMPTS:
+        for prompt in progress_bar(SAMPLE_PROMPTS, desc="samples", unit="prompt"):
             tokens = tokenizer.encode(prompt, prepend="<|bos|>")
             with autocast:
                 seqs, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0.0)
@@ -98,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["wall_time_s"] = time.time() - t0
     if rank == 0:
         from nanochat.report import write_section
-        metrics = {"CORE": result["core"]} if "core" in result else {}
+        metrics = {name: result[key] for key, name in (("core", "CORE"), ("val_bpb", "val_bpb")) if key in result}
         write_section("base_eval", {"phase": "base", "config": asdict(cfg), "metrics": metrics,
+                                    "precision": autocast_precision(device),
                                     "num_gpus": world_size if device.type == "cuda" else 0, **result})
         if "core_tasks" in result:
             print0("\n".join(f"{k:<34} {v:+.4f}" for k, v in result["core_tasks"].items()))

@@ -31,10 +31,11 @@ class BenchConfig:
     kernel: list[str] = field(default_factory=lambda: ["current"], metadata={"help": "loss backends"})
     attn: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": "attention backends"})
     precision: list[str] = field(default_factory=lambda: ["bf16"], metadata={"help": "bf16, fp8, nvfp4"})
-    depth: list[int] = field(default_factory=lambda: [20])
-    device_batch_size: list[int] = field(default_factory=lambda: [32])
-    max_seq_len: list[int] = field(default_factory=lambda: [2048])
-    window_pattern: list[str] = field(default_factory=lambda: ["L"])
+    depth: list[int] = field(default_factory=lambda: [20], metadata={"help": "model depths (layers)"})
+    device_batch_size: list[int] = field(default_factory=lambda: [32], metadata={"help": "rows per micro-batch"})
+    max_seq_len: list[int] = field(default_factory=lambda: [2048], metadata={"help": "context lengths"})
+    window_pattern: list[str] = field(default_factory=lambda: ["L"], metadata={
+        "help": "per-layer window patterns, e.g. L,SSSL (S = half context)"})
     recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, pointwise, mlp, block"})
     compile_mode: list[str] = field(default_factory=lambda: ["default"],
                                     metadata={"help": "default, max-autotune-no-cudagraphs"})
@@ -44,17 +45,17 @@ class BenchConfig:
     aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
     fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "fp8 recipes (an axis of fp8 rows): " + FP8_RECIPES_HELP})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
-    fp8_lm_head: bool = False
+    fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})
     fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16"})
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
-    vocab_size: int = 32768
-    warmup: int = 3
+    vocab_size: int = field(default=32768, metadata={"help": "vocabulary size of the synthetic model"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
     steps: int = field(default=10, metadata={"help": "timed steps per row (median reported)"})
     baseline: int = field(default=0, metadata={"help": "row index that speedups are relative to"})
     timeout: int = field(default=900, metadata={"help": "seconds per row before it is marked as a timeout"})
-    out_dir: str = field(default="", metadata={"help": "default <base_dir>/bench/<timestamp>"})
-    device_type: str = "auto"
+    out_dir: str = field(default="", metadata={"help": "where the results go (default <base_dir>/bench/<timestamp>)"})
+    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
 
 
 def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:

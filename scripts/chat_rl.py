@@ -2,6 +2,7 @@
 
     python -m scripts.chat_rl                                   # newest SFT checkpoint, 1 epoch of GSM8K train
     torchrun --nproc_per_node=8 -m scripts.chat_rl --model_tag=d20
+    python -m scripts.chat_rl --model path/to/sft/step_000800 --tensorboard runs/tb   # any checkpoint dir
 
 Each step takes --examples_per_step questions; for each, the Engine samples a group of --num_samples
 answers (calculator on). Reward: 1 when the final answer is right (GSM8K's own grader), else 0.
@@ -15,23 +16,25 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from nanochat import kernels
+from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine
 from nanochat.finetune import start_finetune
 from nanochat.flags import parse_flags
 from nanochat.optim import lr_multiplier
+from nanochat.progress import progress_bar
 from nanochat.runtime import setup_torch_env
 from nanochat.sft_data import collate
 from nanochat.tasks.gsm8k import GSM8K
+from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
 
 
 @dataclass
@@ -40,33 +43,39 @@ class RLConfig:
     source: str = field(default="sft", metadata={"help": "checkpoint phase to start from: sft, rl or base"})
     model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
     step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
+    model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
+                                                     "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
     data_root: str = field(default="", metadata={"help": "folder holding eval/gsm8k (default ../shared/data)"})
     # sampling
     num_samples: int = field(default=16, metadata={"help": "samples per question (the group); also k of pass@k"})
     examples_per_step: int = field(default=16, metadata={"help": "questions per optimizer step, over all ranks"})
     device_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass"})
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = 50
+    max_new_tokens: int = field(default=256, metadata={"help": "longest sampled answer, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts and pass@k"})
+    top_k: int | None = field(default=50, metadata={"help": "sample among the k likeliest tokens; none = all"})
     # horizon and optimizer
-    num_epochs: int = 1
+    num_epochs: int = field(default=1, metadata={"help": "passes over the training data (unless num_iterations)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from num_epochs"})
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the blocks' matrices (times init_lr_frac)"})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the embeddings (times init_lr_frac)"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of the lm_head (times init_lr_frac)"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the per-layer scalars (times init_lr_frac)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
     init_lr_frac: float = field(default=0.05, metadata={"help": "every LR above is multiplied by this"})
     # evaluation and checkpoints
     eval_every: int = field(default=60, metadata={"help": "pass@k period in steps; <= 0 = only at the end"})
     eval_examples: int = field(default=400, metadata={"help": "GSM8K test questions per evaluation; 0 = none"})
     save_every: int = field(default=60, metadata={"help": "checkpoint period in steps; -1 = only at the end"})
-    keep_last: int | None = 2
+    keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved RL step; -1 = fresh run"})
+    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
+                                                     "(all for a fresh run, those past --resume_from_step else)"})
     # runtime
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
+    run: str = field(default="", metadata={"help": RUN_HELP})
+    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -109,7 +118,8 @@ def evaluate_pass_at_k(engine: Engine, tokenizer, task, num_examples: int, k: in
     """pass@1 (mean fraction of right samples) and pass@k (any of k right) over the first
     `num_examples` questions; fixed seeds per question, so evaluations at different steps compare."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # sum of fraction right, any right, questions
-    for i in range(rank, min(num_examples, len(task)), world_size):
+    questions = range(rank, min(num_examples, len(task)), world_size)
+    for i in progress_bar(questions, desc=f"GSM8K pass@{k}", unit="question"):
         conv = task[i]
         _, replies = sample_group(engine, tokenizer, render_for_completion(tokenizer, conv), k, max_tokens,
                                   temperature, top_k, seed=1_000_000 + i)
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     is_ddp, rank, _, world_size, device = compute_init(cfg.device_type)
     master = rank == 0
     torch.manual_seed(cfg.seed)
+    tracker = Tracker("rl", config=asdict(cfg), run=cfg.run, tensorboard_dir=cfg.tensorboard)
     t_start = time.time()
     if cfg.examples_per_step < 1 or cfg.examples_per_step % world_size != 0:
         raise ValueError(f"--examples_per_step={cfg.examples_per_step} must be a positive multiple of the "
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     local_examples = cfg.examples_per_step // world_size
 
     run = start_finetune(cfg, "rl", device, rank)
+    claim_checkpoint_dir(run.checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
     model, tokenizer, optimizer, tag = run.model, run.tokenizer, run.optimizer, run.tag
     step = run.step  # on resume, the question order and sampling seeds follow from the step
     kernels.set_kernel_backend(cfg.kernel)
@@ -165,18 +177,16 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     from tqdm import tqdm
-    from nanochat.report import log_metrics
     evals: dict = {}
     history: list[dict] = []
-    bar = tqdm(total=num_iterations, initial=step, disable=not master, file=sys.stderr, dynamic_ncols=True,
-               desc="chat_rl")
+    bar = progress_bar(total=num_iterations, initial=step, desc="chat_rl", unit="step")
     while True:
         last = step == num_iterations
         if cfg.eval_examples > 0 and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             evals = evaluate()
             tqdm.write(f"step {step:05d} | GSM8K test " + " | ".join(f"{k} {v}" for k, v in evals.items())) \
                 if master else None
-            log_metrics("rl", step, **{k: v for k, v in evals.items() if k != "n"})
+            tracker.log(step, **{k: v for k, v in evals.items() if k != "n"})
         if step > 0 and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             run.save(step, rank, world_size, loader_state={"questions_seen": step * cfg.examples_per_step},
                      eval=evals)
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         if master:
             tqdm.write(f"step {step:05d}/{num_iterations} | reward {mean_reward:.3f} | loss {loss_sum:+.4f} | "
                        f"lrm {lrm:.3f} | {mean_tokens:.0f} tok/sample | {dt:.1f} s | mem {peak_memory_gib(device):.2f} GiB")
-            log_metrics("rl", step, reward=mean_reward, pg_loss=loss_sum, lrm=lrm, step_s=dt)
+            tracker.log(step, reward=mean_reward, pg_loss=loss_sum, lrm=lrm, step_s=dt)
         bar.update(1)
     bar.close()
 
@@ -242,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device), "world_size": world_size, "checkpoint_dir": str(run.checkpoint_dir),
         "history": history,
     }
-    run.finish("chat_rl", {k: v for k, v in result.items() if k != "history"}, device, world_size)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    tracker.finish(summary)
+    run.finish("chat_rl", summary, device, world_size)
     compute_cleanup()
     return result
 

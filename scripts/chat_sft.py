@@ -3,6 +3,7 @@
     python -m scripts.chat_sft                                   # newest base checkpoint, 1 epoch
     python -m scripts.chat_sft --model_tag=d20 --smoltalk=hub    # + 10k SmolTalk conversations (download)
     torchrun --nproc_per_node=8 -m scripts.chat_sft
+    python -m scripts.chat_sft --model path/to/step_004000 --run sft-1   # any checkpoint dir; wandb run sft-1
 
 Data: the local SFT sets (GPTeacher + FastChat under <data_root>/sft), GSM8K train with its
 calculator annotations as tool calls, and optionally SmolTalk. One conversation per row, rows padded
@@ -13,23 +14,25 @@ Checkpoints go to <base>/checkpoints/sft/<tag>/step_<n>; the last line is one JS
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from nanochat import kernels
+from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_conversation
 from nanochat.finetune import start_finetune
 from nanochat.flags import parse_flags
 from nanochat.optim import lr_multiplier
+from nanochat.progress import progress_bar
 from nanochat.runtime import setup_torch_env
 from nanochat.sft_data import SFTLoader, collate
 from nanochat.tasks.base import Task
 from nanochat.tasks.mixture import sft_mixture
+from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
 
 
 @dataclass
@@ -38,6 +41,8 @@ class SFTConfig:
     source: str = field(default="base", metadata={"help": "checkpoint phase to start from: base, sft or rl"})
     model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
     step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
+    model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
+                                                     "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
     # data
     data_root: str = field(default="", metadata={"help": "folder holding sft/ and eval/ (default ../shared/data)"})
     smoltalk: str = field(default="", metadata={"help": "SmolTalk: '' = off, 'hub' = download, or a parquet path"})
@@ -46,26 +51,30 @@ class SFTConfig:
     # batch and horizon
     device_batch_size: int = field(default=4, metadata={"help": "conversations per device per micro-step"})
     total_batch_size: int = field(default=32, metadata={"help": "conversations per optimizer step (grad accum)"})
-    num_epochs: int = 1
+    num_epochs: int = field(default=1, metadata={"help": "passes over the training data (unless num_iterations)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from num_epochs"})
     # optimizer
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the blocks' matrices (times init_lr_frac)"})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the embeddings (times init_lr_frac)"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of the lm_head (times init_lr_frac)"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the per-layer scalars (times init_lr_frac)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
     init_lr_frac: float = field(default=0.02, metadata={"help": "every LR above is multiplied by this"})
     # evaluation and checkpoints
     eval_every: int = field(default=100, metadata={"help": "validation loss period in steps; <= 0 = only at the end"})
     eval_examples: int = field(default=400, metadata={"help": "held-out conversations per validation; 0 = none"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint period in steps; -1 = only at the end"})
-    keep_last: int | None = 2
+    keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved SFT step; -1 = fresh run"})
+    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
+                                                     "(all for a fresh run, those past --resume_from_step else)"})
     # runtime
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (dynamic shapes)"})
     kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
+    run: str = field(default="", metadata={"help": RUN_HELP})
+    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
 
 
 @torch.no_grad()
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     is_ddp, rank, _, world_size, device = compute_init(cfg.device_type)
     master = rank == 0
     torch.manual_seed(cfg.seed)
+    tracker = Tracker("sft", config=asdict(cfg), run=cfg.run, tensorboard_dir=cfg.tensorboard)
     t_start = time.time()
     if cfg.total_batch_size % (cfg.device_batch_size * world_size) != 0:
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size x "
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     grad_accum = cfg.total_batch_size // (cfg.device_batch_size * world_size)
 
     run = start_finetune(cfg, "sft", device, rank)
+    claim_checkpoint_dir(run.checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
     model, tokenizer, optimizer, tag = run.model, run.tokenizer, run.optimizer, run.tag
     step = run.step
     max_seq_len = cfg.max_seq_len or model.config.sequence_len
@@ -135,17 +146,15 @@ def main(argv: list[str] | None = None) -> dict:
         return loss
 
     from tqdm import tqdm
-    from nanochat.report import log_metrics
     val_loss = float("nan")
     losses: list[float] = []
-    bar = tqdm(total=num_iterations, initial=step, disable=not master, file=sys.stderr, dynamic_ncols=True,
-               desc="chat_sft")
+    bar = progress_bar(total=num_iterations, initial=step, desc="chat_sft", unit="step")
     while True:
         last = step == num_iterations
         if cfg.eval_examples > 0 and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             val_loss = evaluate()
             tqdm.write(f"step {step:05d} | val loss {val_loss:.4f}") if master else None
-            log_metrics("sft", step, val_loss=val_loss)
+            tracker.log(step, val_loss=val_loss)
         if step > 0 and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             run.save(step, rank, world_size, loader_state=loader.state_dict(), val_loss=val_loss)
         if last:
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             tqdm.write(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                        f"epoch {loader.progress:.2f} | {int(stats[1])} tok | {1000 * dt:.0f} ms | "
                        f"mem {peak_memory_gib(device):.2f} GiB")
-            log_metrics("sft", step, loss=train_loss, lrm=lrm, step_ms=1000 * dt)
+            tracker.log(step, loss=train_loss, lrm=lrm, step_ms=1000 * dt)
         bar.update(1)
     bar.close()
 
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_gib": peak_memory_gib(device), "device": device_name(device), "world_size": world_size,
         "checkpoint_dir": str(run.checkpoint_dir), "losses": losses,
     }
-    run.finish("chat_sft", {k: v for k, v in result.items() if k != "losses"}, device, world_size)
+    summary = {k: v for k, v in result.items() if k != "losses"}
+    tracker.finish(summary)
+    run.finish("chat_sft", summary, device, world_size)
     compute_cleanup()
     return result
 

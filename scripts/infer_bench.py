@@ -29,25 +29,28 @@ from nanochat.flags import parse_flags
 
 @dataclass
 class BenchConfig:
-    depth: int = 20
-    vocab_size: int = 32768
-    sequence_len: int = 2048
-    prompt_len: int = 1024
-    new_tokens: int = 256
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    depth: int = field(default=20, metadata={"help": "model depth (layers) of the random model"})
+    vocab_size: int = field(default=32768, metadata={"help": "vocabulary size"})
+    sequence_len: int = field(default=2048, metadata={"help": "the model's context length"})
+    prompt_len: int = field(default=1024, metadata={"help": "tokens per prompt"})
+    new_tokens: int = field(default=256, metadata={"help": "tokens generated per row"})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128], metadata={"help": "rows decoded together"})
     prompts: list[str] = field(default_factory=lambda: ["distinct"], metadata={
         "help": "distinct (a random prompt per row) and/or shared (all rows continue one prompt, stored once)"})
-    compile: bool = True
-    cuda_graph: bool = True
+    compile: bool = field(default=True, metadata={"help": "torch.compile the decode step"})
+    cuda_graph: bool = field(default=True, metadata={"help": "replay the decode step as a CUDA graph"})
     attention: str = field(default="auto", metadata={
         "help": "decode attention: auto (the faster kernel on CUDA), torch (masked), triton (kernel) or triton_dot "
                 "(its tensor-core variant)"})
     kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (read by a decode kernel: attention auto on CUDA, triton or triton_dot)"})
-    prefill_rows: int = 8           # prompts prefilled per forward (bounds the [rows, T, vocab] logits)
-    peak_bandwidth_tbs: float = 4.3  # device-to-device copy bandwidth measured on the H200
-    profile_batches: list[int] = field(default_factory=lambda: [1, 128])  # kernel breakdown of these steps
-    profile_steps: int = 10
-    seed: int = 0
+    prefill_rows: int = field(default=8, metadata={"help": "prompts prefilled per forward pass (bounds the "
+                                                           "[rows, T, vocab] logits)"})
+    peak_bandwidth_tbs: float = field(default=4.3, metadata={"help": "device-to-device copy bandwidth, TB/s, for "
+                                                                     "the roofline (4.3: measured on the H200)"})
+    profile_batches: list[int] = field(default_factory=lambda: [1, 128], metadata={
+        "help": "batch sizes whose decode steps get a kernel breakdown"})
+    profile_steps: int = field(default=10, metadata={"help": "decode steps profiled per batch size"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights and prompts"})
 
 
 def build_model(cfg: BenchConfig, device):

@@ -197,13 +197,52 @@ def test_chat_sft_lowers_loss_and_saves_loadable_checkpoint(tiny_run):
     assert report["data"]["steps"] == 10
 
 
+def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def moved_model(base: Path, phase: str = "base", step: int = 0) -> Path:
+    """The tiny run's checkpoint, moved out of the base dir with its tokenizer; the base dir's tokenizer is
+    deleted, so only the moved copy can serve."""
+    moved = base.parent / "elsewhere" / f"{phase}_model"
+    shutil.copytree(base / "checkpoints" / phase / TAG / f"step_{step:06d}", moved)
+    shutil.copytree(base / "tokenizer", moved / "tokenizer")
+    shutil.rmtree(base / "tokenizer")
+    return moved
+
+
+def test_chat_sft_from_a_model_dir_logs_to_tensorboard(tiny_run):
+    from nanochat.checkpoint import load_model
+    from scripts import chat_sft
+
+    base, data = tiny_run
+    moved = moved_model(base)
+    tb = base.parent / "tb"
+    result = chat_sft.main(SFT_FLAGS + ["--model", str(moved), "--data_root", str(data), "--num_iterations", "2",
+                                        "--tensorboard", str(tb)])
+    step_dir = base / "checkpoints" / "sft" / TAG / "step_000002"
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert result["steps"] == 2 and meta["source"] == {"path": str(moved), "step": 0}
+    assert load_model(model_dir=step_dir)[2]["step"] == 2  # the SFT checkpoint carries the tokenizer on
+    scalars = tensorboard_scalars(tb)
+    assert len(scalars["sft/loss"]) == 2 and scalars["sft/loss"] == pytest.approx(result["losses"])
+    assert len(scalars["sft/val_loss"]) == 1
+    assert json.loads((base / "report" / "chat_sft.json").read_text())["data"]["precision"] == "fp32"
+
+
 def test_chat_sft_resume_continues_exactly(tiny_run):
     from scripts import chat_sft
 
     _, data = tiny_run
     flags = SFT_FLAGS + ["--data_root", str(data), "--num_iterations", "6", "--init_lr_frac", "0.3"]
     full = chat_sft.main(flags + ["--save_every", "3"])
-    resumed = chat_sft.main(flags + ["--resume_from_step", "3"])
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a fresh run next to those steps (issue 27)
+        chat_sft.main(flags)
+    resumed = chat_sft.main(flags + ["--resume_from_step", "3", "--overwrite"])  # redo step 6
     assert resumed["steps"] == 6 and len(resumed["losses"]) == 3
     for a, b in zip(full["losses"][3:], resumed["losses"]):
         assert abs(a - b) <= 1e-5, (full["losses"], resumed["losses"])

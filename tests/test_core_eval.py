@@ -260,6 +260,23 @@ def test_eval_scripts_end_to_end(tmp_path, monkeypatch, capsys):
     assert {"ARC-Easy", "GSM8K", "HumanEval", "ChatCORE"} <= set(out)
     assert (tmp_path / "report" / "base_eval.json").is_file() and (tmp_path / "report" / "chat_eval_sft.json").is_file()
 
+    # a checkpoint directory given by path, outside the base dir, with its own tokenizer
+    save_checkpoint(tmp_path / "usb" / "run", 9, model.state_dict(), None, {**meta, "step": 9},
+                    tokenizer_dir=tmp_path / "tokenizer")
+    base_eval.main(["--eval=core", "--max_per_task=2", "--core_tasks=copa,winograd,lambada_openai",
+                    "--device_type=cpu", "--model", str(tmp_path / "usb" / "run")])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 9
+    chat_eval.main(["-i", "sft", "-a", "ARC-Easy,GSM8K", "-x", "2", "-m", "8", "--device_type=cpu",
+                    "--model", str(tmp_path / "usb" / "run" / "step_000009")])
+    captured_chat = capsys.readouterr()
+    assert json.loads(captured_chat.out.strip().splitlines()[-1])["step"] == 9
+    # progress bars over what really runs, as whole lines in a log (stderr is not a terminal here)
+    err = captured.err + captured_chat.err
+    assert "\r" not in err
+    assert any(line.startswith("CORE: 100%") and "6/6" in line for line in err.splitlines())
+    assert any(line.startswith("GSM8K: 100%") and "2/2" in line for line in err.splitlines())
+
 
 def _items(n: int = 11) -> list[dict]:
     rng = random.Random(5)

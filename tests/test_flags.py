@@ -1,5 +1,5 @@
 """Every script parses flags through nanochat.flags: both spellings, bools, lists, optionals."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -67,10 +67,24 @@ def test_bad_values_exit_with_message(capsys):
         parse_flags(Config, ["--no-such-flag=1"])
 
 
-def test_short_flags():
-    short = {"-i": "depth", "-t": "lr"}
-    for argv in (["-i", "4", "-t", "0.5"], ["-i=4", "-t=0.5"], ["-i4", "--lr", "0.5"]):
-        cfg = parse_flags(Config, argv, short=short)
+def test_aliases():
+    aliases = {"-i": "depth", "-t": "lr", "--layers": "depth"}
+    for argv in (["-i", "4", "-t", "0.5"], ["-i=4", "-t=0.5"], ["-i4", "--lr", "0.5"], ["--layers=4", "-t", "0.5"]):
+        cfg = parse_flags(Config, argv, aliases=aliases)
         assert (cfg.depth, cfg.lr) == (4, 0.5)
     with pytest.raises(ValueError, match="nosuch"):
-        parse_flags(Config, [], short={"-x": "nosuch"})
+        parse_flags(Config, [], aliases={"-x": "nosuch"})
+
+
+@dataclass
+class Documented:
+    steps: int = field(default=3, metadata={"help": "optimizer steps"})
+    tag: str = field(default="", metadata={"help": "run name (default: d<depth>)"})
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(Documented, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "optimizer steps (default: 3)" in out
+    assert "run name (default: d<depth>)" in out and out.count("default") == 2

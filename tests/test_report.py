@@ -72,3 +72,27 @@ def test_cpu_runs_cost_no_gpu_hours(report_dir, monkeypatch):
     report.write_section("base_train", {"phase": "base", "total_seconds": 3600, "world_size": 1, "metrics": {}})
     text = report.assemble().read_text()
     assert "GPU hours: 0.00" in text and "wall time: 1.00 h" in text
+
+
+def test_val_bpb_row_and_precision_line(report_dir):
+    report.write_section("base_train", {"val_bpb": 1.234, "precision": "fp8", "metrics": {}})  # base_train's layout
+    report.write_section("chat_sft", {"phase": "sft", "val_bpb": float("nan"), "precision": "bf16"})
+    report.write_section("chat_eval_sft", {"metrics": {"MMLU": 0.3}, "precision": "bf16"})
+    text = report.assemble().read_text()
+    assert "| val bpb | 1.2340 | - | - |" in text  # NaN (never evaluated) stays out
+    assert "- precision: fp8 (base_train); bf16 (chat_sft, chat_eval_sft)" in text
+    report.write_section("base_eval", {"metrics": {"CORE": 0.1, "val_bpb": 1.1}})  # later sections win
+    assert "| val bpb | 1.1000 | - | - |" in report.assemble().read_text()
+
+
+def test_each_stage_has_its_own_axes(report_dir):
+    for step in range(0, 400, 50):
+        report.log_metrics("base", step, loss=9.0 - step / 100, lrm=1.0)
+    report.log_metrics("base", 400, val_bpb=1.6)
+    for step in range(10):
+        report.log_metrics("sft", step, loss=1.5 - step / 100, val_loss=1.4)
+    series = report.curve_series(report_dir / "train_log.jsonl")
+    assert set(series) == {"base", "sft"} and set(series["base"]) == {"loss", "val_bpb"}  # lrm is no curve
+    fig = report.curves_figure(series)
+    assert [ax.get_title() for ax in fig.axes] == ["base", "sft"]
+    assert len(fig.axes[1].get_lines()) == 2 and fig.axes[1].get_xlim()[1] < 20  # sft's steps, not base's

@@ -159,7 +159,6 @@ def record_commands(tmp_path: Path, script: str, env: dict, args: tuple[str, ...
 
 def check_commands(commands: list[list[str]]) -> set[str]:
     """Parse every recorded `-m scripts.X` command through X's flags; returns the modules seen."""
-    from scripts import chat_eval, chat_web
     seen = set()
     for argv in commands:
         if "-m" not in argv:  # `python3 -c ...` and heredoc snippets
@@ -172,9 +171,9 @@ def check_commands(commands: list[list[str]]) -> set[str]:
             args = args[:args.index("--")]
         if module in NOT_OURS:
             continue
-        short = {"scripts.chat_eval": chat_eval.SHORT_FLAGS, "scripts.chat_web": chat_web.SHORT_FLAGS}.get(module)
+        aliases = getattr(importlib.import_module(module), "FLAG_ALIASES", None)
         try:
-            build_parser(config_class(module), short=short).parse_args(args)
+            build_parser(config_class(module), aliases=aliases).parse_args(args)
         except SystemExit as e:  # argparse reports the bad flag on stderr and exits
             raise AssertionError(f"{module} rejects {args}") from e
     return seen

@@ -16,6 +16,7 @@ import torch
 
 from nanochat.engine import autocast_for
 from nanochat.eval import rank_share, sum_over_ranks
+from nanochat.progress import progress_bar
 from nanochat.tasks.base import Task, centered
 
 CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
@@ -47,8 +48,9 @@ def _indices(task: Task, max_problems: int) -> list[int]:
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task: Task, device, batch_size: int = 8, max_problems: int = -1,
-                    model_fn: Callable | None = None) -> dict:
-    """Accuracy of a categorical task from the answer letters' logits at the prompt's end."""
+                    model_fn: Callable | None = None, desc: str | None = None) -> dict:
+    """Accuracy of a categorical task from the answer letters' logits at the prompt's end (`desc`: show a
+    progress bar over this rank's problems)."""
     from nanochat.conversation import render_for_completion
 
     model_fn = model_fn or model
@@ -57,6 +59,7 @@ def run_categorical(model, tokenizer, task: Task, device, batch_size: int = 8, m
     letter_ids: dict[str, int] = {}
     correct = total = 0
     todo = _indices(task, max_problems)
+    bar = progress_bar(total=len(todo), desc=desc, unit="problem", disable=None if desc else True)
     for start in range(0, len(todo), batch_size):
         convs = [task[i] for i in todo[start:start + batch_size]]
         prompts = [render_for_completion(tokenizer, c) for c in convs]
@@ -81,32 +84,39 @@ def run_categorical(model, tokenizer, task: Task, device, batch_size: int = 8, m
             answer = letters[int(scores.argmax())]
             correct += task.evaluate(conv, answer)
             total += 1
+        bar.update(len(convs))
+    bar.close()
     correct, total = sum_over_ranks(correct, total, device)
     return {"accuracy": correct / max(total, 1), "n": total}
 
 
 def run_generative(engine, tokenizer, task: Task, device, num_samples: int = 1, max_new_tokens: int = 512,
                    temperature: float = 0.0, top_k: int | None = 50, max_problems: int = -1,
-                   log: Callable[[str], None] | None = None) -> dict:
-    """pass@num_samples of a generative task, sampling with the Engine."""
+                   log: Callable[[str], None] | None = None, desc: str | None = None) -> dict:
+    """pass@num_samples of a generative task, sampling with the Engine (`desc`: show a progress bar over
+    this rank's problems)."""
     from nanochat.conversation import render_for_completion
 
     correct = total = too_long = 0
     context = getattr(getattr(engine, "config", None), "sequence_len", None)
-    for i in _indices(task, max_problems):
+    todo = _indices(task, max_problems)
+    bar = progress_bar(total=len(todo), desc=desc, unit="problem", disable=None if desc else True)
+    for i in todo:
         conv = task[i]
         prompt = render_for_completion(tokenizer, conv)
         if context is not None and len(prompt) >= context:
             too_long += 1  # no room to answer: counts as unsolved
             total += 1
+            bar.update(1)
             continue
         seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, seed=42 + i)
         replies = [tokenizer.decode(s[len(prompt):]) for s in seqs]
         correct += int(any(task.evaluate(conv, reply) for reply in replies))
         total += 1
-        if log and total % 20 == 0:
-            log(f"  {total} problems, {correct} solved ({correct / total:.3f})")
+        bar.set_postfix_str(f"{correct} solved", refresh=False)
+        bar.update(1)
+    bar.close()
     if too_long and log:
         log(f"  {too_long} prompts did not fit the model's context ({context} tokens) and count as unsolved")
     correct, total = sum_over_ranks(correct, total, device)
@@ -131,11 +141,11 @@ def evaluate_chat(model, tokenizer, task_names: list[str], device, batch_size: i
     for name in task_names:
         task = load_task(name, data_root)
         if task.eval_type == "categorical":
-            res = run_categorical(model, tokenizer, task, device, batch_size, max_problems)
+            res = run_categorical(model, tokenizer, task, device, batch_size, max_problems, desc=name)
         else:
             engine = engine or Engine(model, tokenizer)
             res = run_generative(engine, tokenizer, task, device, num_samples, max_new_tokens, temperature,
-                                 top_k, max_problems, log)
+                                 top_k, max_problems, log, desc=name)
         res["centered"] = centered(res["accuracy"], BASELINES[name])
         results[name] = res
         if log:

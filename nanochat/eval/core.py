@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.eval import rank_share, sum_over_ranks
+from nanochat.progress import progress_bar
 from nanochat.tasks.base import centered
 from nanochat.tasks.core import CoreTask, load_core_tasks
 
@@ -97,14 +98,20 @@ def item_correct(meta: dict, item: dict, scores: list[tuple[float, bool]]) -> bo
     return losses.index(min(losses)) == int(item["gold"])
 
 
-def evaluate_task(model_fn: ModelFn, tokenizer, task_items: list[dict], task_meta: dict, device="cpu",
-                  batch_size: int = 8, max_per_task: int = -1, max_seq_len: int | None = None) -> dict:
-    """Accuracy of one CORE task. Rows of several items share a forward pass (up to `batch_size`
-    rows; an item's options always stay together). Under torch.distributed, ranks split the items."""
-    order = list(range(len(task_items)))
+def task_order(num_items: int, max_per_task: int = -1) -> list[int]:
+    """The items a CORE task evaluates, in order: the first `max_per_task` of a fixed shuffle (all when <= 0)."""
+    order = list(range(num_items))
     random.Random(SUBSET_SEED).shuffle(order)
-    if max_per_task > 0:
-        order = order[:max_per_task]
+    return order[:max_per_task] if max_per_task > 0 else order
+
+
+def evaluate_task(model_fn: ModelFn, tokenizer, task_items: list[dict], task_meta: dict, device="cpu",
+                  batch_size: int = 8, max_per_task: int = -1, max_seq_len: int | None = None,
+                  progress: Callable[[int], object] | None = None) -> dict:
+    """Accuracy of one CORE task. Rows of several items share a forward pass (up to `batch_size`
+    rows; an item's options always stay together). Under torch.distributed, ranks split the items.
+    `progress(n)` is called with the number of items each forward pass scored (a bar's update)."""
+    order = task_order(len(task_items), max_per_task)
     pad_id = tokenizer.get_bos_token_id()
     correct = total = 0
     pending: list[tuple[int, list[tuple[list[int], int]]]] = []
@@ -118,6 +125,8 @@ def evaluate_task(model_fn: ModelFn, tokenizer, task_items: list[dict], task_met
             correct += item_correct(task_meta, task_items[idx], scores[pos:pos + len(item_rows)])
             total += 1
             pos += len(item_rows)
+        if progress is not None:
+            progress(len(pending))
         pending.clear()
 
     for idx in rank_share(order):
@@ -135,25 +144,31 @@ def evaluate_task(model_fn: ModelFn, tokenizer, task_items: list[dict], task_met
 
 def evaluate_core(model, tokenizer, device="cpu", max_per_task: int = -1, batch_size: int = 8,
                   data_root=None, tasks: list[CoreTask] | None = None, model_fn: ModelFn | None = None,
-                  max_seq_len: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+                  max_seq_len: int | None = None, log: Callable[[str], None] | None = None,
+                  desc: str | None = None) -> dict:
     """CORE of a model: {"tasks": {label: {accuracy, centered, random_baseline, n}}, "core": mean centered}.
 
     HellaSwag counts in the mean because tasks_v0.3.yaml lists it; it is also repeated at the top
-    level under "hellaswag" so it can be reported on its own.
+    level under "hellaswag" so it can be reported on its own. `desc`: one progress bar over every
+    task's items (this rank's share).
     """
     tasks = tasks if tasks is not None else load_core_tasks(data_root)
     if model_fn is None:
         model_fn = model
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    total = sum(len(rank_share(task_order(len(task.items), max_per_task))) for task in tasks)
+    bar = progress_bar(total=total, desc=desc, unit="item", disable=None if desc else True)
     results = {}
     for task in tasks:
-        res = evaluate_task(model_fn, tokenizer, task.items, task.meta, device, batch_size, max_per_task, max_seq_len)
+        res = evaluate_task(model_fn, tokenizer, task.items, task.meta, device, batch_size, max_per_task, max_seq_len,
+                            progress=bar.update)
         res["centered"] = centered(res["accuracy"], task.random_baseline)
         res["random_baseline"] = task.random_baseline
         results[task.label] = res
         if log:
             log(f"{task.label:<34} acc {res['accuracy']:.4f}  centered {res['centered']:+.4f}  (n={res['n']})")
+    bar.close()
     out = {"tasks": results, "core": sum(r["centered"] for r in results.values()) / max(len(results), 1)}
     if "hellaswag" in results:
         out["hellaswag"] = {k: results["hellaswag"][k] for k in ("accuracy", "centered")}
