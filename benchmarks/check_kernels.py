@@ -2,6 +2,7 @@
 
     source benchmarks/gpu_env.sh && python benchmarks/check_kernels.py            # the H200 run
     python benchmarks/check_kernels.py --shapes=8192x1280x32768 --no-attention   # quick
+    python benchmarks/check_kernels.py --shapes= --attn_backends=fa4,auto        # attention only (fa4_gpu.sh)
 
 Loss backends (every registered one that is available, plus `current` under torch.compile), in bf16 with
 softcap and ~5% ignored targets: relative error of the loss, dhidden and dW against the reference; PASS
@@ -49,6 +50,8 @@ class CheckConfig:
     small_numel: int = field(default=1 << 28, metadata={"help": "N*V up to which sum/none/all-ignored are checked"})
     attention: bool = True
     attn_tol: float = 1e-2
+    attn_backends: list[str] = field(default_factory=list, metadata={
+        "help": "attention backends to check, e.g. fa4,auto (default: auto and every registered one)"})
 
 
 # ---------------------------------------------------------------- fp32 reference for the loss
@@ -268,7 +271,11 @@ def _masks(t: int, window: int | None, device) -> dict[str, torch.Tensor]:
 def check_attention(cfg, gen, rows_out: list[dict]) -> None:
     cases = [(4, 2048, 10, 10, 128, None), (4, 2048, 10, 10, 128, 512), (2, 1024, 8, 2, 128, 256)]
     conventions: dict[str, str] = {}
-    for name in ["auto", *attn.ATTENTION_BACKENDS]:
+    names = ["auto", *attn.ATTENTION_BACKENDS]
+    unknown = set(cfg.attn_backends) - set(names)
+    if unknown:
+        raise ValueError(f"unknown --attn_backends {sorted(unknown)}; choose from: {', '.join(names)}")
+    for name in [n for n in names if not cfg.attn_backends or n in cfg.attn_backends]:
         if name != "auto":
             be = attn.ATTENTION_BACKENDS[name]
             ok, reason = be.is_available()

@@ -12,6 +12,8 @@
 # TE=1 also builds what benchmarks/te_build.sh needs: .whl_te/ (TE meta wheel, 2.11.0 unless TE_VERSION, the
 # transformer_engine_torch sdist, pydantic & co, SHA256SUMS) and .whl_te_parts/p0..p3 (the ~180 MB cu13
 # core wheel cut in 4, one part per call).
+# FA4=1 also builds .whl_fa4/ (FlashAttention-4 and its CuTe DSL stack in one ~55 MiB archive; see
+# benchmarks/prepare_fa4.sh): carry [".whl_fa4"] alone, then bash benchmarks/fa4_gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"
@@ -58,5 +60,8 @@ PY
     for k in 0 1 2 3; do mkdir -p ".whl_te_parts/p$k" && mv ".whl_te_parts/$(basename "$CORE").part$k" ".whl_te_parts/p$k/"; done
     rm "$CORE"
     du -sh .whl_te .whl_te_parts/p*
+fi
+if [ "${FA4:-0}" = 1 ]; then
+    bash benchmarks/prepare_fa4.sh
 fi
 du -sh .whl .carry .shards_a .shards_b

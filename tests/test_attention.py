@@ -157,7 +157,7 @@ def test_explicit_flex_on_cpu_runs_sdpa_and_says_so(monkeypatch):
 def test_explicit_unavailable_backend_names_the_reason():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
-    for name in ("fa3", "cudnn"):
+    for name in ("fa3", "cudnn", "fa4"):
         with pytest.raises(BackendUnavailable, match=f"attention backend '{name}' unavailable: .+"):
             select_backend(None, torch.bfloat16, "cpu", name)
     with pytest.raises(BackendUnavailable, match="flash_attn_interface|CUDA"):
@@ -165,7 +165,7 @@ def test_explicit_unavailable_backend_names_the_reason():
 
 
 def test_unknown_backend_lists_names():
-    with pytest.raises(ValueError, match="auto, fa3, cudnn, flex, sdpa"):
+    with pytest.raises(ValueError, match="auto, fa3, fa4, cudnn, flex, sdpa"):
         attention(*rand_qkv(), window=None, backend="nope")
 
 

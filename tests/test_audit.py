@@ -8,12 +8,24 @@ import pytest
 
 from nanochat.kernels import audit
 
+FA4_FWD = ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensorptrbf16gmem"
+           "align16oi64div81i64div8_tensorptrbf16gmemalign16oi64div81i64div8_None_None_0")
+FA4_BWD = ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at__tensorptrbf16gmem"
+           "align16oi64div81i64div8_None_0")
+
 # Real-looking kernel names (as CUPTI reports them) and the group each must land in.
 NAMES = {
     "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >(Flash_fwd_params)": "attention",
     "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...> > >(...)": "attention",
     "triton_tem_fused_flex_attention_0": "attention",
+    # FA4 (CuTe DSL) on sm90: forward, backward and its pre/postprocess kernels (names mangled by the DSL)
+    FA4_FWD: "attention",
+    FA4_BWD: "attention",
+    "kernel_cutlass_kernel_flash_attncuteflash_bwd_preprocessFlashAttentionBackwardPreprocess_object_at__tensor"
+    "ptrbf16gmemalign16oi64div81i64div8_0": "attention",
+    "kernel_cutlass_kernel_flash_attncuteflash_bwd_postprocessFlashAttentionBackwardPostprocess_object_at__tensor"
+    "ptrf32gmemalign16oi64div4i64_0": "attention",
     "triton_tem_fused_flex_attention_backward_zeros_1": "attention",
     "fmha_cutlassF_bf16_aligned_64x128_rf_sm80": "attention",
     "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul",
@@ -135,3 +147,18 @@ def test_format_summary_mentions_top_kernel():
 def test_fp8_matmul_expectation_tells_fp8_from_bf16_gemms(name, fp8):
     s = audit.summarize([(name, 100.0)])
     assert (audit.check_expectations(s, ["matmul=fp8"]) == []) == fp8
+
+
+@pytest.mark.parametrize("names, expect, ok", [
+    ([FA4_FWD, FA4_BWD], "attention=fa4", True),
+    ([FA4_FWD, FA4_BWD], "attention=fa3", False),  # FA4's names hold flash_fwd_sm90 and flash_bwd too
+    ([FA4_FWD, FA4_BWD], "attention=fa2", False),
+    (["void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...> > >(...)"],
+     "attention=fa4", False),
+    (["void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...> > >(...)"],
+     "attention=fa3", True),
+    (["void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>(...)"], "attention=fa2", True),
+])
+def test_fa4_expectation_tells_fa4_from_fa3_and_fa2(names, expect, ok):
+    s = audit.summarize([(n, 10.0) for n in names])
+    assert (audit.check_expectations(s, [expect]) == []) == ok

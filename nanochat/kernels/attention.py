@@ -18,6 +18,8 @@ after its last layer.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from typing import Any, Callable
 
 import torch
@@ -233,9 +235,116 @@ class FA3Backend:
         return _first(out)
 
 
+# FlashAttention-4 (flash-attn-4, CuTe DSL). Its own autograd.Function launches JIT-compiled kernels from
+# Python through TVM-FFI, which torch.compile cannot trace; so its forward and backward run here as two
+# custom ops (opaque to the compiler, with fake impls for shapes) joined by a registered autograd formula:
+# a compiled model keeps one graph. They call FA4's internal _flash_attn_fwd / _flash_attn_bwd (the
+# functions its autograd.Function calls), as of flash-attn-4 4.0.0b36.
+_FA4: Any = None  # flash_attn.cute.interface, imported by FA4Backend.is_available() on a GPU that can run it
+
+
+@torch.library.custom_op("nanochat::fa4_forward", mutates_args=())
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with FA4's (window_left, 0) window -> (out [B, T, H, D], lse [B, H, T] fp32)."""
+    out, lse = _FA4._flash_attn_fwd(q, k, v, causal=True, window_size_left=window_left, window_size_right=0,
+                                    return_lse=True)[:2]
+    return out, lse
+
+
+@_fa4_forward.register_fake
+def _(q, k, v, window_left):
+    return q.new_empty(q.shape), q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::fa4_backward", mutates_args=())
+def _fa4_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, window_left: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _FA4._flash_attn_bwd(q, k, v, out, grad_out, lse, causal=True, window_size_left=window_left,
+                                      window_size_right=0)
+    # FA4 allocates the grads like its (possibly re-laid-out) inputs; the fake impl promises contiguous ones
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fa4_backward.register_fake
+def _(grad_out, q, k, v, out, lse, window_left):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, window_left = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.window_left = window_left
+
+
+def _fa4_autograd(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(grad_out, q, k, v, out, lse, ctx.window_left)
+    return dq, dk, dv, None
+
+
+_fa4_forward.register_autograd(_fa4_autograd, setup_context=_fa4_setup_context)
+
+FA4_INSTALL_HINT = ("pip install flash-attn-4 (offline GPU machine: carry .whl_fa4 from benchmarks/prepare_fa4.sh "
+                    "and source benchmarks/fa4_env.sh)")
+
+
+def _fa4_status() -> tuple[bool, str]:
+    """(usable, reason) for FA4, importing it only where it can run: the import loads CUTLASS's ~200 MB MLIR
+    compiler, which a CPU run never needs. Sets _FA4."""
+    global _FA4
+    spec = importlib.util.find_spec("flash_attn")  # finds the top-level package without importing it
+    if spec is None or not any(os.path.isdir(os.path.join(p, "cute")) for p in spec.submodule_search_locations or ()):
+        return False, f"flash-attn-4 (flash_attn.cute) is not installed; {FA4_INSTALL_HINT}"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return False, f"FA4's backward needs sm_90 or newer (Hopper, Blackwell), found sm_{major}{minor}"
+    try:
+        interface = importlib.import_module("flash_attn.cute.interface")
+    except Exception as exc:  # ImportError, a CUDA-driver/toolkit mismatch of the CuTe DSL, a missing dependency
+        return False, f"flash_attn.cute not importable ({type(exc).__name__}: {exc}); {FA4_INSTALL_HINT}"
+    if not all(hasattr(interface, f) for f in ("_flash_attn_fwd", "_flash_attn_bwd")):
+        return False, "this flash-attn-4 lacks _flash_attn_fwd/_flash_attn_bwd (written against 4.0.0b36)"
+    _FA4 = interface
+    return True, "ok"
+
+
+class FA4Backend:
+    """FlashAttention-4 (CuTe DSL, sm90+): native [B, T, H, D] layout, GQA and sliding windows, forward and
+    backward. Each kernel configuration is JIT-compiled on first use (tens of seconds; one config serves every
+    window size: the window is a runtime argument). Decode keeps the split-K kernels: FA4 has no kernel that
+    appends to a KV cache, and on sm90 no split-KV either."""
+
+    name = "fa4"
+    _available: tuple[bool, str] | None = None
+
+    def is_available(self) -> tuple[bool, str]:
+        if self._available is None:
+            self._available = _fa4_status()
+            if not self._available[0]:  # once per process: auto skips fa4 silently after this
+                log0(f"attention: fa4 unavailable: {self._available[1]}")
+        return self._available
+
+    def supports(self, window, dtype, device) -> bool:
+        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES
+
+    @staticmethod
+    def window_size(window: int | None, k_len: int) -> tuple[int | None, int]:
+        # FA4's (left, right), queries aligned to the last keys: query i sees keys [i - left, i + right],
+        # None = unbounded. A window covering every key is full causal (FA4's cheaper causal kernel).
+        return (None, 0) if window is None or window >= k_len else (window - 1, 0)
+
+    def attend(self, q, k, v, window):
+        return _fa4_forward(q, k, v, self.window_size(window, k.size(1))[0])[0]
+
+
 # name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
 ATTENTION_BACKENDS: dict[str, Any] = {
     "fa3": FA3Backend(),
+    "fa4": FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.55x flex's (BENCHMARKS.md, session 13)
     "cudnn": CudnnBackend(),
     "flex": FlexBackend(),
     "sdpa": SDPABackend(),
@@ -269,7 +378,7 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
     else:
         choice = next(
             name for name, b in ATTENTION_BACKENDS.items()
-            if b.is_available()[0] and b.supports(window, dtype, device)
+            if b.supports(window, dtype, device) and b.is_available()[0]  # no probe where it could not serve
         )
     _CHOICES[key] = choice
     return choice

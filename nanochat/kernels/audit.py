@@ -12,6 +12,10 @@ The names are those of the CUDA kernels as torch.profiler (CUPTI) or nsys report
   cuDNN SDPA      cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0
   FA2 (SDPA)      pytorch_flash::flash_fwd_kernel<...>, flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>
   FA3             flash::FlashAttnFwdSm90<...> (inside cutlass::device_kernel<...>)
+  FA4 (CuTe DSL)  kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensor...;
+                  backward: ...flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90..., its pre/postprocess
+                  ...flash_bwd_preprocessFlashAttentionBackwardPreprocess... (the DSL names a kernel after its
+                  Python module and class)
   flex            triton_tem_fused_flex_attention_0, triton_tem_fused_flex_attention_backward_zeros_1
   cuBLAS Hopper   nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT; older: sm90_xmma_gemm_..., ampere_bf16_s16816gemm_...
   fp8 GEMM        torch._scaled_mm -> cuBLASLt nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT (qq = 8-bit A and B);
@@ -55,8 +59,10 @@ GROUPS = [g for g, _ in GROUP_RULES] + ["other"]
 BACKEND_PATTERNS: dict[str, dict[str, str]] = {
     "attention": {
         "cudnn": r"cudnn",
-        "fa3": r"FlashAttn\w*Sm90|flash::|flash_fwd\w*sm90|hopper",
-        "fa2": r"pytorch_flash|flash_fwd_kernel|flash_bwd",
+        # (?<!cute): FA4's names contain flash_fwd_sm90 / flash_bwd too, right after its module path
+        "fa3": r"FlashAttn\w*Sm90|flash::|(?<!cute)flash_fwd\w*sm90|hopper",
+        "fa4": r"flash_attncute|FlashAttention(Forward|Backward)\w*Sm\d+",
+        "fa2": r"pytorch_flash|flash_fwd_kernel|(?<!cute)flash_bwd",
         "flex": r"flex_attention",
         "efficient": r"fmha_cutlass|efficient_attention|mem_eff",
         "sdpa": r"flash|fmha|cudnn|efficient_attention|sdpa",
