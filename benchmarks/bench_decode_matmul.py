@@ -2,7 +2,7 @@
 
     source benchmarks/gpu_env.sh && python -m benchmarks.bench_decode_matmul --batch 128
 
-A d20 decode step at batch 128 spends ~0.56 ms of its ~3.4 ms in 80 small GEMMs (BENCHMARKS.md, session 12): M = 128
+A d20 decode step at batch 128 spends ~0.56 ms of its ~3.4 ms in 80 small GEMMs (docs/log.md, session 12): M = 128
 rows against each layer's q/k/v, c_proj, c_fc and MLP c_proj weights, ~39 MB of bf16 per layer read at ~1.4 TB/s.
 This times each shape alone (read off the model at --depth): n_layer weight copies (so no call finds its weight
 in L2) multiplied in one CUDA graph, per variant:

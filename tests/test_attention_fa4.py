@@ -75,7 +75,7 @@ def test_window_mapping_off_by_one_would_be_caught():
 # ---- registration, availability, auto ----
 
 def test_fa4_registered_before_cudnn_and_flex():
-    names = list(ATTENTION_BACKENDS)  # auto's order: fa4 measured faster than both (BENCHMARKS.md, session 13)
+    names = list(ATTENTION_BACKENDS)  # auto's order: fa4 measured faster than both (BENCHMARKS.md, attention)
     assert names.index("fa3") < names.index("fa4") < names.index("cudnn") < names.index("flex")
     assert ATTENTION_BACKENDS["fa4"].name == "fa4"
     assert ATTENTION_BACKENDS["fa4"].supports(512, torch.bfloat16, torch.device("cuda"))

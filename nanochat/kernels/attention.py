@@ -344,7 +344,7 @@ class FA4Backend:
 # name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
 ATTENTION_BACKENDS: dict[str, Any] = {
     "fa3": FA3Backend(),
-    "fa4": FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.55x flex's (BENCHMARKS.md, session 13)
+    "fa4": FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.51x flex's (BENCHMARKS.md, attention)
     "cudnn": CudnnBackend(),
     "flex": FlexBackend(),
     "sdpa": SDPABackend(),

@@ -4,7 +4,7 @@ by a recorded history of amaxes (delayed scaling).
 An fp8 GEMM on Hopper reads both operands K-major, so every activation and gradient of an fp8 linear
 is needed twice: row-major for one GEMM and transposed for the weight-gradient GEMM. Under torchao,
 Inductor writes the transposed copy from a kernel whose stores stride across rows; on the H200 its
-largest such kernel ran at 1.94 TB/s while a plain amax pass ran at 3.4 (BENCHMARKS.md, session 8).
+largest such kernel ran at 1.94 TB/s while a plain amax pass ran at 3.4 (docs/log.md, session 8).
 Here one Triton program loads a [BM, BN] tile once and stores it twice, row-major and transposed
 (Triton rearranges the tile between the two stores).
 
