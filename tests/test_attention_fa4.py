@@ -328,25 +328,15 @@ def test_fa4_gpu_model_step_sssl_matches_sdpa():
     """A small GPT with SSSL windows: auto routes its window layers to fa4 (GQA 4:1), and a training step gives
     sdpa's loss and gradients."""
     from nanochat.gpt import GPTConfig
-    from tests.test_gpt import build
+    from tests.test_gpt import build, loss_and_grads
     fa4_or_skip()
     cfg = GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
                     window_pattern="SSSL", short_window=128)
     assert select_backend(128, torch.bfloat16, torch.device("cuda")) == "fa4"
     model = build(cfg).cuda().train()
     idx, tgt = (torch.randint(0, 512, (2, 512), device="cuda") for _ in range(2))
-
-    def loss_and_grads(backend):
-        for block in model.blocks:
-            block.attn.backend = backend
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(idx, tgt)
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-
-    loss_fa4, grads_fa4 = loss_and_grads("auto")
-    loss_sdpa, grads_sdpa = loss_and_grads("sdpa")
+    loss_fa4, grads_fa4 = loss_and_grads(model, idx, tgt, "auto")
+    loss_sdpa, grads_sdpa = loss_and_grads(model, idx, tgt, "sdpa")
     assert abs(loss_fa4 - loss_sdpa) < 1e-2 * abs(loss_sdpa)
     assert (grads_fa4 - grads_sdpa).norm() < 3e-2 * grads_sdpa.norm()
 
