@@ -115,18 +115,18 @@ def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Pa
     """(argv, env, cwd) of one racer's training run."""
     race = Path(cfg.race_dir).resolve()
     shared = dict(depth=cfg.depth, max_seq_len=cfg.max_seq_len, total_batch_size=cfg.total_batch_size,
-                  device_batch_size=cfg.device_batch_size, eval_every=eval_every, eval_tokens=cfg.eval_tokens,
-                  sample_every=-1, save_every=-1, model_tag=racer.name)
+                  device_batch_size=cfg.device_batch_size, num_iterations=steps, eval_every=eval_every,
+                  eval_tokens=cfg.eval_tokens, sample_every=-1, save_every=-1, model_tag=racer.name)
     if cfg.device_type:
         shared["device_type"] = cfg.device_type
     base = work / "base"
     if racer.kind == "ours":
-        flags = dict(shared, num_iterations=steps, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours")
+        flags = dict(shared, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours")
         argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in flags.items())]
         env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONUNBUFFERED="1")
         return argv + racer.flags, env, ROOT
     link_peer_base(base, race / "data", race / "tokenizer_nanochat")
-    flags = dict(shared, num_iterations=steps, core_metric_every=-1)
+    flags = dict(shared, core_metric_every=-1)
     argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
     env = dict(peer_env(Path(cfg.peer).resolve(), base), PYTHONUNBUFFERED="1")
     return argv + racer.flags, env, Path(cfg.peer).resolve()

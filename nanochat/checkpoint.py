@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,17 @@ CHECKSUMS = "checksums"  # meta.json: {file name: sha256} of the step dir's othe
 _warned_unverified: set[str] = set()
 MODEL_DIR_HELP = ("a checkpoint directory to load instead of the phase/tag under NANOCHAT_BASE_DIR: a step_<n> "
                   "dir (any name; with its tokenizer/) or a run dir (its latest step, or --step)")
+
+
+@dataclass
+class ModelChoice:
+    """The flags that name a checkpoint to load: scripts that load a model derive their flags dataclass from it."""
+    source: str = field(default="sft", metadata={"help": "checkpoint phase: sft, base or rl"})
+    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
+    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
+    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
+
+
 HOW_TO_CREATE = {
     "base": "python -m scripts.base_train",
     "sft": "python -m scripts.chat_sft",
@@ -115,6 +127,13 @@ def _complete_steps(checkpoint_dir: Path) -> list[int]:
         if m and (entry / "meta.json").is_file() and (entry / "model.safetensors").is_file():
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def _chosen_step_dir(run_dir: Path, steps: list[int], step: int | None) -> Path:
+    """The dir of `step` among a run dir's complete `steps` (not empty); None = the latest."""
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {run_dir}; available steps: {steps}")
+    return _step_dir(run_dir, steps[-1] if step is None else step)
 
 
 def latest_step(checkpoint_dir: str | Path) -> int | None:
@@ -321,12 +340,7 @@ def load_checkpoint(checkpoint_dir: str | Path, step: int | None = None, device:
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} (missing or empty): train one first, "
                                 f"e.g. `{HOW_TO_CREATE['base']}`, or point to the right directory")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}; "
-                                f"available steps: {steps}")
-    path = _step_dir(checkpoint_dir, step)
+    path = _chosen_step_dir(checkpoint_dir, steps, step)
     model_state, meta, checksums = _read_model(path, device)
     optimizer_state = None
     if load_optimizer:
@@ -390,9 +404,7 @@ def resolve_model_dir(path: str | Path, step: int | None = None) -> Path:
         raise FileNotFoundError(f"{path} is not a checkpoint: a step directory holds model.safetensors and "
                                 "meta.json, a run directory holds step_<n>/ ones (e.g. "
                                 "~/.cache/nanochat/checkpoints/sft/d20 or its step_000800)")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {path}; available steps: {steps}")
-    return _step_dir(path, steps[-1] if step is None else step)
+    return _chosen_step_dir(path, steps, step)
 
 
 def load_model(phase: str = "base", device: str | torch.device = "cpu", tag: str | None = None,
@@ -457,10 +469,7 @@ def _phase_step_dir(phase: str, tag: str | None, step: int | None) -> Path:
         if tag_dir not in tags:
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {phase_dir}; "
                                     f"tags there: {sorted(d.name for d in tags)}. Run `{how}` to make one")
-    steps = _complete_steps(tag_dir)
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {tag_dir}; available steps: {steps}")
-    return _step_dir(tag_dir, steps[-1] if step is None else step)
+    return _chosen_step_dir(tag_dir, _complete_steps(tag_dir), step)
 
 
 def _tokenizer_dir(step_dir: Path, meta: dict, allow_default: bool) -> Path:
@@ -489,4 +498,4 @@ def _tokenizer_dir(step_dir: Path, meta: dict, allow_default: bool) -> Path:
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "load_model", "resolve_model_dir", "build_model",
-           "claim_checkpoint_dir"]
+           "claim_checkpoint_dir", "ModelChoice"]

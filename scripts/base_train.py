@@ -7,10 +7,11 @@ The script owns the loop and wires the parts together: tokenizer -> packed loade
 loss/attention kernels) -> Muon+AdamW -> atomic checkpoints. Every log line has step, loss, lr, step ms,
 tok/s, MFU and peak memory; the last line is one JSON object with the run's figures.
 
-Depth is the one dial (`derive_shapes`, printed at start): width = depth x aspect_ratio; the horizon is
+Depth is the one dial (`derive_schedule`, printed at start): width = depth x aspect_ratio; the horizon is
 target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
 (horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19); Muon's weight
-decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 (nanochat.optim).
+decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 above width 768
+(nanochat.optim).
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
 """

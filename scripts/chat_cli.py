@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from nanochat.checkpoint import MODEL_DIR_HELP
+from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, compute_init
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine, TextStream, cast_params
@@ -28,12 +28,8 @@ from nanochat.flags import parse_flags
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(ModelChoice):
     """Chat with a trained model in the terminal."""
-    source: str = field(default="sft", metadata={"help": "checkpoint phase: sft, base or rl"})
-    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
-    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
-    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature; 0 = greedy"})
     top_k: int | None = field(default=50, metadata={"help": "sample among the k likeliest tokens; none = all"})

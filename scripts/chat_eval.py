@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from nanochat.checkpoint import MODEL_DIR_HELP, load_model
+from nanochat.checkpoint import ModelChoice, load_model
 from nanochat.common import autocast_precision, compute_cleanup, compute_init, device_name, log0
 from nanochat.eval.chat_eval import CHAT_TASKS, evaluate_chat
 from nanochat.flags import parse_flags
@@ -24,7 +24,7 @@ FLAG_ALIASES = {"-i": "source", "-a": "task_name", "-b": "batch_size", "-n": "nu
 
 
 @dataclass
-class ChatEvalConfig:
+class ChatEvalConfig(ModelChoice):
     """Evaluate a chat model (ChatCORE)."""
     source: str = field(default="sft", metadata={"help": "checkpoint phase: base, sft or rl (also names the "
                                                          "report section, with --model too)"})
@@ -35,9 +35,6 @@ class ChatEvalConfig:
     max_new_tokens: int = field(default=512, metadata={"help": "longest answer to a generative task, in tokens"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature for generative tasks; 0 = greedy"})
     top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens"})
-    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
-    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
-    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
     data_root: str | None = field(default=None, metadata={"help": "eval data folder (default ../shared/data)"})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
 

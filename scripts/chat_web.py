@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.checkpoint import MODEL_DIR_HELP
+from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, log0
 from nanochat.flags import parse_flags
 
@@ -22,12 +22,8 @@ FLAG_ALIASES = {"-i": "source", "--tag": "model_tag"}
 
 
 @dataclass
-class WebConfig:
+class WebConfig(ModelChoice):
     """Serve a chat model: the chat page and an OpenAI-compatible API."""
-    source: str = field(default="sft", metadata={"help": "checkpoint phase: sft, base or rl"})
-    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
-    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
-    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     num_gpus: int = field(default=1, metadata={"help": "workers, one per GPU (cuda:0 .. cuda:N-1)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from nanochat.checkpoint import MODEL_DIR_HELP, load_model
+from nanochat.checkpoint import ModelChoice, load_model
 from nanochat.export.hf import DTYPES, export_hf
 from nanochat.flags import parse_flags
 
@@ -24,13 +24,9 @@ FLAG_ALIASES = {"-i": "source", "-g": "model_tag", "-s": "step"}
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(ModelChoice):
     """Export a checkpoint for Hugging Face transformers."""
     out: str = field(default="", metadata={"help": "output directory (required)"})
-    source: str = field(default="sft", metadata={"help": "checkpoint phase: sft, base or rl"})
-    model_tag: str | None = field(default=None, metadata={"help": "checkpoint tag (default: the newest)"})
-    step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
-    model: str = field(default="", metadata={"help": MODEL_DIR_HELP})
     dtype: str = field(default="", metadata={"help": f"weights as {', '.join(DTYPES)} (default: as stored)"})
 
 

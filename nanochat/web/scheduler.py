@@ -233,19 +233,24 @@ class BatchScheduler:
         front of the pinned buffers, contiguous (a strided destination would make them synchronous)."""
         logp = torch.log_softmax(self.logits.float(), dim=-1)
         values, ids = logp.topk(top, dim=-1)
+        host_logprobs, host_ids = self._host_logprob_views(top)
+        host_logprobs.copy_(torch.cat([logp.gather(1, tokens[:, None]), values], dim=1), non_blocking=True)
+        host_ids.copy_(ids, non_blocking=True)
+
+    def _host_logprob_views(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contiguous fronts of the pinned buffers that hold `top` alternatives per slot: [slots, top + 1]
+        logprobs (the fed token's first) and [slots, top] ids."""
         slots = len(self.slots)
-        host = self._host_logprobs.view(-1)[:slots * (top + 1)].view(slots, top + 1)
-        host.copy_(torch.cat([logp.gather(1, tokens[:, None]), values], dim=1), non_blocking=True)
-        self._host_top_ids.view(-1)[:slots * top].view(slots, top).copy_(ids, non_blocking=True)
+        return (self._host_logprobs.view(-1)[:slots * (top + 1)].view(slots, top + 1),
+                self._host_top_ids.view(-1)[:slots * top].view(slots, top))
 
     def _fetch_logprobs(self, top: int) -> tuple[list, list]:
         """What `_copy_logprobs(tokens, top)` copied (ready with the tokens): per slot [logprob, top
         logprobs...] and [top ids...]."""
         if self._copied is not None:
             self._copied.synchronize()
-        slots = len(self.slots)
-        return (self._host_logprobs.view(-1)[:slots * (top + 1)].view(slots, top + 1).tolist(),
-                self._host_top_ids.view(-1)[:slots * top].view(slots, top).tolist())
+        host_logprobs, host_ids = self._host_logprob_views(top)
+        return host_logprobs.tolist(), host_ids.tolist()
 
     def _report(self) -> None:
         """Emit the events the last step's tokens made."""
