@@ -64,14 +64,29 @@ def orthogonalize(G: Tensor) -> Tensor:
     return X
 
 
+def equilibrate_rows(G: Tensor) -> Tensor:
+    """G [..., rows, cols] with every row rescaled to the matrix's root-mean-square row norm (MuonEq)."""
+    G32 = G.float()
+    target = G32.norm(dim=(-2, -1), keepdim=True) / G.size(-2) ** 0.5
+    return (G32 * (target / G32.norm(dim=-1, keepdim=True).clamp(min=1e-6))).to(G.dtype)
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Polar Express), for 2-D parameters only.
 
-    Per step: Nesterov momentum on the gradient, orthogonalize, optionally normalize per neuron (beta2 > 0,
-    below), scale by sqrt(max(1, rows/cols)) so tall and wide matrices take comparable per-element steps,
-    optional decoupled weight decay (lr * weight_decay; "cautious" = only where the update pushes the weight
-    toward zero as well), then p -= lr * update. Matrices of one shape are orthogonalized together as one
-    batched matmul.
+    Per step: Nesterov momentum on the gradient, optionally equilibrate its rows (below), orthogonalize,
+    optionally renormalize (below) and normalize per neuron (beta2 > 0, below), scale the rate by
+    sqrt(max(1, rows/cols)) so tall and wide matrices take comparable per-element steps, optional decoupled
+    weight decay (rate * weight_decay; "cautious" = only where the update pushes the weight toward zero as
+    well), then p -= rate * update. Matrices of one shape are orthogonalized together as one batched matmul.
+
+    Row equilibration (MuonEq, arXiv 2603.28254): every row of the momentum is rescaled to the matrix's mean
+    row norm before orthogonalizing. A few large rows otherwise dominate the spectrum, and the 5-step
+    polynomial, tuned for a bounded condition number, leaves the small directions under-converged.
+
+    Renormalization (Muon+, arXiv 2602.21545): the orthogonalized update is rescaled to Frobenius norm
+    sqrt(min(rows, cols)), the norm of an exactly semi-orthogonal matrix, so an under-converged iteration
+    does not shrink the step.
 
     Per-neuron normalization (NorMuon, Li et al. 2025): orthogonalization equalizes singular values, not the
     rows' (or, for wide matrices, the columns') update sizes, which come out uneven. An EMA (beta2) of each
@@ -80,7 +95,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, cautious_wd: bool = True, beta2: float = 0.0):
+                 weight_decay: float = 0.0, cautious_wd: bool = True, beta2: float = 0.0,
+                 row_equilibrate: bool = False, renormalize: bool = False):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -89,7 +105,8 @@ class Muon(torch.optim.Optimizer):
         if not 0.0 <= beta2 < 1.0:
             raise ValueError(f"Muon's beta2 (per-neuron normalization) must be in [0, 1), 0 = off; got {beta2}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, cautious_wd=cautious_wd, beta2=beta2))
+                                      weight_decay=weight_decay, cautious_wd=cautious_wd, beta2=beta2,
+                                      row_equilibrate=row_equilibrate, renormalize=renormalize))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,15 +131,21 @@ class Muon(torch.optim.Optimizer):
         mu = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)  # buf = mu * buf + (1 - mu) * g
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        ortho = orthogonalize(torch.stack(updates))
-        if group.get("beta2", 0.0) > 0.0:
+        stacked = torch.stack(updates)
+        if group["row_equilibrate"]:
+            stacked = equilibrate_rows(stacked)
+        ortho = orthogonalize(stacked)
+        if group["renormalize"]:
+            norm = ortho.float().norm(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
+            ortho = (ortho.float() * (min(shape) ** 0.5 / norm)).to(ortho.dtype)
+        if group["beta2"] > 0.0:
             ortho = self._normalize_neurons(group["beta2"], params, ortho)
         lr = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
         wd = group["weight_decay"]
         for p, o in zip(params, ortho.unbind(0)):
             o = o.to(p.dtype)
             if wd != 0.0:
-                decay = p * (group["lr"] * wd)
+                decay = p * (lr * wd)
                 if group["cautious_wd"]:
                     decay = decay * ((o * p) > 0)  # p -= lr*o shrinks |p| here too
                 p.sub_(decay)
@@ -130,15 +153,16 @@ class Muon(torch.optim.Optimizer):
 
     def _normalize_neurons(self, beta2: float, params: list[Tensor], ortho: Tensor) -> Tensor:
         """ortho [K, rows, cols] with each row (cols > rows: each column) divided by the root of an EMA of its
-        mean square, then rescaled to ortho's Frobenius norm per matrix. The EMA starts at the first value."""
+        mean square, then rescaled to ortho's Frobenius norm per matrix. The EMA starts at zero: the rescaling
+        cancels its missing bias correction, so early steps weigh recent updates as a bias-corrected EMA would
+        (starting at the first value instead keeps step 1's statistics at weight beta2^t)."""
         dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2  # average along the longer side: per output neuron
         mean_sq = ortho.float().square().mean(dim=dim, keepdim=True)
         for i, p in enumerate(params):
             state = self.state[p]
             if "neuron_second_moment" not in state:
-                state["neuron_second_moment"] = mean_sq[i].clone()
-            else:
-                state["neuron_second_moment"].lerp_(mean_sq[i], 1.0 - beta2)
+                state["neuron_second_moment"] = torch.zeros_like(mean_sq[i])
+            state["neuron_second_moment"].lerp_(mean_sq[i], 1.0 - beta2)
         second = torch.stack([self.state[p]["neuron_second_moment"] for p in params])
         scaled = ortho.float() * second.clamp(min=1e-10).rsqrt()
         norm_ratio = ortho.float().norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10)
@@ -262,7 +286,7 @@ class MuonAdamW:
             defaults = [dict(g) for g in self.muon.param_groups]
             self.muon.load_state_dict(state["muon"])
             for g, now in zip(self.muon.param_groups, defaults):  # keys older states lack
-                for key in ("beta2", "initial_weight_decay"):
+                for key in ("beta2", "row_equilibrate", "renormalize", "initial_weight_decay"):
                     g.setdefault(key, g["weight_decay"] if key == "initial_weight_decay" else now[key])
         if self.adamw is not None:
             # fused/foreach are properties of this process's device, not of the run being resumed
@@ -338,14 +362,15 @@ WIDTH_SCALED = ("embedding", "value_embed", "lm_head")  # AdamW rates x min(1, (
 def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
                     unembedding_lr: float = 0.004, scalar_lr: float = 0.5, weight_decay: float = 0.0,
                     adam_betas: tuple[float, float] = (0.8, 0.95), adam_groups: str = "uniform",
-                    muon_beta2: float = 0.0, shard: bool = False) -> MuonAdamW:
+                    muon_beta2: float = 0.0, muon_row_equilibrate: bool = False, muon_renorm: bool = False,
+                    shard: bool = False) -> MuonAdamW:
     """Muon (the "matrix" group) + AdamW (every other kind of `model.param_groups()`, see ADAMW_KINDS).
 
     The embedding and lm_head LRs are scaled by (n_embd / 768) ** -0.5 above width 768: they were tuned at
     768 and AdamW's per-element step should shrink as the model widens. Narrower models keep the 768 rates
     (scaled up, the tuned rates made d2-d4 CPU runs at a 512-token batch spike). weight_decay is Muon's (cautious);
     adam_groups="tuned" also gives each AdamW kind its own betas and weight decay. muon_beta2 > 0 turns on
-    Muon's per-neuron normalization. Under torch.distributed (world size > 1) step() synchronizes gradients
+    Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step. Under torch.distributed (world size > 1) step() synchronizes gradients
     itself (do not wrap the model in DDP); shard=True also splits the optimizer state and work across ranks.
     """
     if adam_groups not in ADAM_GROUPS:
@@ -370,7 +395,8 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: 
 
     muon = None
     if groups["matrix"]:
-        muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, beta2=muon_beta2)
+        muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, beta2=muon_beta2,
+                    row_equilibrate=muon_row_equilibrate, renormalize=muon_renorm)
         muon.param_groups[0].update(kind="matrix", initial_lr=matrix_lr, initial_weight_decay=weight_decay)
     rates = dict(embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr)
     dmodel_scale = min(1.0, (model.config.n_embd / 768) ** -0.5)  # narrower models keep d12's rates

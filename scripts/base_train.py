@@ -91,6 +91,10 @@ class TrainConfig:
     adam_groups: str = field(default="tuned", metadata={"help": "AdamW settings: tuned (per-kind betas, rates, decay) "
                                                         "or uniform"})
     muon_beta2: float = field(default=0.9, metadata={"help": "Muon's per-neuron normalization EMA (NorMuon); 0 = off"})
+    muon_row_equilibrate: bool = field(default=True, metadata={"help": "Muon: rescale the momentum's rows to their "
+                                                               "mean norm before orthogonalizing (MuonEq)"})
+    muon_renorm: bool = field(default=True, metadata={"help": "Muon: rescale each orthogonalized update to the norm "
+                                                      "of a semi-orthogonal matrix (Muon+)"})
     muon_momentum_warmup: int = field(default=400, metadata={"help": "steps of Muon momentum 0.85 -> its peak"})
     muon_momentum_peak: float = field(default=0.97, metadata={"help": "Muon momentum after its warmup"})
     muon_momentum_final: float | None = field(default=0.90, metadata={"help": "Muon momentum at the end of the LR "
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
                                 unembedding_lr=cfg.unembedding_lr * lr_scale, scalar_lr=cfg.scalar_lr * lr_scale,
                                 weight_decay=wd, adam_groups=cfg.adam_groups, muon_beta2=cfg.muon_beta2,
+                                muon_row_equilibrate=cfg.muon_row_equilibrate, muon_renorm=cfg.muon_renorm,
                                 shard=cfg.shard_optimizer)
     cache_low_precision_weights(model, optimizer, cfg.precision)
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1

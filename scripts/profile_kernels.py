@@ -88,7 +88,8 @@ def build(cfg: ProfileConfig, device: torch.device):
         optimizer_options = dict(matrix_lr=train.matrix_lr, embedding_lr=train.embedding_lr,
                                  unembedding_lr=train.unembedding_lr, scalar_lr=train.scalar_lr,
                                  weight_decay=train.weight_decay, adam_groups=train.adam_groups,
-                                 muon_beta2=train.muon_beta2)
+                                 muon_beta2=train.muon_beta2, muon_row_equilibrate=train.muon_row_equilibrate,
+                                 muon_renorm=train.muon_renorm)
     else:
         model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
                                          aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern,

@@ -167,8 +167,8 @@ def test_optimizer_state_of_another_recipe_is_a_clear_error():
 
 
 def test_neuron_normalization_evens_rows_and_keeps_the_norm():
-    """NorMuon's first step: every row of the update gets the same RMS (the EMA starts at the value itself),
-    and the update's Frobenius norm is Muon's."""
+    """NorMuon's first step: every row of the update gets the same RMS (the EMA holds one value, up to a factor
+    the rescaling cancels), and the update's Frobenius norm is Muon's."""
     torch.manual_seed(0)
     W, plain = nn.Parameter(torch.zeros(24, 16)), nn.Parameter(torch.zeros(24, 16))
     grad = torch.randn(24, 16) * torch.linspace(0.1, 3, 24)[:, None]  # rows of very different size
@@ -403,3 +403,60 @@ def test_cuda_bf16_orthogonalize_and_fused_adamw_round_trip():
         o.step()
     for a, b in zip(model.parameters(), model_b.parameters()):
         assert torch.equal(a, b)
+
+
+def test_row_equilibration_evens_row_norms_and_keeps_the_frobenius_norm():
+    """MuonEq: each row ends at the matrix's RMS row norm, so the total norm is unchanged."""
+    from nanochat.optim import equilibrate_rows
+    torch.manual_seed(0)
+    G = torch.randn(3, 12, 7) * torch.rand(3, 12, 1) * 5  # rows of very different size
+    E = equilibrate_rows(G)
+    rows = E.norm(dim=-1)
+    torch.testing.assert_close(rows, rows.mean(dim=-1, keepdim=True).expand_as(rows), rtol=1e-5, atol=0)
+    torch.testing.assert_close(E.norm(dim=(-2, -1)), G.norm(dim=(-2, -1)), rtol=1e-5, atol=0)
+    cos = torch.nn.functional.cosine_similarity(E, G, dim=-1)  # each row keeps its direction
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-5)
+
+
+def test_renormalized_update_has_the_norm_of_a_semi_orthogonal_matrix():
+    """Muon+: with lr 1, no momentum and no decay the step is the update; its norm is sqrt(min(rows, cols))
+    (times sqrt(rows/cols) for a tall matrix, Muon's aspect factor), whatever the gradient's conditioning."""
+    torch.manual_seed(0)
+    for rows, cols in ((16, 40), (40, 16)):
+        W = nn.Parameter(torch.zeros(rows, cols))
+        opt = Muon([W], lr=1.0, momentum=0.0, nesterov=False, renormalize=True)
+        U, _, V = torch.linalg.svd(torch.randn(rows, cols), full_matrices=False)
+        W.grad = U @ torch.diag(torch.logspace(0, -4, min(rows, cols))) @ V  # badly conditioned
+        opt.step()
+        expected = min(rows, cols) ** 0.5 * max(1.0, rows / cols) ** 0.5
+        assert W.detach().norm().item() == pytest.approx(expected, rel=1e-4)
+        plain = nn.Parameter(torch.zeros(rows, cols))
+        plain.grad = W.grad.clone()
+        Muon([plain], lr=1.0, momentum=0.0, nesterov=False).step()
+        assert plain.detach().norm().item() < 0.9 * expected  # the under-converged update Muon+ corrects
+
+
+def test_weight_decay_uses_the_aspect_scaled_rate():
+    """A tall matrix steps at lr * sqrt(rows/cols); its decay is that rate times weight_decay as well."""
+    W = nn.Parameter(torch.ones(32, 8))
+    opt = Muon([W], lr=0.01, momentum=0.0, nesterov=False, weight_decay=1.0, cautious_wd=False)
+    W.grad = torch.zeros(32, 8)
+    W.grad[0, 0] = 1.0
+    before = W.detach().clone()
+    opt.step()
+    # the orthogonalized rank-1 gradient lives in row 0 and column 0: elsewhere only the decay moves W
+    assert (W.detach() - before)[5, 5].item() == pytest.approx(-0.01 * (32 / 8) ** 0.5 * 1.0, rel=1e-3)
+
+
+def test_neuron_second_moment_is_an_ema_from_zero():
+    """After two steps the per-neuron EMA is (1-b) b m1 + (1-b) m2: step 1's statistics do not linger at weight b."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.zeros(12, 6))
+    opt = Muon([W], lr=0.0, momentum=0.0, nesterov=False, beta2=0.8)
+    mean_sqs = []
+    for _ in range(2):
+        W.grad = torch.randn(12, 6) * torch.linspace(0.1, 3, 12)[:, None]
+        mean_sqs.append(orthogonalize(W.grad[None])[0].float().square().mean(dim=-1, keepdim=True))
+        opt.step()
+    expected = 0.2 * 0.8 * mean_sqs[0] + 0.2 * mean_sqs[1]
+    torch.testing.assert_close(opt.state[W]["neuron_second_moment"], expected, rtol=1e-5, atol=0)
