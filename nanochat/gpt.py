@@ -94,9 +94,7 @@ class GPTConfig:
                 and self.n_embd < VE_GATE_CHANNELS:
             raise ValueError(f"smear needs n_embd >= {SMEAR_CHANNELS} and the input gate >= {VE_GATE_CHANNELS}; "
                              f"got n_embd={self.n_embd}")
-        if self.attn_backend != "auto" and self.attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; "
-                             f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
+        ATTENTION_BACKENDS.canonical(self.attn_backend)  # an unknown name fails here, listing the choices
 
     @property
     def padded_vocab_size(self) -> int:
@@ -494,12 +492,3 @@ class KVCache:
     def reset(self) -> None:
         self.pos, self.last_tokens = 0, None
 
-
-def model_class(arch: str = "gpt") -> type[nn.Module]:
-    """The model class for an architecture name: `gpt` (this file) or `te` (Transformer Engine layers)."""
-    if arch == "gpt":
-        return GPT
-    if arch == "te":
-        from nanochat.gpt_te import TEGPT
-        return TEGPT
-    raise ValueError(f"unknown arch {arch!r}; choose gpt or te")
