@@ -5,7 +5,7 @@
     python -m benchmarks.bench_loss --variants=none --no-components                 # backends only
 
 Rows, on the first `--full_shapes` shapes (the others get only `--short_rows`):
-- registry backends through nanochat.kernels: `torch eager` (`current`), `torch.compile` (`current`,
+- registry backends through nanochat.kernels: `torch eager` (`torch`), `torch.compile` (`torch`,
   compiled), `liger`, `cce`, `triton` (its default CONFIG);
 - `liger direct`, `cce direct`: the libraries called as their docs show (registry overhead = the ratio);
 - cce diagnostics, called directly: `/no-filter` (filter_eps=None: exact gradients, no skipped blocks),
@@ -37,7 +37,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from check_kernels import (  # noqa: E402
-    IGNORE, compiled_current_loss, fp32_reference, make_loss_inputs, registry_loss, rel_err, sample_indices)
+    IGNORE, compiled_torch_loss, fp32_reference, make_loss_inputs, registry_loss, rel_err, sample_indices)
 
 from nanochat import kernels  # noqa: E402
 from nanochat.flags import parse_flags  # noqa: E402
@@ -106,8 +106,8 @@ def build_rows(cfg: BenchConfig, full: bool) -> dict[str, tuple[object, bool, fl
     the softcap (else it is checked against a reference without one); predicted ms or None)."""
     table = kernels.available_backends()
     rows: dict[str, tuple[object, bool, float | None]] = {
-        "torch eager": (registry_loss("current"), True, None),
-        "torch.compile": (compiled_current_loss(), True, None),
+        "torch eager": (registry_loss("torch"), True, None),
+        "torch.compile": (compiled_torch_loss(), True, None),
     }
     for name in ("liger", "cce", "triton"):
         ok, reason = table.get(name, (False, "not registered"))

@@ -4,7 +4,7 @@
     python benchmarks/check_kernels.py --shapes=8192x1280x32768 --no-attention   # quick
     python benchmarks/check_kernels.py --shapes= --attn_backends=fa4,auto        # attention only (fa4_gpu.sh)
 
-Loss backends (every registered one that is available, plus `current` under torch.compile), in bf16 with
+Loss backends (every registered one that is available, plus `torch` under torch.compile), in bf16 with
 softcap and ~5% ignored targets: relative error of the loss, dhidden and dW against the reference; PASS
 when all are within --tol (1e-2: bf16 noise). On small shapes also reductions sum/none and a batch whose
 targets are all ignored (defined as loss 0 with zero gradients). Attention backends: output and dq/dk/dv against fp32 math attention, full causal and
@@ -51,7 +51,7 @@ class CheckConfig:
     attention: bool = True
     attn_tol: float = 1e-2
     attn_backends: list[str] = field(default_factory=list, metadata={
-        "help": "attention backends to check, e.g. fa4,auto (default: auto and every registered one)"})
+        "help": "attention backends to check, e.g. fa4,auto (default: all); " + attn.ATTENTION_BACKENDS.help()})
 
 
 # ---------------------------------------------------------------- fp32 reference for the loss
@@ -150,8 +150,8 @@ def registry_loss(name: str):
     return fn
 
 
-def compiled_current_loss():
-    """Like registry_loss("current"), under torch.compile (one graph per shape and reduction)."""
+def compiled_torch_loss():
+    """Like registry_loss("torch"), under torch.compile (one graph per shape and reduction)."""
     # raise the recompile limit so that no graph falls back to eager silently
     for knob in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
@@ -159,8 +159,8 @@ def compiled_current_loss():
     compiled = torch.compile(kernels.fused_linear_cross_entropy, dynamic=False)
 
     def fn(h, w, t, softcap, reduction="mean"):
-        if kernels.get_kernel_backend() != "current":
-            kernels.set_kernel_backend("current")
+        if kernels.get_kernel_backend() != "torch":
+            kernels.set_kernel_backend("torch")
             with torch.no_grad():  # a tiny eager call logs the backend outside the compiled graph
                 kernels.fused_linear_cross_entropy(h[:1], w, t[:1], ignore_index=IGNORE)
         return compiled(h, w, t, ignore_index=IGNORE, softcap=softcap, reduction=reduction)
@@ -171,7 +171,7 @@ def loss_variants(selected: list[str]) -> dict[str, object]:
     """name -> callable(h, w, t, softcap, reduction) through the registry; unavailable ones -> reason str."""
     out: dict[str, object] = {name: registry_loss(name) if ok else reason
                               for name, (ok, reason) in kernels.available_backends().items()}
-    out["current+compile"] = compiled_current_loss()
+    out["torch+compile"] = compiled_torch_loss()
     if selected:
         unknown = set(selected) - set(out)
         if unknown:
@@ -271,7 +271,7 @@ def _masks(t: int, window: int | None, device) -> dict[str, torch.Tensor]:
 def check_attention(cfg, gen, rows_out: list[dict]) -> None:
     cases = [(4, 2048, 10, 10, 128, None), (4, 2048, 10, 10, 128, 512), (2, 1024, 8, 2, 128, 256)]
     conventions: dict[str, str] = {}
-    names = ["auto", *attn.ATTENTION_BACKENDS]
+    names = attn.ATTENTION_BACKENDS.names()
     unknown = set(cfg.attn_backends) - set(names)
     if unknown:
         raise ValueError(f"unknown --attn_backends {sorted(unknown)}; choose from: {', '.join(names)}")

@@ -1,6 +1,6 @@
 """Loss kernels checked where they run: the whole model's gradients in training, kernel against kernel.
 
-    python -m benchmarks.check_train_grads --depth 20 --kernels current,triton --steps 12
+    python -m benchmarks.check_train_grads --depth 20 --kernels torch,triton --steps 12
 
 `check_kernels` checks each loss kernel alone against an fp32 reference. This checks what a training run
 sees: d20 under bf16 autocast on real batches, the loss kernel's dhidden flowing back through every
@@ -29,7 +29,7 @@ class CheckConfig:
     depth: int = 20
     device_batch_size: int = 16
     max_seq_len: int = 2048
-    kernels: list[str] = field(default_factory=lambda: ["current", "triton"])  # the first is the reference
+    kernels: list[str] = field(default_factory=lambda: ["torch", "triton"])  # the first is the reference
     steps: int = 12
     compile: bool = False
     tol: float = 0.05

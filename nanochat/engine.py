@@ -28,6 +28,7 @@ import torch
 from nanochat.calculator import calculate
 from nanochat.common import log0
 from nanochat.gpt import KVCache, lm_head_output
+from nanochat.registry import Backend, Registry, package_status
 
 
 def cast_params(model, dtype: torch.dtype = torch.bfloat16):
@@ -179,19 +180,55 @@ class TextStream:
         return self.tokenizer.decode(self.tokens)
 
 
-DECODE_ATTENTIONS = ("auto", "torch", "triton", "triton_dot")
+class TorchDecode(Backend):
+    name, summary = "torch", "masked, reads the whole cache"
+
+    def supports(self, device: torch.device, head_dim: int, kv_fp8: bool) -> bool:
+        return not kv_fp8
+
+
+class TritonDecode(Backend):
+    """kernels.decode_attention: reads only each row's filled positions, from a bf16 or an fp8 cache."""
+
+    def __init__(self, name: str, summary: str) -> None:
+        self.name, self.summary = name, summary
+
+    def is_available(self) -> tuple[bool, str]:
+        return package_status("triton", "triton", "pip install 'nanochat[gpu]'")
+
+    def supports(self, device: torch.device, head_dim: int, kv_fp8: bool) -> bool:
+        return device.type == "cuda" and head_dim & (head_dim - 1) == 0  # the kernels' tiles: a power of two
+
+    def kernel(self, device: torch.device):
+        """The kernel module, imported here, on use: triton is an optional dependency."""
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"attention='{self.name}' runs on CUDA, got {device}; use attention='torch' "
+                             "(or set TRITON_INTERPRET=1 before starting Python: Triton's slow CPU interpreter)")
+        try:
+            from nanochat.kernels import decode_attention
+        except ImportError as exc:
+            raise ImportError(f"attention='{self.name}' needs triton ({exc}): pip install 'nanochat[gpu]'") from exc
+        return decode_attention
+
+
+# auto's order: on a bf16 cache the tensor-core kernel, on an fp8 cache the CUDA-core one (BENCHMARKS.md, H200 at
+# batch 128: triton_dot 1.16x the torch path on bf16), the masked torch path where no kernel serves (the CPU)
+DECODE_ATTENTIONS = Registry("decode attention", "--attention", [
+    TritonDecode("triton_dot", "the decode kernel on tensor cores"),
+    TritonDecode("triton", "the decode kernel on CUDA cores"),
+    TorchDecode(),
+], auto=True)
+FP8_CACHE_ORDER = ("triton", "triton_dot", "torch")
 
 
 def resolve_decode_attention(attention: str, device: torch.device, head_dim: int, kv_fp8: bool) -> str:
-    """The decode attention that `attention` names. For "auto": the faster decode kernel on CUDA
-    (BENCHMARKS.md, H200 at batch 128: the tensor-core variant on a bf16 cache, 1.16x the torch path; the
-    CUDA-core one on an fp8 cache) when head_dim is a power of two (the kernels' tiles); the masked torch
-    path elsewhere (the CPU). Other names pass through."""
+    """The decode attention that `attention` names: for "auto" the first in DECODE_ATTENTIONS (FP8_CACHE_ORDER
+    for an fp8 cache) that serves this device and head_dim and is installed, else "torch". Other names pass
+    through."""
+    attention = DECODE_ATTENTIONS.canonical(attention)
     if attention != "auto":
         return attention
-    if device.type == "cuda" and head_dim & (head_dim - 1) == 0:
-        return "triton" if kv_fp8 else "triton_dot"
-    return "torch"
+    return DECODE_ATTENTIONS.pick(device, head_dim, kv_fp8, order=FP8_CACHE_ORDER if kv_fp8 else None) or "torch"
 
 
 def masked_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -243,18 +280,6 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
             + out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1))
 
 
-def _decode_kernel(device: torch.device):
-    """The decode-attention kernel module, imported on demand: triton is an optional dependency."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"attention='triton' runs on CUDA, got {device}; use attention='torch' "
-                         "(or set TRITON_INTERPRET=1 before starting Python: Triton's slow CPU interpreter)")
-    try:
-        from nanochat.kernels import decode_attention
-    except ImportError as exc:
-        raise ImportError(f"attention='triton' needs triton ({exc}): pip install 'nanochat[gpu]'") from exc
-    return decode_attention
-
-
 class StaticDecoder:
     """A fixed-shape one-token decode step over `slots` rows, each at its own position.
 
@@ -290,8 +315,7 @@ class StaticDecoder:
     def __init__(self, model, slots: int, max_seq_len: int, compile: bool = False,
                  cuda_graph: bool | None = None, fuse_qkv: bool | None = None, attention: str = "auto",
                  kv_fp8: bool = False, shared_prompt_len: int = 0):
-        if attention not in DECODE_ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(DECODE_ATTENTIONS)}, got {attention!r}")
+        DECODE_ATTENTIONS.canonical(attention)  # an unknown name fails here, listing the choices
         if not 0 <= shared_prompt_len < max_seq_len:
             raise ValueError(f"shared_prompt_len must be in [0, max_seq_len={max_seq_len}), got {shared_prompt_len}")
         cfg = model.config
@@ -307,7 +331,7 @@ class StaticDecoder:
         self.dtype = cache_dtype(self.device)
         self.attention, self._kernel = attention, None
         if attention != "torch":
-            self._kernel = _decode_kernel(self.device)
+            self._kernel = DECODE_ATTENTIONS[attention].kernel(self.device)
         # One buffer per layer, not one [n_layer, ...] tensor: under torch.compile a write into a slice of
         # a shared buffer that is read afterwards can be functionalized into a copy of the whole buffer,
         # once per layer (the d20 decode step measured 62 ms at 32 slots); a per-layer buffer is written

@@ -218,10 +218,7 @@ class Fp8Attention(Fp8Layer, CausalSelfAttention):
     def weight_groups(self) -> list[tuple[nn.Parameter, ...]]:
         return [(self.c_q.weight, self.c_k.weight, self.c_v.weight)]
 
-    def project_qkv(self, x: torch.Tensor,
-                    fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if fused_weight is not None:  # a decoder's own stacked weight (engine.py): inference stays as given
-            return super().project_qkv(x, fused_weight)
+    def project_own(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = fp8_linear(x, self.weight_groups()[0], self.fast_accum_backward, scaling=self.scaling(),
                          cached=self.cached(0))
         return qkv.split(self.qkv_sizes(), dim=-1)

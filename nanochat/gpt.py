@@ -94,9 +94,7 @@ class GPTConfig:
                 and self.n_embd < VE_GATE_CHANNELS:
             raise ValueError(f"smear needs n_embd >= {SMEAR_CHANNELS} and the input gate >= {VE_GATE_CHANNELS}; "
                              f"got n_embd={self.n_embd}")
-        if self.attn_backend != "auto" and self.attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; "
-                             f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
+        ATTENTION_BACKENDS.canonical(self.attn_backend)  # an unknown name fails here, listing the choices
 
     @property
     def padded_vocab_size(self) -> int:
@@ -232,11 +230,16 @@ class CausalSelfAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor,
                     fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of x, flat ([B, T, H D], [B, T, Hkv D] twice): three linears, or one matmul with
-        `fused_weight`. Its own method so that fp8 layers (fp8_linear.Fp8Attention) can replace it."""
+        """q, k, v of x, flat ([B, T, H D], [B, T, Hkv D] twice): the layer's own projections
+        (`project_own`), or one matmul with a caller's stacked `fused_weight` (a decoder's)."""
         if fused_weight is None:
-            return self.c_q(x), self.c_k(x), self.c_v(x)
+            return self.project_own(x)
         return F.linear(x, fused_weight).split(self.qkv_sizes(), dim=-1)
+
+    def project_own(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three linears c_q, c_k, c_v. Its own method so that fp8 layers (fp8_linear.Fp8Attention)
+        can replace it, knowing nothing of who else stacks these weights."""
+        return self.c_q(x), self.c_k(x), self.c_v(x)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None = None,
             fused_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -494,12 +497,3 @@ class KVCache:
     def reset(self) -> None:
         self.pos, self.last_tokens = 0, None
 
-
-def model_class(arch: str = "gpt") -> type[nn.Module]:
-    """The model class for an architecture name: `gpt` (this file) or `te` (Transformer Engine layers)."""
-    if arch == "gpt":
-        return GPT
-    if arch == "te":
-        from nanochat.gpt_te import TEGPT
-        return TEGPT
-    raise ValueError(f"unknown arch {arch!r}; choose gpt or te")

@@ -9,7 +9,8 @@ same layers with delayed scaling (the cast records amaxes and scales from the re
 each tensor instead of two). Either way the layers keep the very same weight Parameters (fp32, same
 names), so the state_dict is unchanged: checkpoints load into a plain GPT for bf16 inference and
 evaluation, and Muon sees the same 2-D matrices. Convert first, compile after. nvfp4 needs Blackwell and
-runs inside Transformer Engine layers (--arch te).
+runs inside Transformer Engine layers (--arch te). Each recipe is one object in FP8_RECIPES (nanochat.registry):
+`is_available()`, `supports(arch)` and `convert(model, names, fast_accum)`.
 """
 from __future__ import annotations
 
@@ -21,19 +22,68 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import log0
+from nanochat.registry import Backend, Registry, package_status
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
-FP8_RECIPES = ("tensorwise", "rowwise", "triton", "triton_delayed")
-OUR_FP8_RECIPES = ("triton", "triton_delayed")
-FP8_RECIPES_HELP = "tensorwise or rowwise (torchao), triton or triton_delayed (ours, tensorwise)"  # for --fp8_recipe
+
+
+class TorchaoRecipe(Backend):
+    """torchao's Float8Linear with its recipe of this name (Transformer Engine runs one of the same name)."""
+    summary = "torchao"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError as exc:
+            return False, (f"--precision fp8 needs torchao (>= 0.10): pip install torchao (or pip install "
+                           f"'nanochat[gpu]') ({exc})")
+        return True, "ok"
+
+    def convert(self, model: nn.Module, names: list[str], fast_accum: bool) -> None:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.config import Float8GemmConfig
+        keep = set(names)
+        config = Float8LinearConfig.from_recipe_name(self.name)
+        if fast_accum:
+            fast = Float8GemmConfig(use_fast_accum=True)
+            config = replace(config, gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn in keep)
+
+
+class OurRecipe(Backend):
+    """Our fp8 layers (nanochat/fp8_linear.py), tensorwise, with current or delayed scaling; --arch gpt only."""
+
+    def __init__(self, name: str, delayed: bool, summary: str) -> None:
+        self.name, self.delayed, self.summary = name, delayed, summary
+
+    def is_available(self) -> tuple[bool, str]:
+        return package_status("triton", "triton", "pip install 'nanochat[gpu]' (or pip install triton)")
+
+    def supports(self, arch: str) -> bool:  # the fp8 recipes' case: the --arch that would run it
+        return arch == "gpt"
+
+    def convert(self, model: nn.Module, names: list[str], fast_accum: bool) -> None:
+        from nanochat.fp8_linear import convert_to_fp8_triton  # imports triton, an optional dependency
+        convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum, delayed=self.delayed)
+
+
+FP8_RECIPES = Registry("fp8 recipe", "--fp8_recipe", [
+    TorchaoRecipe("tensorwise"),
+    TorchaoRecipe("rowwise"),
+    OurRecipe("triton", delayed=False, summary="ours, tensorwise"),
+    OurRecipe("triton_delayed", delayed=True, summary="ours, tensorwise, delayed scaling"),
+])
+OUR_FP8_RECIPES = tuple(name for name, recipe in FP8_RECIPES.items() if isinstance(recipe, OurRecipe))
 
 
 def check_precision(precision: str, device: torch.device, fp8_recipe: str = "tensorwise") -> None:
     """Fail early with the reason and the fix when `precision` cannot run on `device`."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if fp8_recipe not in FP8_RECIPES:
-        raise ValueError(f"unknown fp8 recipe {fp8_recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
+    FP8_RECIPES.canonical(fp8_recipe)
     if precision == "bf16":
         return
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -81,31 +131,15 @@ def convert_to_fp8(model: nn.Module, *, recipe: str = "tensorwise", min_dim: int
     Returns the converted layer names. Both accumulate with Hopper's fast (lower-precision) fp8
     accumulation in the forward GEMM only; `fast_accum` uses it in the two backward GEMMs as well, which
     makes them faster at some cost in gradient precision."""
-    if recipe not in FP8_RECIPES:
-        raise ValueError(f"unknown fp8 recipe {recipe!r}; choose one of: {', '.join(FP8_RECIPES)}")
+    FP8_RECIPES.canonical(recipe)
     if include_lm_head and getattr(model, "lm_head_in_loss_kernel", False):
         raise ValueError("--fp8_lm_head: this model hands lm_head.weight to the fused loss kernel "
                          "(kernels.fused_linear_cross_entropy), so an fp8 lm_head would never run its fp8 "
                          "GEMM; drop --fp8_lm_head (the lm_head stays bf16)")
-    if recipe in OUR_FP8_RECIPES:
-        from nanochat.fp8_linear import convert_to_fp8_triton
-        names = fp8_eligible(model, min_dim, include_lm_head, skip)
-        convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum, delayed=recipe == "triton_delayed")
-        return names
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.config import Float8GemmConfig
-    except ImportError as exc:
-        raise RuntimeError("--precision fp8 needs torchao (>= 0.10): pip install torchao "
-                           "(or pip install 'nanochat[gpu]')") from exc
+    fp8 = FP8_RECIPES.require(recipe)
     names = fp8_eligible(model, min_dim, include_lm_head, skip)
     if names:
-        keep = set(names)
-        config = Float8LinearConfig.from_recipe_name(recipe)
-        if fast_accum:
-            fast = Float8GemmConfig(use_fast_accum=True)
-            config = replace(config, gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
-        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn in keep)
+        fp8.convert(model, names, fast_accum)
     return names
 
 
@@ -124,7 +158,7 @@ def apply_precision(model: nn.Module, precision: str, device: torch.device, *, f
         model.set_precision("nvfp4")
         return len(getattr(model, "blocks", []))
     if hasattr(model, "set_precision"):  # Transformer Engine layers do fp8 themselves (te.autocast)
-        if fp8_recipe in OUR_FP8_RECIPES:
+        if not FP8_RECIPES[fp8_recipe].supports("te"):
             raise ValueError(f"--fp8_recipe {fp8_recipe} is our fp8 layers for --arch gpt; Transformer Engine "
                              "(--arch te) runs its own: use --fp8_recipe tensorwise or rowwise")
         model.set_precision("fp8", fp8_recipe=fp8_recipe)

@@ -36,9 +36,11 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT, GPTConfig, config_from_depth, model_class
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.kernels.attention import ATTENTION_BACKENDS
+from nanochat.models import ARCHITECTURES, model_class
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_multiplier
-from nanochat.precision import FP8_RECIPES_HELP, apply_precision, cache_low_precision_weights, check_precision
+from nanochat.precision import FP8_RECIPES, apply_precision, cache_low_precision_weights, check_precision
 from nanochat.runtime import check_recompute, compile_model, default_compile, setup_torch_env
 from nanochat.progress import progress_bar
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
@@ -48,7 +50,7 @@ from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
 @dataclass
 class TrainConfig:
     # model
-    arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers; no sampling)"})
+    arch: str = field(default="gpt", metadata={"help": ARCHITECTURES.help()})
     depth: int = field(default=20, metadata={"help": "number of layers; width = depth * aspect_ratio"})
     aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio, rounded up to head_dim"})
     head_dim: int = field(default=128, metadata={"help": "channels per attention head"})
@@ -123,10 +125,10 @@ class TrainConfig:
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
-    kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
-    attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, flex, sdpa"})
+    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
+    attn: str = field(default="auto", metadata={"help": ATTENTION_BACKENDS.help()})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao, Hopper+) or nvfp4 (--arch te, Blackwell)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: " + FP8_RECIPES_HELP})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": FP8_RECIPES.help()})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})

@@ -1,7 +1,7 @@
 """Benchmark matrix: architecture x loss kernel x attention x precision x shape -> tok/s, memory, MFU, audit.
 
     python -m scripts.bench --depth 20 --device_batch_size 8,32 --max_seq_len 1024,2048 \\
-        --kernel current,liger,cce,triton --attn auto --precision bf16,fp8
+        --kernel torch,liger,cce,triton --attn auto --precision bf16,fp8
 
 Each combination runs in its own subprocess (`scripts.profile_kernels` in timing mode: real compiled
 training steps, forward + backward + optimizer, then a profiled step), so an OOM or a crash marks that
@@ -21,15 +21,18 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir
 from nanochat.flags import parse_flags
-from nanochat.precision import FP8_RECIPES_HELP
+from nanochat.kernels import LOSS_BACKENDS
+from nanochat.kernels.attention import ATTENTION_BACKENDS
+from nanochat.models import ARCHITECTURES
+from nanochat.precision import FP8_RECIPES
 from nanochat.runtime import setup_torch_env
 
 
 @dataclass
 class BenchConfig:
-    arch: list[str] = field(default_factory=lambda: ["gpt"], metadata={"help": "gpt, te"})
-    kernel: list[str] = field(default_factory=lambda: ["current"], metadata={"help": "loss backends"})
-    attn: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": "attention backends"})
+    arch: list[str] = field(default_factory=lambda: ["gpt"], metadata={"help": ARCHITECTURES.help()})
+    kernel: list[str] = field(default_factory=lambda: ["torch"], metadata={"help": LOSS_BACKENDS.help()})
+    attn: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": ATTENTION_BACKENDS.help()})
     precision: list[str] = field(default_factory=lambda: ["bf16"], metadata={"help": "bf16, fp8, nvfp4"})
     depth: list[int] = field(default_factory=lambda: [20], metadata={"help": "model depths (layers)"})
     device_batch_size: list[int] = field(default_factory=lambda: [32], metadata={"help": "rows per micro-batch"})
@@ -43,7 +46,7 @@ class BenchConfig:
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
     aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
-    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "fp8 recipes (an axis of fp8 rows): " + FP8_RECIPES_HELP})
+    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "an axis of fp8 rows; " + FP8_RECIPES.help()})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})

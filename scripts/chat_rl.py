@@ -72,7 +72,7 @@ class RLConfig:
                                                      "(all for a fresh run, those past --resume_from_step else)"})
     # runtime
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
-    kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
+    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
     seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
     run: str = field(default="", metadata={"help": RUN_HELP})
     tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})

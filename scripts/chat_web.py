@@ -16,6 +16,7 @@ import torch
 
 from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, log0
+from nanochat.engine import DECODE_ATTENTIONS, cast_params
 from nanochat.flags import parse_flags
 
 FLAG_ALIASES = {"-i": "source", "--tag": "model_tag"}
@@ -30,8 +31,7 @@ class WebConfig(ModelChoice):
     port: int = field(default=8000, metadata={"help": "TCP port"})
     slots: int = field(default=32, metadata={"help": "sequences decoded together per worker"})
     compile: bool = field(default=True, metadata={"help": "compiled decode step + CUDA graph (CUDA only)"})
-    attention: str = field(default="auto", metadata={"help": "decode attention: auto, torch (masked), triton "
-                                                             "(kernels.decode_attention) or triton_dot"})
+    attention: str = field(default="auto", metadata={"help": DECODE_ATTENTIONS.help()})
     kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache: half the bytes per step, read by a "
                                                           "decode kernel (not exact)"})
     max_messages: int = field(default=500, metadata={"help": "most messages a request may hold"})
@@ -51,7 +51,6 @@ class WebConfig(ModelChoice):
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(WebConfig, argv, description=__doc__, aliases=FLAG_ALIASES)
     from nanochat.checkpoint import load_model
-    from nanochat.engine import cast_params
     from nanochat.runtime import setup_torch_env
     from nanochat.web.app import Limits, create_app
     from nanochat.web.scheduler import BatchScheduler

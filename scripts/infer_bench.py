@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import compute_init, device_name, log0
+from nanochat.engine import DECODE_ATTENTIONS, Engine, resolve_decode_attention
 from nanochat.flags import parse_flags
 
 
@@ -39,9 +40,7 @@ class BenchConfig:
         "help": "distinct (a random prompt per row) and/or shared (all rows continue one prompt, stored once)"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the decode step"})
     cuda_graph: bool = field(default=True, metadata={"help": "replay the decode step as a CUDA graph"})
-    attention: str = field(default="auto", metadata={
-        "help": "decode attention: auto (the faster kernel on CUDA), torch (masked), triton (kernel) or triton_dot "
-                "(its tensor-core variant)"})
+    attention: str = field(default="auto", metadata={"help": DECODE_ATTENTIONS.help()})
     kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache (read by a decode kernel: attention auto on CUDA, triton or triton_dot)"})
     prefill_rows: int = field(default=8, metadata={"help": "prompts prefilled per forward pass (bounds the "
                                                            "[rows, T, vocab] logits)"})
@@ -193,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(BenchConfig, argv, description=__doc__)
     if unknown := set(cfg.prompts) - {"distinct", "shared"}:
         raise SystemExit(f"--prompts takes distinct and/or shared, got {sorted(unknown)}")
-    from nanochat.engine import Engine, resolve_decode_attention
     from nanochat.runtime import setup_torch_env
     from nanochat.tokenizer import SPECIAL_TOKENS
 

@@ -30,11 +30,12 @@ import torch
 from nanochat import kernels
 from nanochat.common import compute_init, device_name, peak_flops, peak_memory_gib, print0, synchronize
 from nanochat.flags import parse_flags
-from nanochat.gpt import config_from_depth, model_class
+from nanochat.gpt import config_from_depth
 from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
+from nanochat.models import ARCHITECTURES, model_class
 from nanochat.optim import build_optimizer
-from nanochat.precision import FP8_RECIPES_HELP, OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
+from nanochat.precision import FP8_RECIPES, OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
 from nanochat.runtime import apply_inductor_config, check_recompute, compile_model, default_compile
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
@@ -42,7 +43,7 @@ _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 
 @dataclass
 class ProfileConfig:
-    arch: str = field(default="gpt", metadata={"help": "gpt (ours) or te (Transformer Engine layers)"})
+    arch: str = field(default="gpt", metadata={"help": ARCHITECTURES.help()})
     depth: int = field(default=12, metadata={"help": "model depth (layers)"})
     aspect_ratio: int = field(default=64, metadata={
         "help": "width = depth * aspect_ratio (--depth 2 --aspect_ratio 768: two d24-wide layers, quick to compile)"})
@@ -54,10 +55,10 @@ class ProfileConfig:
     recipe: bool = field(default=True, metadata={"help": "the model and optimizer of scripts.base_train's defaults; "
                                                  "false: the plain GPT and optimizer"})
     recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block"})
-    kernel: str = field(default="current", metadata={"help": "loss backend: " + ",".join(kernels.LOSS_BACKENDS)})
-    attn: str = field(default="auto", metadata={"help": "attention backend: auto, fa3, cudnn, fa4, flex, sdpa"})
+    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
+    attn: str = field(default="auto", metadata={"help": attention_backends.ATTENTION_BACKENDS.help()})
     precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "fp8 recipe: " + FP8_RECIPES_HELP})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": FP8_RECIPES.help()})
     fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
     fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
     fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
@@ -187,7 +188,7 @@ def auto_expectations(cfg: ProfileConfig, model, device: torch.device) -> list[s
     matmul = [f"matmul={cfg.precision}"] if cfg.precision != "bf16" else []
     if cfg.precision == "fp8" and cfg.fp8_recipe in OUR_FP8_RECIPES:
         matmul.append("quantize/transpose=re:_fp8_cast_transpose_kernel")  # our casts, not Inductor's
-    return [f"loss={cfg.kernel}"] + attention + matmul
+    return [f"loss={kernels.LOSS_BACKENDS.canonical(cfg.kernel)}"] + attention + matmul
 
 
 def profile_torch(step, cfg: ProfileConfig, device: torch.device) -> list[tuple[str, float]]:

@@ -15,7 +15,7 @@ TINY = ["--device_type=cpu", "--depth=1", "--max_seq_len=32", "--device_batch_si
 
 def test_profile_kernels_cpu_smoke(capsys):
     out = profile_kernels.main([*TINY, "--steps=1", "--timed_steps=1", "--compile=false",
-                                "--expect=loss=current", "--expect=attention=cudnn"])
+                                "--expect=loss=torch", "--expect=attention=cudnn"])
     assert out["timing"]["tok_per_s"] > 0 and out["timing"]["step_ms"] > 0
     assert out["groups"] and abs(sum(out["groups"].values()) - 1.0) < 1e-3
     # on the CPU the "kernels" are aten ops: the loss one is recognised, a GPU attention kernel is not there
@@ -25,13 +25,13 @@ def test_profile_kernels_cpu_smoke(capsys):
 
 
 def test_bench_marks_a_crashed_row_and_goes_on(tmp_path):
-    result = bench.main([*TINY, "--kernel=current,no_such_kernel", "--steps=1", f"--out_dir={tmp_path}"])
+    result = bench.main([*TINY, "--kernel=torch,no_such_kernel", "--steps=1", f"--out_dir={tmp_path}"])
     ok, bad = result["rows"]
     assert ok["status"] == "ok" and ok["tok_per_s"] > 0, ok
     assert "tok_per_s" not in bad and "no_such_kernel" in bad["status"], bad["status"]
     table = (tmp_path / "bench.md").read_text()
     assert table.count("\n") == 4 and "no_such_kernel" in table
-    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["kernel"] == "current"
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["kernel"] == "torch"
     assert (tmp_path / "row0.log").is_file() and (tmp_path / "row1.log").is_file()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "bench.png").stat().st_size > 1000
@@ -65,10 +65,10 @@ TINY_GRADS = ["--device_type=cpu", "--depth=1", "--max_seq_len=32", "--device_ba
 
 
 def test_train_grads_check_passes_the_triton_kernel(monkeypatch):
-    """In the Triton interpreter (fp32 on the CPU) our kernel's whole-model gradients equal `current`'s."""
+    """In the Triton interpreter (fp32 on the CPU) our kernel's whole-model gradients equal `torch`'s."""
     from benchmarks import check_train_grads
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    result = check_train_grads.main([*TINY_GRADS, "--kernels=current,triton"])
+    result = check_train_grads.main([*TINY_GRADS, "--kernels=torch,triton"])
     assert result["failed"] == 0
     assert all(row["triton"]["grad_err"] < 1e-4 and abs(row["triton"]["loss_diff"]) < 1e-5 for row in result["rows"])
     assert all(row["triton"]["sign_flips"] == 0.0 for row in result["rows"])  # fp32: no element changes sign
@@ -76,22 +76,20 @@ def test_train_grads_check_passes_the_triton_kernel(monkeypatch):
 
 def test_train_grads_check_fails_a_kernel_with_wrong_gradients(monkeypatch):
     """A backend whose logits come out 1.1x too large fails the check at every step."""
-    import sys
-    import types
-
     from benchmarks import check_train_grads
     from nanochat import kernels
-    from nanochat.kernels import loss_current
+    from nanochat.kernels.loss_torch import TorchLoss
 
-    skewed = types.ModuleType("skewed_loss_backend")
-    skewed.is_available = lambda: (True, "ok")
-    skewed.fused_linear_cross_entropy = lambda h, w, t, **kw: loss_current.fused_linear_cross_entropy(h, 1.1 * w, t, **kw)
-    monkeypatch.setitem(sys.modules, "skewed_loss_backend", skewed)
-    monkeypatch.setitem(kernels.LOSS_BACKENDS, "skewed", "skewed_loss_backend")
-    result = check_train_grads.main([*TINY_GRADS, "--kernels=current,skewed"])
+    class Skewed(TorchLoss):
+        name = "skewed"
+
+        def fused_linear_cross_entropy(self, h, w, t, **kw):
+            return super().fused_linear_cross_entropy(h, 1.1 * w, t, **kw)
+    monkeypatch.setitem(kernels.LOSS_BACKENDS, "skewed", Skewed())
+    result = check_train_grads.main([*TINY_GRADS, "--kernels=torch,skewed"])
     assert result["failed"] == 2 and all(not row["skewed"]["ok"] for row in result["rows"])
     assert all(row["skewed"]["sign_flips"] > 0 for row in result["rows"])
-    kernels.set_kernel_backend("current")
+    kernels.set_kernel_backend("torch")
 
 
 def test_compile_mode_reaches_the_model_and_unknown_modes_are_refused(monkeypatch):

@@ -179,7 +179,7 @@ def test_shared_prompt_arguments(tok, model):
 
 
 def test_decoder_attention_arguments(model):
-    with pytest.raises(ValueError, match="attention must be"):
+    with pytest.raises(ValueError, match="unknown decode attention 'flash'; choose one of: auto, triton_dot, triton, torch"):
         StaticDecoder(model, slots=1, max_seq_len=16, attention="flash")
     with pytest.raises(ValueError, match="attention='triton'"):
         StaticDecoder(model, slots=1, max_seq_len=16, kv_fp8=True)  # auto on the CPU is the torch path

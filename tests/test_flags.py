@@ -48,8 +48,8 @@ def test_bool_with_underscore_negation():
 
 
 def test_lists_and_none():
-    cfg = parse_flags(Config, ["--kernel=current,liger", "--batch-sizes=8,32"])
-    assert cfg.kernel == ["current", "liger"] and cfg.batch_sizes == [8, 32]
+    cfg = parse_flags(Config, ["--kernel=torch,liger", "--batch-sizes=8,32"])
+    assert cfg.kernel == ["torch", "liger"] and cfg.batch_sizes == [8, 32]
     assert parse_flags(Config, ["--max_seq_len=none"]).max_seq_len is None
 
 

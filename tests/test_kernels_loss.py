@@ -135,7 +135,7 @@ def test_unknown_backend_lists_the_names():
         kernels.set_kernel_backend("no-such-kernel")
     for name in kernels.LOSS_BACKENDS:
         assert name in str(info.value)
-    assert kernels.get_kernel_backend() == "current", "a failed switch leaves the backend as it was"
+    assert kernels.get_kernel_backend() == "torch", "a failed switch leaves the backend as it was"
 
 
 @pytest.mark.parametrize("name", ["liger", "cce"])
@@ -151,7 +151,7 @@ def test_unavailable_backend_names_the_pip_extra(name):
 def test_available_backends_gives_a_reason_for_each_unavailable_one():
     table = kernels.available_backends()
     assert set(table) == set(kernels.LOSS_BACKENDS)
-    assert table["current"][0] is True
+    assert table["torch"][0] is True
     for name, (ok, reason) in table.items():
         assert isinstance(ok, bool) and isinstance(reason, str) and reason, name
 
@@ -171,15 +171,18 @@ def test_backend_in_use_is_logged_once():
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        kernels.set_kernel_backend("current")
+        kernels.set_kernel_backend("torch")
         hidden, weight, targets = make_inputs(8, 8, 16, torch.float32)
         for _ in range(3):
             kernels.fused_linear_cross_entropy(hidden, weight, targets)
+        kernels.set_kernel_backend("current")  # the old name of torch: accepted, and the log says so
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     lines = [m for m in handler.messages if "backend" in m]
-    assert len(lines) == 1 and "current" in lines[0], handler.messages
+    assert lines == ["loss kernel backend: torch", "loss backend 'current' is an old name of 'torch': using torch",
+                     "loss kernel backend: torch"], handler.messages
+    assert kernels.get_kernel_backend() == "torch"
 
 
 @pytest.mark.parametrize("softcap", [None, SOFTCAP])

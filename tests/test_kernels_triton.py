@@ -147,7 +147,7 @@ def test_bad_input_names_the_problem():
 
 
 def test_is_available_under_interpreter():
-    ok, reason = loss_triton.is_available()
+    ok, reason = loss_triton.TritonLoss().is_available()
     assert ok, reason
 
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.gpt import GPT, config_from_depth, model_class, rotary_tables
+from nanochat.gpt import GPT, config_from_depth, rotary_tables
+from nanochat.gpt_te import TEGPT
+from nanochat.models import model_class
+from nanochat.registry import BackendUnavailable
 from nanochat.kernels import audit
 from nanochat.precision import (OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights, check_precision,
                                 convert_to_fp8, fp8_eligible)
@@ -153,11 +156,12 @@ def test_fp8_lm_head_on_our_gpt_says_why_not():
 def test_tegpt_without_te_names_package_and_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
-    cls = model_class("te")
-    with pytest.raises(ImportError) as err:
-        cls(config_from_depth(2, vocab_size=500, sequence_len=32))
-    msg = str(err.value)
-    assert "transformer_engine" in msg and "pip install" in msg and "transformer-engine" in msg
+    with pytest.raises(BackendUnavailable) as err:
+        model_class("te")  # --arch te fails before any model is built
+    with pytest.raises(ImportError) as err_direct:
+        TEGPT(config_from_depth(2, vocab_size=500, sequence_len=32))
+    for msg in (str(err.value), str(err_direct.value)):
+        assert "transformer_engine" in msg and "pip install" in msg and "transformer-engine" in msg
 
 
 def test_te_helpers_match_our_gpt():
@@ -198,7 +202,7 @@ def test_flags_parse_and_pass_through(monkeypatch):
         ("te", "fp8", "rowwise", 256, True)
     bench = parse_flags(BenchConfig, ["--precision=bf16,fp8", "--fp8_recipe=rowwise", "--fp8_min_dim=512",
                                       "--fp8_fast_accum", "--fp8_skip=*.attn.c_proj,*.c_q"])
-    argv = row_argv(bench, {"arch": "gpt", "kernel": "current", "attn": "auto", "precision": "fp8", "depth": 4,
+    argv = row_argv(bench, {"arch": "gpt", "kernel": "torch", "attn": "auto", "precision": "fp8", "depth": 4,
                             "device_batch_size": 2, "max_seq_len": 64, "window_pattern": "L"})
     prof = parse_flags(ProfileConfig, argv)
     assert (prof.precision, prof.fp8_recipe, prof.fp8_min_dim, prof.fp8_lm_head, prof.fp8_fast_accum, prof.fp8_skip) == \
@@ -212,10 +216,11 @@ def test_auto_expectations_add_fp8_gemms(monkeypatch):
     model = type("M", (), {"windows": [None, 512]})()
     cuda = torch.device("cuda")
     assert auto_expectations(ProfileConfig(precision="fp8"), model, cuda) == \
-        ["loss=current", "attention=cudnn", "matmul=fp8"]
-    assert auto_expectations(ProfileConfig(), model, cuda) == ["loss=current", "attention=cudnn"]
+        ["loss=torch", "attention=cudnn", "matmul=fp8"]
+    assert auto_expectations(ProfileConfig(), model, cuda) == ["loss=torch", "attention=cudnn"]
+    assert auto_expectations(ProfileConfig(kernel="current"), model, cuda)[0] == "loss=torch"  # the old name
     assert auto_expectations(ProfileConfig(arch="te", precision="nvfp4"), model, cuda) == \
-        ["loss=current", "matmul=nvfp4"]
+        ["loss=torch", "matmul=nvfp4"]
     assert auto_expectations(ProfileConfig(precision="fp8"), model, CPU) == []
 
 

@@ -6,10 +6,10 @@ Semantics, identical on every backend: query i attends to key j iff j <= i and, 
 int, i - j < window (the window counts the query's own position). `window=None` is full causal.
 Hkv must divide H (grouped-query attention). The softmax scale is 1/sqrt(D).
 
-A backend is one class with `is_available() -> (bool, reason)`, `supports(window, dtype, device)`
-(may it compute this layer correctly?) and `attend(q, k, v, window)`, plus one line in
-ATTENTION_BACKENDS. The registry order is auto's preference order: auto takes, per layer, the first
-backend that is available and supports the layer.
+A backend is one class (nanochat.registry.Backend) with `is_available() -> (bool, reason)`,
+`supports(window, dtype, device)` (may it compute this layer correctly?) and `attend(q, k, v, window)`,
+plus one line in ATTENTION_BACKENDS. The registry order is auto's preference order: auto takes, per
+layer, the first backend that is available and supports the layer.
 
 With a KV cache (inference), this step's k/v are written at cache positions [pos, pos + T) and the
 queries attend over [0, pos + T) with the same mask, shifted by pos; the caller advances `pos`
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.common import log0
-from nanochat.kernels import BackendUnavailable
+from nanochat.registry import Backend, BackendUnavailable, Registry  # noqa: F401 -- BackendUnavailable: public
 
 try:  # FlexAttention arrived in torch 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -83,16 +83,10 @@ def _first(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
 
-class SDPABackend:
+class SDPABackend(Backend):
     """Portable PyTorch SDPA: is_causal for full windows, an explicit boolean mask for sliding ones."""
 
-    name = "sdpa"
-
-    def is_available(self) -> tuple[bool, str]:
-        return True, "ok"
-
-    def supports(self, window: int | None, dtype: torch.dtype, device: torch.device) -> bool:
-        return True
+    name, summary = "sdpa", "PyTorch SDPA, any device"
 
     def attend(self, q, k, v, window):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -106,10 +100,10 @@ class SDPABackend:
         return y.transpose(1, 2)
 
 
-class CudnnBackend:
+class CudnnBackend(Backend):
     """SDPA pinned to cuDNN's fused attention: the fastest full-causal kernel on Hopper in torch."""
 
-    name = "cudnn"
+    name, summary = "cudnn", "SDPA on cuDNN, full causal"
 
     def is_available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -157,10 +151,10 @@ def _flex_fn(device: torch.device):
     return _COMPILED_FLEX
 
 
-class FlexBackend:
+class FlexBackend(Backend):
     """FlexAttention with a causal+sliding-window BlockMask: cost scales with the window, not T."""
 
-    name = "flex"
+    name, summary = "flex", "FlexAttention, CUDA"
 
     def is_available(self) -> tuple[bool, str]:
         return flex_attention is not None, _FLEX_REASON
@@ -190,7 +184,7 @@ def _import_fa3() -> tuple[Any, str]:
 _FA3, _FA3_REASON = _import_fa3()
 
 
-class FA3Backend:
+class FA3Backend(Backend):
     """FlashAttention-3 (Hopper): native [B, T, H, D] layout, native GQA and sliding windows.
 
     PyTorch's own FA3 route (torch.nn.attention.activate_flash_attention_impl("FA3")) loads this same
@@ -198,7 +192,7 @@ class FA3Backend:
     the module directly is both simpler and more capable.
     """
 
-    name = "fa3"
+    name, summary = "fa3", "FlashAttention-3, Hopper"
     _available: tuple[bool, str] | None = None
 
     def is_available(self) -> tuple[bool, str]:
@@ -312,13 +306,13 @@ def _fa4_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-class FA4Backend:
+class FA4Backend(Backend):
     """FlashAttention-4 (CuTe DSL, sm90+): native [B, T, H, D] layout, GQA and sliding windows, forward and
     backward. Each kernel configuration is JIT-compiled on first use (tens of seconds; one config serves every
     window size: the window is a runtime argument). Decode keeps the split-K kernels: FA4 has no kernel that
     appends to a KV cache, and on sm90 no split-KV either."""
 
-    name = "fa4"
+    name, summary = "fa4", "FlashAttention-4, sm90+"
     _available: tuple[bool, str] | None = None
 
     def is_available(self) -> tuple[bool, str]:
@@ -342,13 +336,13 @@ class FA4Backend:
 
 
 # name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
-ATTENTION_BACKENDS: dict[str, Any] = {
-    "fa3": FA3Backend(),
-    "fa4": FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.51x flex's (BENCHMARKS.md, attention)
-    "cudnn": CudnnBackend(),
-    "flex": FlexBackend(),
-    "sdpa": SDPABackend(),
-}
+ATTENTION_BACKENDS = Registry("attention backend", "--attn", [
+    FA3Backend(),
+    FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.51x flex's (BENCHMARKS.md, attention)
+    CudnnBackend(),
+    FlexBackend(),
+    SDPABackend(),
+], auto=True)
 
 _CHOICES: dict[tuple, str] = {}
 _LOGGED: set[tuple] = set()
@@ -366,20 +360,10 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
-    if backend != "auto":
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; "
-                             f"choose one of: auto, {', '.join(ATTENTION_BACKENDS)}")
-        ok, reason = ATTENTION_BACKENDS[backend].is_available()
-        if not ok:
-            raise BackendUnavailable(f"attention backend {backend!r} unavailable: {reason}")
-    if backend != "auto" and ATTENTION_BACKENDS[backend].supports(window, dtype, device):
+    if backend != "auto" and ATTENTION_BACKENDS.require(backend).supports(window, dtype, device):
         choice = backend
     else:
-        choice = next(
-            name for name, b in ATTENTION_BACKENDS.items()
-            if b.supports(window, dtype, device) and b.is_available()[0]  # no probe where it could not serve
-        )
+        choice = ATTENTION_BACKENDS.pick(window, dtype, device)  # sdpa serves every layer
     _CHOICES[key] = choice
     return choice
 

@@ -71,7 +71,7 @@ BACKEND_PATTERNS: dict[str, dict[str, str]] = {
         "liger": r"liger_cross_entropy_kernel",
         "cce": r"_cce_lse_forward_kernel|_cce_backward_kernel",
         "triton": r"ce_rows_kernel|logits_exp_kernel",  # split mode | fused mode
-        "current": r"nll_loss|log_softmax|cunn_SoftMax",
+        "torch": r"nll_loss|log_softmax|cunn_SoftMax",
     },
     "matmul": {
         "nvjet": r"nvjet",

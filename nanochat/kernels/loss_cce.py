@@ -19,26 +19,32 @@ from __future__ import annotations
 
 import torch
 
-from nanochat.kernels import compute_dtype, gpu_package_status, mean_over_valid
+from nanochat.kernels.loss_torch import compute_dtype, mean_over_valid
+from nanochat.registry import Backend, package_status
 
 
-def is_available() -> tuple[bool, str]:
-    return gpu_package_status("cut_cross_entropy", "cut-cross-entropy")
+class CCELoss(Backend):
+    name, summary = "cce", "Apple's Cut Cross-Entropy, CUDA, bf16/fp16"
 
+    def is_available(self) -> tuple[bool, str]:
+        return package_status("cut_cross_entropy", "cut-cross-entropy", "pip install 'nanochat[gpu]'", cuda=True)
 
-@torch.compiler.disable  # its autograd.Function syncs with the host and launches raw Triton kernels: run it eagerly
-def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, softcap=None, reduction="mean"):
-    from cut_cross_entropy import linear_cross_entropy
+    def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
-    dtype = compute_dtype(hidden, weight)
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the cce loss backend needs bf16/fp16 inputs, got {dtype}: run the model under "
-                         "torch.autocast(dtype=torch.bfloat16) or choose --kernel current")
-    # The backward kernel allocates dW like the weight and asserts equal strides: keep it dense.
-    hidden, weight = hidden.to(dtype), weight.to(dtype).contiguous()
-    if reduction != "mean":
-        return linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap,
-                                    reduction=reduction)
-    total = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap,
-                                 reduction="sum")
-    return mean_over_valid(total, targets, ignore_index)
+    @torch.compiler.disable  # its autograd.Function syncs with the host and launches raw Triton kernels: run it eagerly
+    def fused_linear_cross_entropy(self, hidden, weight, targets, *, ignore_index=-1, softcap=None, reduction="mean"):
+        from cut_cross_entropy import linear_cross_entropy
+
+        dtype = compute_dtype(hidden, weight)
+        if not self.supports(dtype, hidden.device):
+            raise ValueError(f"the cce loss backend needs bf16/fp16 inputs on CUDA, got {dtype} on {hidden.device}: "
+                             "run the model on the GPU under torch.autocast(dtype=torch.bfloat16) or choose --kernel torch")
+        # The backward kernel allocates dW like the weight and asserts equal strides: keep it dense.
+        hidden, weight = hidden.to(dtype), weight.to(dtype).contiguous()
+        if reduction != "mean":
+            return linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap,
+                                        reduction=reduction)
+        total = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap,
+                                     reduction="sum")
+        return mean_over_valid(total, targets, ignore_index)

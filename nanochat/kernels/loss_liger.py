@@ -15,23 +15,29 @@ from __future__ import annotations
 
 import torch
 
-from nanochat.kernels import compute_dtype, gpu_package_status
+from nanochat.kernels.loss_torch import compute_dtype
+from nanochat.registry import Backend, package_status
 
 
-def is_available() -> tuple[bool, str]:
-    return gpu_package_status("liger_kernel", "liger-kernel")
+class LigerLoss(Backend):
+    name, summary = "liger", "liger-kernel, CUDA"
 
+    def is_available(self) -> tuple[bool, str]:
+        return package_status("liger_kernel", "liger-kernel", "pip install 'nanochat[gpu]'", cuda=True)
 
-@torch.compiler.disable  # its autograd.Function syncs with the host and launches raw Triton kernels: run it eagerly
-def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, softcap=None, reduction="mean"):
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return device.type == "cuda"
 
-    dtype = compute_dtype(hidden, weight)
-    # Liger multiplies hidden and weight directly: they must share a dtype (casts are differentiable).
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    # Positional arguments, stable across liger versions: input, weight, target, bias, ce_weight,
-    # ignore_index, lse_square_scale, label_smoothing, reduction, softcap.
-    out = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, reduction, softcap)
-    # Newer versions return (loss, z_loss, token_accuracy, ...); older ones the loss alone.
-    return out[0] if isinstance(out, tuple) else out
+    @torch.compiler.disable  # its autograd.Function syncs with the host and launches raw Triton kernels: run it eagerly
+    def fused_linear_cross_entropy(self, hidden, weight, targets, *, ignore_index=-1, softcap=None, reduction="mean"):
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        dtype = compute_dtype(hidden, weight)
+        # Liger multiplies hidden and weight directly: they must share a dtype (casts are differentiable).
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        # Positional arguments, stable across liger versions: input, weight, target, bias, ce_weight,
+        # ignore_index, lse_square_scale, label_smoothing, reduction, softcap.
+        out = LigerFusedLinearCrossEntropyFunction.apply(
+            hidden, weight, targets, None, None, ignore_index, 0.0, 0.0, reduction, softcap)
+        # Newer versions return (loss, z_loss, token_accuracy, ...); older ones the loss alone.
+        return out[0] if isinstance(out, tuple) else out

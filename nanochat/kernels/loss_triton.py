@@ -26,13 +26,13 @@ shapes. The work is a `torch.library` custom op, opaque to torch.compile and cap
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
-from nanochat.kernels import compute_dtype
+from nanochat.kernels.loss_torch import compute_dtype
+from nanochat.registry import Backend, package_status
 
 GIB = 1024**3
 
@@ -58,16 +58,6 @@ class TritonCEConfig:
 CONFIG = TritonCEConfig()
 
 
-def is_available() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed: pip install 'nanochat[gpu]' (or pip install triton)"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, "ok (Triton CPU interpreter)"
-    if not torch.cuda.is_available():
-        return False, "needs a CUDA GPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)"
-    return True, "ok"
-
-
 def _kernels():
     # imported on first use, not at import: triton.jit picks the interpreter from TRITON_INTERPRET at
     # decoration time, and the registry imports every backend just to list them
@@ -75,8 +65,13 @@ def _kernels():
     return triton_ce
 
 
+def runs_on(device: torch.device) -> bool:
+    """CUDA, or any device under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not runs_on(t.device):
         raise ValueError(f"the triton loss backend runs on CUDA tensors, got {t.device}; "
                          "move the model to the GPU or set TRITON_INTERPRET=1 (slow CPU interpreter)")
 
@@ -351,3 +346,21 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, soft
         hidden.contiguous(), weight.contiguous(), targets.reshape(-1).long().contiguous(),
         int(ignore_index), None if softcap is None else float(softcap), reduction, need_dh, need_dw)
     return loss
+
+
+class TritonLoss(Backend):
+    name, summary = "triton", "ours, chunked; CUDA, or TRITON_INTERPRET=1 on the CPU"
+    fused_linear_cross_entropy = staticmethod(fused_linear_cross_entropy)
+
+    def is_available(self) -> tuple[bool, str]:
+        ok, reason = package_status("triton", "triton", "pip install 'nanochat[gpu]' (or pip install triton)")
+        if not ok:
+            return ok, reason
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "ok (Triton CPU interpreter)"
+        if not torch.cuda.is_available():
+            return False, "needs a CUDA GPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)"
+        return True, "ok"
+
+    def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return runs_on(device)
