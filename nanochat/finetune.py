@@ -1,22 +1,26 @@
 """The start and the checkpoints shared by the fine-tuning scripts (scripts/chat_sft.py, chat_rl.py).
 
 Both load a model of an earlier phase, keep its tag (so sft/d20 and rl/d20 descend from base/d20),
-train it with the pretraining LRs scaled down by --init_lr_frac, and resume from their own phase's
-checkpoints. `start_finetune` does those steps once for both; `FineTune.save` writes the checkpoint
-meta both phases share, plus each phase's own entries, and `FineTune.finish` their report section.
+train it with nanochat's learning rates scaled down by --init_lr_frac, and resume from their own phase's
+checkpoints. `FineTuneFlags` declares the flags both share; `start_finetune` does those steps once for
+both; `FineTune.save` writes the checkpoint meta both phases share, plus each phase's own entries, and
+`FineTune.finish` their report section.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from nanochat.build import BuildConfig
 from nanochat.checkpoint import run_checkpoint_dir, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import autocast_precision, get_rank, log0
+from nanochat.flags import redeclare
 from nanochat.optim import build_optimizer
+from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP
 
 if TYPE_CHECKING:
     from nanochat.gpt import GPT
@@ -25,9 +29,37 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class FineTuneFlags:
+    """The flags of chat_sft and chat_rl alike: the checkpoint to start from, the optimizer, the run's own
+    checkpoints and runtime. The learning rates are nanochat's own (build_optimizer's defaults), not the
+    pretraining recipe's (BuildConfig: measured for base training only), times --init_lr_frac."""
+    source: str = field(default="base", metadata={"help": "checkpoint phase to start from: base, sft or rl"})
+    model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
+    step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
+    model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
+                                                     "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
+    matrix_lr: float = redeclare(BuildConfig, "matrix_lr", 0.02)
+    embedding_lr: float = redeclare(BuildConfig, "embedding_lr", 0.2)
+    unembedding_lr: float = redeclare(BuildConfig, "unembedding_lr", 0.004)
+    scalar_lr: float = redeclare(BuildConfig, "scalar_lr", 0.5)
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
+    init_lr_frac: float = field(default=0.02, metadata={"help": "every LR above is multiplied by this"})
+    keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})
+    resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved step of this phase; "
+                                                                "-1 = fresh run"})
+    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
+                                                     "(all for a fresh run, those past --resume_from_step else)"})
+    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
+    kernel: str = redeclare(BuildConfig, "kernel", "torch")
+    seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
+    run: str = field(default="", metadata={"help": RUN_HELP})
+    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
+
+
+@dataclass
 class FineTune:
     """A fine-tuning run's model, optimizer and where it saves; `step` > 0 when it resumed."""
-    cfg: Any                   # the script's flags: source, model, model_tag, step, *_lr, init_lr_frac, keep_last, ...
+    cfg: FineTuneFlags         # the script's flags
     model: "GPT"               # in train mode; the uncompiled module (what checkpoints hold)
     tokenizer: "Tokenizer"
     source_meta: dict          # meta.json of the checkpoint fine-tuned from
@@ -74,7 +106,7 @@ def output_tag(model_tag: str, source_meta: dict, n_layer: int) -> str:
         or f"d{n_layer}"
 
 
-def start_finetune(cfg: Any, phase: str, device: torch.device, rank: int = 0) -> FineTune:
+def start_finetune(cfg: FineTuneFlags, phase: str, device: torch.device, rank: int = 0) -> FineTune:
     """Load `cfg.source`'s checkpoint, build the scaled-LR optimizer, and resume from
     checkpoints/<phase>/<tag>/step_<cfg.resume_from_step> when that flag is >= 0."""
     model, tokenizer, source_meta = load_model(cfg.source, device, cfg.model_tag or None, cfg.step,

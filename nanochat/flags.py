@@ -4,6 +4,10 @@ Each field `foo_bar` is accepted as `--foo_bar` and `--foo-bar`, with `=value` o
 Booleans also take `--flag` / `--no-flag`. `list[...]` fields take comma-separated values.
 A field's help text is its `metadata["help"]`; `--help` adds the default unless the text already says it
 (or the default is "", which the text explains: off, none, automatic).
+
+Scripts share flags by deriving their dataclass from a shared one (nanochat.build.BuildConfig,
+nanochat.checkpoint.ModelChoice); `redeclare` gives a shared field another default or makes it a list
+(a benchmark axis), and `to_argv` writes a config back as flags for a child process.
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ def build_parser(config_cls: type, description: str | None = None,
         if "default" not in help_text and default != "":  # an empty default is off/none, which the help says
             help_text = f"{help_text} (default: {default})".lstrip()
         if _strip_optional(tp)[0] is bool:
-            parser.add_argument(*names, dest=field.name, type=_parse_bool, nargs="?", const=True,
+            parser.add_argument(*names, dest=field.name, type=_converter(tp), nargs="?", const=True,
                                 default=default, help=help_text)
             negs = [f"--no-{field.name.replace('_', '-')}"]
             if "_" in field.name:
@@ -86,6 +90,32 @@ def build_parser(config_cls: type, description: str | None = None,
         else:
             parser.add_argument(*names, dest=field.name, type=_converter(tp), default=default, help=help_text)
     return parser
+
+
+def redeclare(config_cls: type, name: str, default: Any, help: str | None = None) -> Any:
+    """Field `name` of the flags dataclass `config_cls` with another default and the same help (or `help`), for
+    a script whose dataclass derives from `config_cls`: `depth: int = redeclare(BuildConfig, "depth", 12)`.
+    A list default of a scalar field makes the flag an axis of values: `depth: list[int] = redeclare(..., [20])`."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if name not in fields:
+        raise ValueError(f"{config_cls.__name__} has no field {name!r} to redeclare")
+    text = fields[name].metadata.get("help", "") if help is None else help
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+def to_argv(config: Any, names: list[str] | None = None) -> list[str]:
+    """`--name=value` for the fields `names` (default: all) of a flags dataclass instance, written so that
+    parse_flags reads the same values back (None as none, lists comma-separated)."""
+    def text(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    names = [f.name for f in dataclasses.fields(config)] if names is None else names
+    return [f"--{name}={text(getattr(config, name))}" for name in names]
 
 
 def parse_flags(config_cls: type[T], argv: list[str] | None = None, description: str | None = None,

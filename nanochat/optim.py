@@ -370,8 +370,9 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: 
     768 and AdamW's per-element step should shrink as the model widens. Narrower models keep the 768 rates
     (scaled up, the tuned rates made d2-d4 CPU runs at a 512-token batch spike). weight_decay is Muon's (cautious);
     adam_groups="tuned" also gives each AdamW kind its own betas and weight decay. muon_beta2 > 0 turns on
-    Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step. Under torch.distributed (world size > 1) step() synchronizes gradients
-    itself (do not wrap the model in DDP); shard=True also splits the optimizer state and work across ranks.
+    Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step. Under
+    torch.distributed (world size > 1) step() synchronizes gradients itself (do not wrap the model in DDP);
+    shard=True also splits the optimizer state and work across ranks.
     """
     if adam_groups not in ADAM_GROUPS:
         raise ValueError(f"adam_groups must be one of {', '.join(ADAM_GROUPS)}, got {adam_groups!r}")

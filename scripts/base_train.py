@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanochat import kernels
+from nanochat.build import BuildConfig, build
 from nanochat.checkpoint import claim_checkpoint_dir, load_checkpoint, run_checkpoint_dir, save_checkpoint
 from nanochat.common import (
     compute_cleanup, compute_init, device_name, log0, peak_flops, peak_memory_gib, print0,
@@ -36,40 +36,17 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT, GPTConfig, config_from_depth
-from nanochat.kernels.attention import ATTENTION_BACKENDS
-from nanochat.models import ARCHITECTURES, model_class
-from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_multiplier
-from nanochat.precision import FP8_RECIPES, apply_precision, cache_low_precision_weights, check_precision
-from nanochat.runtime import check_recompute, compile_model, default_compile, setup_torch_env
+from nanochat.gpt import GPT
+from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.precision import check_precision
+from nanochat.runtime import setup_torch_env
 from nanochat.progress import progress_bar
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
 from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
 
 
 @dataclass
-class TrainConfig:
-    # model
-    arch: str = field(default="gpt", metadata={"help": ARCHITECTURES.help()})
-    depth: int = field(default=20, metadata={"help": "number of layers; width = depth * aspect_ratio"})
-    aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio, rounded up to head_dim"})
-    head_dim: int = field(default=128, metadata={"help": "channels per attention head"})
-    max_seq_len: int | None = field(default=None, metadata={"help": "context length (default 2048; 512 on CPU)"})
-    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = short_window)"})
-    short_window: int | None = field(default=None, metadata={"help": "the S window in tokens (default: a quarter "
-                                                             "of the context, rounded up to 128)"})
-    n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
-    value_embeds: bool = field(default=True, metadata={"help": "value embeddings on alternating layers"})
-    value_embed_gate: str = field(default="input", metadata={"help": "their gate: input (from the block input) or scalar"})
-    smear: bool = field(default=True, metadata={"help": "mix the previous token's embedding in through a gate"})
-    backout: bool = field(default=True, metadata={"help": "subtract a learned part of the mid-depth residual at the end"})
-    qk_scale: float = field(default=1.2, metadata={"help": "q and k times this after QK-norm"})
-    rope_base: float = field(default=100_000.0, metadata={"help": "rotary base frequency"})
-    unet_skips: bool = field(default=False, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
-    init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
-    c_fc_init_scale: float = field(default=0.4, metadata={"help": "the MLP input matrix's initial scale factor"})
-    embedding_init_std: float = field(default=0.8, metadata={"help": "initial std of the token embedding"})
-    recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block (memory for compute)"})
+class TrainConfig(BuildConfig):
     # batch and horizon
     device_batch_size: int | None = field(default=None, metadata={"help": "rows per device per micro-step (default 32; 1 on CPU)"})
     total_batch_size: int | None = field(default=None, metadata={"help": "tokens per optimizer step (default: from the "
@@ -82,21 +59,8 @@ class TrainConfig:
                                                                    "lm_head parameter"})
     split_long_docs: bool = field(default=True, metadata={"help": "split documents longer than a row into pieces "
                                                           "(else crop them to one row)"})
-    # optimizer and schedule (learning rates and weight decay at the d12 reference batch; see the docstring)
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate"})
-    embedding_lr: float = field(default=0.3, metadata={"help": "AdamW rate of the token (and value) embeddings"})
-    unembedding_lr: float = field(default=0.008, metadata={"help": "AdamW rate of lm_head"})
-    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW rate of the per-layer scalars"})
-    weight_decay: float = field(default=0.28, metadata={"help": "Muon's cautious weight decay at d12 (scaled with "
-                                                        "batch and horizon)"})
+    # schedule (the learning rates and weight decay it scales: BuildConfig's, at the d12 reference batch)
     wd_schedule: str = field(default="cosine", metadata={"help": "Muon's weight decay over the run: cosine (to 0) or constant"})
-    adam_groups: str = field(default="tuned", metadata={"help": "AdamW settings: tuned (per-kind betas, rates, decay) "
-                                                        "or uniform"})
-    muon_beta2: float = field(default=0.9, metadata={"help": "Muon's per-neuron normalization EMA (NorMuon); 0 = off"})
-    muon_row_equilibrate: bool = field(default=True, metadata={"help": "Muon: rescale the momentum's rows to their "
-                                                               "mean norm before orthogonalizing (MuonEq)"})
-    muon_renorm: bool = field(default=True, metadata={"help": "Muon: rescale each orthogonalized update to the norm "
-                                                      "of a semi-orthogonal matrix (Muon+)"})
     muon_momentum_warmup: int = field(default=400, metadata={"help": "steps of Muon momentum 0.85 -> its peak"})
     muon_momentum_peak: float = field(default=0.97, metadata={"help": "Muon momentum after its warmup"})
     muon_momentum_final: float | None = field(default=0.90, metadata={"help": "Muon momentum at the end of the LR "
@@ -105,7 +69,6 @@ class TrainConfig:
                                                                  "sqrt(total_batch_size / 2^19))"})
     weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
                                                                      "sqrt(batch / 2^19) x d12 horizon / horizon)"})
-    shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear LR warmup"})
     warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the steps the LR decays over, at the end"})
     final_lr_frac: float = field(default=0.05, metadata={"help": "the LR at the end, as a fraction of its peak"})
@@ -123,16 +86,6 @@ class TrainConfig:
     data_dir: str = field(default="", metadata={"help": "shards folder (default: base dir, then ../shared/data/pretrain)"})
     tokenizer_dir: str = field(default="", metadata={"help": "the tokenizer to train with (default <base dir>/tokenizer)"})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
-    compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
-    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
-    attn: str = field(default="auto", metadata={"help": ATTENTION_BACKENDS.help()})
-    precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao, Hopper+) or nvfp4 (--arch te, Blackwell)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": FP8_RECIPES.help()})
-    fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
-    fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
-    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
-    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
     seed: int = field(default=42, metadata={"help": "seed of the initial weights"})
     run: str = field(default="", metadata={"help": RUN_HELP})
     tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
@@ -155,9 +108,7 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
     if cfg.eval_tokens is None:  # a GPU evaluates 5M tokens in seconds; a CPU takes minutes for 8 rows
         cfg.eval_tokens = 8 * cfg.device_batch_size * cfg.max_seq_len * world_size if on_cpu else 10 * 524288
         filled.append("eval_tokens")
-    if cfg.compile is None:
-        cfg.compile = default_compile(device_type, cfg.arch)
-    check_recompute(cfg.recompute, cfg.compile)
+    cfg.resolve_compile(device_type)
     if not cfg.model_tag:
         cfg.model_tag = f"d{cfg.depth}"
     if on_cpu and filled:
@@ -168,23 +119,10 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
 
 
-def recipe_config(cfg: TrainConfig, vocab_size: int, depth: int | None = None) -> GPTConfig:
-    """The GPTConfig of this run (or of the same recipe at another depth)."""
-    seq = cfg.max_seq_len
-    short = cfg.short_window if cfg.short_window is not None else -(-seq // 4 // 128) * 128
-    return config_from_depth(
-        depth or cfg.depth, vocab_size=vocab_size, sequence_len=seq, aspect_ratio=cfg.aspect_ratio,
-        head_dim=cfg.head_dim, window_pattern=cfg.window_pattern, short_window=min(short, seq),
-        value_embeds=cfg.value_embeds, value_embed_gate=cfg.value_embed_gate, smear=cfg.smear, backout=cfg.backout,
-        qk_scale=cfg.qk_scale, rope_base=cfg.rope_base, unet_skips=cfg.unet_skips, init_ramp=cfg.init_ramp,
-        c_fc_init_scale=cfg.c_fc_init_scale, embedding_init_std=cfg.embedding_init_std, attn_backend=cfg.attn,
-        recompute=cfg.recompute, **({"n_kv_head": cfg.n_kv_head} if cfg.n_kv_head else {}))
-
-
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
     """target_param_data_ratio x the parameters a horizon scales with (block matrices + lm_head)."""
     with torch.device("meta"):
-        model = GPT(recipe_config(cfg, vocab_size, depth))
+        model = GPT(cfg.model_config(vocab_size, depth))
     return round(cfg.target_param_data_ratio * model.scaling_params())
 
 
@@ -233,34 +171,22 @@ def main(argv: list[str] | None = None) -> dict:
                          f"max_seq_len * world_size = {tokens_per_micro * world_size}")
     grad_accum = cfg.total_batch_size // (tokens_per_micro * world_size)
 
-    # model: built on meta, materialized on the device, then initialized
-    model_config = recipe_config(cfg, tokenizer.get_vocab_size())
-    with torch.device("meta"):
-        model = model_class(cfg.arch)(model_config)
-    model.to_empty(device=device)
-    model.init_weights()
-    kernels.set_kernel_backend(cfg.kernel)
-    apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
-                    fp8_skip=cfg.fp8_skip)  # before torch.compile
-    num_params = model.num_params()
-    flops_per_token = model.estimate_flops()
+    # model and optimizer (nanochat.build: meta device, init, kernels, precision, optimizer, compile)
+    lr_scale, wd_scale = schedule["lr_scale"], schedule["wd_scale"]
+    orig_model, model, optimizer = build(cfg, device, tokenizer.get_vocab_size(), lr_scale=lr_scale,
+                                         wd_scale=wd_scale)  # orig_model: uncompiled, for eval, sampling, saving
+    model_config = orig_model.config
+    num_params = orig_model.num_params()
+    flops_per_token = orig_model.estimate_flops()
     num_iterations = cfg.num_iterations
-    lr_scale, wd = schedule["lr_scale"], cfg.weight_decay * schedule["wd_scale"]
+    rates = cfg.optimizer_options(lr_scale, wd_scale)
     log0(f"model {asdict(model_config)}")
     log0(f"params {num_params:,} | FLOPs/token {flops_per_token:.3e} | grad accum {grad_accum} | "
          f"{num_iterations} steps of {cfg.total_batch_size:,} tokens | device {device_name(device)} x{world_size}")
     log0(f"depth {cfg.depth}: width {model_config.n_embd} | horizon {schedule['horizon_tokens']:,} tokens "
          f"(d{DEPTH_REF}: {schedule['d12_horizon_tokens']:,}) | batch {cfg.total_batch_size:,} | LRs x{lr_scale:.3f} "
-         f"(matrix {cfg.matrix_lr * lr_scale:.4g}, embedding {cfg.embedding_lr * lr_scale:.4g}, unembedding "
-         f"{cfg.unembedding_lr * lr_scale:.4g}, scalar {cfg.scalar_lr * lr_scale:.4g}) | weight decay {wd:.4g}")
-
-    optimizer = build_optimizer(model, matrix_lr=cfg.matrix_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
-                                unembedding_lr=cfg.unembedding_lr * lr_scale, scalar_lr=cfg.scalar_lr * lr_scale,
-                                weight_decay=wd, adam_groups=cfg.adam_groups, muon_beta2=cfg.muon_beta2,
-                                muon_row_equilibrate=cfg.muon_row_equilibrate, muon_renorm=cfg.muon_renorm,
-                                shard=cfg.shard_optimizer)
-    cache_low_precision_weights(model, optimizer, cfg.precision)
+         f"(matrix {rates['matrix_lr']:.4g}, embedding {rates['embedding_lr']:.4g}, unembedding "
+         f"{rates['unembedding_lr']:.4g}, scalar {rates['scalar_lr']:.4g}) | weight decay {rates['weight_decay']:.4g}")
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1
     checkpoint_dir = run_checkpoint_dir("base", cfg.model_tag)
     claim_checkpoint_dir(checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
@@ -276,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{'sharded' if optim_state.get('sharded') else 'replicated'} optimizer state, this run's "
                              f"is {'sharded' if sharded else 'replicated'}: resume with the same --shard_optimizer "
                              f"setting and number of processes")
-        model.load_state_dict(model_state)
+        orig_model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         step, loader_state = meta["step"], meta["loader_state"]
         val_bpb = meta.get("val_bpb", val_bpb)
@@ -286,9 +212,6 @@ def main(argv: list[str] | None = None) -> dict:
                                 rank=rank, world_size=world_size, state=loader_state,
                                 split_long_docs=cfg.split_long_docs)
 
-    orig_model = model  # uncompiled: for eval with other shapes, sampling and saving
-    if cfg.compile:
-        model = compile_model(model, cfg.compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     if peak is None:

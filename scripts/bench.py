@@ -16,41 +16,37 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from nanochat.build import BuildConfig
 from nanochat.common import get_base_dir
-from nanochat.flags import parse_flags
-from nanochat.kernels import LOSS_BACKENDS
-from nanochat.kernels.attention import ATTENTION_BACKENDS
-from nanochat.models import ARCHITECTURES
-from nanochat.precision import FP8_RECIPES
+from nanochat.flags import parse_flags, redeclare, to_argv
 from nanochat.runtime import setup_torch_env
 
 
+AXES = ("arch", "kernel", "attn", "precision", "depth", "device_batch_size", "max_seq_len", "window_pattern",
+        "recompute", "compile_mode", "inductor", "fp8_recipe")  # the flags that take a list: a row per combination
+
+
 @dataclass
-class BenchConfig:
-    arch: list[str] = field(default_factory=lambda: ["gpt"], metadata={"help": ARCHITECTURES.help()})
-    kernel: list[str] = field(default_factory=lambda: ["torch"], metadata={"help": LOSS_BACKENDS.help()})
-    attn: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": ATTENTION_BACKENDS.help()})
-    precision: list[str] = field(default_factory=lambda: ["bf16"], metadata={"help": "bf16, fp8, nvfp4"})
-    depth: list[int] = field(default_factory=lambda: [20], metadata={"help": "model depths (layers)"})
+class BenchConfig(BuildConfig):
+    """Every flag of nanochat.build.BuildConfig reaches each row's scripts.profile_kernels; those in AXES are
+    lists here, and the rows are their combinations."""
+    arch: list[str] = redeclare(BuildConfig, "arch", ["gpt"])
+    kernel: list[str] = redeclare(BuildConfig, "kernel", ["torch"])
+    attn: list[str] = redeclare(BuildConfig, "attn", ["auto"])
+    precision: list[str] = redeclare(BuildConfig, "precision", ["bf16"])
+    depth: list[int] = redeclare(BuildConfig, "depth", [20])
     device_batch_size: list[int] = field(default_factory=lambda: [32], metadata={"help": "rows per micro-batch"})
-    max_seq_len: list[int] = field(default_factory=lambda: [2048], metadata={"help": "context lengths"})
-    window_pattern: list[str] = field(default_factory=lambda: ["L"], metadata={
-        "help": "per-layer window patterns, e.g. L,SSSL (S = half context)"})
-    recompute: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "none, pointwise, mlp, block"})
-    compile_mode: list[str] = field(default_factory=lambda: ["default"],
-                                    metadata={"help": "default, max-autotune-no-cudagraphs"})
+    max_seq_len: list[int] = redeclare(BuildConfig, "max_seq_len", [2048], "context lengths")
+    window_pattern: list[str] = redeclare(BuildConfig, "window_pattern", ["L"])
+    recompute: list[str] = redeclare(BuildConfig, "recompute", ["none"])
+    compile_mode: list[str] = redeclare(BuildConfig, "compile_mode", ["default"])
     inductor: list[str] = field(default_factory=lambda: ["default"], metadata={
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
-    aspect_ratio: int = field(default=64, metadata={"help": "width = depth * aspect_ratio"})
-    fp8_recipe: list[str] = field(default_factory=lambda: ["tensorwise"], metadata={"help": "an axis of fp8 rows; " + FP8_RECIPES.help()})
-    fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
-    fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
-    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too"})
-    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16"})
+    fp8_recipe: list[str] = redeclare(BuildConfig, "fp8_recipe", ["tensorwise"])
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
     vocab_size: int = field(default=32768, metadata={"help": "vocabulary size of the synthetic model"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
@@ -62,15 +58,15 @@ class BenchConfig:
 
 
 def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
+    """scripts.profile_kernels' flags for one row: the combination, BuildConfig's other flags as given here,
+    and timing mode (`steps` timed steps, one profiled step, the expected kernels checked)."""
     tokens = combo["device_batch_size"] * combo["max_seq_len"]
     accum = max(1, cfg.total_batch_size // tokens) if cfg.total_batch_size > 0 else 1
     combo = {"fp8_recipe": cfg.fp8_recipe[0], **combo}
-    return [f"--{k}={v}" for k, v in combo.items()] + [
-        f"--vocab_size={cfg.vocab_size}", f"--aspect_ratio={cfg.aspect_ratio}", f"--warmup={cfg.warmup}",
-        f"--timed_steps={cfg.steps}", f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1",
-        "--expect_auto", f"--fp8_min_dim={cfg.fp8_min_dim}",
-        f"--fp8_lm_head={cfg.fp8_lm_head}", f"--fp8_fast_accum={cfg.fp8_fast_accum}",
-    ] + ([f"--fp8_skip={','.join(cfg.fp8_skip)}"] if cfg.fp8_skip else [])
+    shared = [f.name for f in fields(BuildConfig) if f.name not in AXES]
+    return [f"--{k}={v}" for k, v in combo.items()] + to_argv(cfg, shared) + [
+        f"--vocab_size={cfg.vocab_size}", f"--warmup={cfg.warmup}", f"--timed_steps={cfg.steps}",
+        f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1", "--expect_auto"]
 
 
 def failure_reason(stderr: str, returncode: int) -> str:
@@ -182,11 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = setup_torch_env()  # children inherit the persistent compile cache
     out_dir = Path(cfg.out_dir) if cfg.out_dir else get_base_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    axes = {"arch": cfg.arch, "kernel": cfg.kernel, "attn": cfg.attn, "precision": cfg.precision,
-            "depth": cfg.depth, "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
-            "window_pattern": cfg.window_pattern, "recompute": cfg.recompute, "compile_mode": cfg.compile_mode,
-            "inductor": cfg.inductor, "fp8_recipe": cfg.fp8_recipe}
-    combos = bench_combos(axes)
+    combos = bench_combos({axis: getattr(cfg, axis) for axis in AXES})
     rows = []
     for i, combo in enumerate(combos):
         print(f"[{i + 1}/{len(combos)}] {combo}", flush=True)

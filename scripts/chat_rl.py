@@ -27,24 +27,20 @@ from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine
-from nanochat.finetune import start_finetune
-from nanochat.flags import parse_flags
+from nanochat.finetune import FineTuneFlags, start_finetune
+from nanochat.flags import parse_flags, redeclare
 from nanochat.optim import lr_multiplier
 from nanochat.progress import progress_bar
 from nanochat.runtime import setup_torch_env
 from nanochat.sft_data import collate
 from nanochat.tasks.gsm8k import GSM8K
-from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
+from nanochat.tracking import Tracker
 
 
 @dataclass
-class RLConfig:
-    # the model to start from
-    source: str = field(default="sft", metadata={"help": "checkpoint phase to start from: sft, rl or base"})
-    model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
-    step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
-    model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
-                                                     "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
+class RLConfig(FineTuneFlags):
+    source: str = redeclare(FineTuneFlags, "source", "sft")
+    init_lr_frac: float = redeclare(FineTuneFlags, "init_lr_frac", 0.05)
     data_root: str = field(default="", metadata={"help": "folder holding eval/gsm8k (default ../shared/data)"})
     # sampling
     num_samples: int = field(default=16, metadata={"help": "samples per question (the group); also k of pass@k"})
@@ -53,29 +49,13 @@ class RLConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "longest sampled answer, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts and pass@k"})
     top_k: int | None = field(default=50, metadata={"help": "sample among the k likeliest tokens; none = all"})
-    # horizon and optimizer
+    # horizon
     num_epochs: int = field(default=1, metadata={"help": "passes over the training data (unless num_iterations)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from num_epochs"})
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the blocks' matrices (times init_lr_frac)"})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the embeddings (times init_lr_frac)"})
-    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of the lm_head (times init_lr_frac)"})
-    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the per-layer scalars (times init_lr_frac)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
-    init_lr_frac: float = field(default=0.05, metadata={"help": "every LR above is multiplied by this"})
     # evaluation and checkpoints
     eval_every: int = field(default=60, metadata={"help": "pass@k period in steps; <= 0 = only at the end"})
     eval_examples: int = field(default=400, metadata={"help": "GSM8K test questions per evaluation; 0 = none"})
     save_every: int = field(default=60, metadata={"help": "checkpoint period in steps; -1 = only at the end"})
-    keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})
-    resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved RL step; -1 = fresh run"})
-    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
-                                                     "(all for a fresh run, those past --resume_from_step else)"})
-    # runtime
-    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
-    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
-    seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
-    run: str = field(default="", metadata={"help": RUN_HELP})
-    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:

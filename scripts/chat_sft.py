@@ -8,7 +8,7 @@
 Data: the local SFT sets (GPTeacher + FastChat under <data_root>/sft), GSM8K train with its
 calculator annotations as tool calls, and optionally SmolTalk. One conversation per row, rows padded
 to the longest in the micro-batch; the loss covers the assistant's tokens only, averaged over all
-trained tokens of the optimizer step. LR: the base LRs times --init_lr_frac, decaying linearly to 0.
+trained tokens of the optimizer step. LR: nanochat.finetune's rates times --init_lr_frac, decaying linearly to 0.
 Checkpoints go to <base>/checkpoints/sft/<tag>/step_<n>; the last line is one JSON object.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nanochat import kernels
 from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_conversation
-from nanochat.finetune import start_finetune
+from nanochat.finetune import FineTuneFlags, start_finetune
 from nanochat.flags import parse_flags
 from nanochat.optim import lr_multiplier
 from nanochat.progress import progress_bar
@@ -32,17 +32,11 @@ from nanochat.runtime import setup_torch_env
 from nanochat.sft_data import SFTLoader, collate
 from nanochat.tasks.base import Task
 from nanochat.tasks.mixture import sft_mixture
-from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
+from nanochat.tracking import Tracker
 
 
 @dataclass
-class SFTConfig:
-    # the model to start from
-    source: str = field(default="base", metadata={"help": "checkpoint phase to start from: base, sft or rl"})
-    model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
-    step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
-    model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
-                                                     "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
+class SFTConfig(FineTuneFlags):
     # data
     data_root: str = field(default="", metadata={"help": "folder holding sft/ and eval/ (default ../shared/data)"})
     smoltalk: str = field(default="", metadata={"help": "SmolTalk: '' = off, 'hub' = download, or a parquet path"})
@@ -53,28 +47,12 @@ class SFTConfig:
     total_batch_size: int = field(default=32, metadata={"help": "conversations per optimizer step (grad accum)"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training data (unless num_iterations)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = from num_epochs"})
-    # optimizer
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the blocks' matrices (times init_lr_frac)"})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the embeddings (times init_lr_frac)"})
-    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of the lm_head (times init_lr_frac)"})
-    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the per-layer scalars (times init_lr_frac)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
-    init_lr_frac: float = field(default=0.02, metadata={"help": "every LR above is multiplied by this"})
     # evaluation and checkpoints
     eval_every: int = field(default=100, metadata={"help": "validation loss period in steps; <= 0 = only at the end"})
     eval_examples: int = field(default=400, metadata={"help": "held-out conversations per validation; 0 = none"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint period in steps; -1 = only at the end"})
-    keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})
-    resume_from_step: int = field(default=-1, metadata={"help": "resume from this saved SFT step; -1 = fresh run"})
-    overwrite: bool = field(default=False, metadata={"help": "delete this tag's checkpoints that are not this run's "
-                                                     "(all for a fresh run, those past --resume_from_step else)"})
     # runtime
-    device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (dynamic shapes)"})
-    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
-    seed: int = field(default=42, metadata={"help": "seed of the data order and sampling"})
-    run: str = field(default="", metadata={"help": RUN_HELP})
-    tensorboard: str = field(default="", metadata={"help": TENSORBOARD_HELP})
 
 
 @torch.no_grad()

@@ -18,13 +18,14 @@ from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, log0
 from nanochat.engine import DECODE_ATTENTIONS, cast_params
 from nanochat.flags import parse_flags
+from nanochat.web.params import Limits
 
 FLAG_ALIASES = {"-i": "source", "--tag": "model_tag"}
 
 
 @dataclass
-class WebConfig(ModelChoice):
-    """Serve a chat model: the chat page and an OpenAI-compatible API."""
+class WebConfig(Limits, ModelChoice):
+    """Serve a chat model: the chat page and an OpenAI-compatible API. The request limits are Limits' flags."""
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
     num_gpus: int = field(default=1, metadata={"help": "workers, one per GPU (cuda:0 .. cuda:N-1)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
@@ -34,12 +35,6 @@ class WebConfig(ModelChoice):
     attention: str = field(default="auto", metadata={"help": DECODE_ATTENTIONS.help()})
     kv_fp8: bool = field(default=False, metadata={"help": "fp8 KV cache: half the bytes per step, read by a "
                                                           "decode kernel (not exact)"})
-    max_messages: int = field(default=500, metadata={"help": "most messages a request may hold"})
-    max_chars_per_message: int = field(default=8000, metadata={"help": "longest message a request may hold"})
-    max_tokens: int = field(default=2048, metadata={"help": "most tokens a request may ask for"})
-    default_max_tokens: int = field(default=512, metadata={"help": "tokens per reply when a request names none"})
-    max_n: int = field(default=8, metadata={"help": "most samples (n) a request may ask for"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger request bodies get 413, unread"})
     read_timeout_s: float = field(default=30.0, metadata={"help": "a connection must send each whole request "
                                                                   "(headers and body) within this, or is closed"})
     keep_alive_s: float = field(default=5.0, metadata={"help": "an idle connection is closed this long after "
@@ -52,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_flags(WebConfig, argv, description=__doc__, aliases=FLAG_ALIASES)
     from nanochat.checkpoint import load_model
     from nanochat.runtime import setup_torch_env
-    from nanochat.web.app import Limits, create_app
+    from nanochat.web.app import create_app
     from nanochat.web.scheduler import BatchScheduler
     from nanochat.web.server import make_server
 
@@ -77,12 +72,9 @@ def main(argv: list[str] | None = None) -> None:
                                       compile=cfg.compile and device.type == "cuda",
                                       attention=cfg.attention, kv_fp8=cfg.kv_fp8))
         log0(f"worker {i}: {cfg.model or cfg.source} step {meta.get('step')} on {device}")
-    limits = Limits(max_messages=cfg.max_messages, max_chars_per_message=cfg.max_chars_per_message,
-                    max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
-                    max_n=cfg.max_n, max_body_bytes=cfg.max_body_bytes)
     api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY") or None
     model_name = f"nanochat-{cfg.source}"
-    app = create_app(workers, model_name=model_name, limits=limits, api_key=api_key)
+    app = create_app(workers, model_name=model_name, limits=cfg, api_key=api_key)  # cfg is a Limits
     log0(f"serving {model_name} on http://{cfg.host}:{cfg.port}/ (API key {'required' if api_key else 'off'})")
     make_server(app, host=cfg.host, port=cfg.port, read_timeout_s=cfg.read_timeout_s,
                 keep_alive_s=cfg.keep_alive_s).run()

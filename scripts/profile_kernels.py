@@ -4,12 +4,13 @@
         --expect attention=cudnn --expect loss=liger
     python -m scripts.profile_kernels --device_type=cpu --depth=2 --max_seq_len=64 --steps=1   # smoke test
 
-Builds a GPT with random weights on random tokens (no tokenizer or data needed), runs `--warmup` steps
-(compilation, autotuning) and then `--steps` training steps (forward, backward, optimizer) under
-torch.profiler, or under Nsight Systems with `--profiler=nsys` (`auto`: nsys when it is on PATH). Prints
-the group shares and top kernels (nanochat.kernels.audit), and exits 1 when an `--expect group=backend`
-is not met, naming what ran instead. Last line: JSON {"groups", "top", "expect_failures", ...}.
-On the CPU the "kernels" are aten ops: good for a smoke test, not for the grouping.
+Builds scripts.base_train's model and optimizer from the same flags (nanochat.build; depth 12 and context
+2048 by default; `--recipe false`: the plain GPT and optimizer) with random weights, on random tokens (no
+tokenizer or data needed), runs `--warmup` steps (compilation, autotuning) and then `--steps` training
+steps (forward, backward, optimizer) under torch.profiler, or under Nsight Systems with `--profiler=nsys`
+(`auto`: nsys when it is on PATH). Prints the group shares and top kernels (nanochat.kernels.audit), and
+exits 1 when an `--expect group=backend` is not met, naming what ran instead. Last line: JSON {"groups",
+"top", "expect_failures", ...}. On the CPU the "kernels" are aten ops: good for a smoke test, not for the grouping.
 """
 from __future__ import annotations
 
@@ -28,43 +29,26 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nanochat import kernels
+from nanochat.build import BuildConfig, build
 from nanochat.common import compute_init, device_name, peak_flops, peak_memory_gib, print0, synchronize
-from nanochat.flags import parse_flags
-from nanochat.gpt import config_from_depth
+from nanochat.flags import parse_flags, redeclare
 from nanochat.kernels import attention as attention_backends
 from nanochat.kernels import audit
-from nanochat.models import ARCHITECTURES, model_class
-from nanochat.optim import build_optimizer
-from nanochat.precision import FP8_RECIPES, OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights
-from nanochat.runtime import apply_inductor_config, check_recompute, compile_model, default_compile
+from nanochat.precision import OUR_FP8_RECIPES
+from nanochat.runtime import apply_inductor_config
 
 _CHILD_ENV = "NANOCHAT_PROFILE_NSYS_CHILD"  # set in the process that nsys runs
 
 
 @dataclass
-class ProfileConfig:
-    arch: str = field(default="gpt", metadata={"help": ARCHITECTURES.help()})
-    depth: int = field(default=12, metadata={"help": "model depth (layers)"})
-    aspect_ratio: int = field(default=64, metadata={
-        "help": "width = depth * aspect_ratio (--depth 2 --aspect_ratio 768: two d24-wide layers, quick to compile)"})
+class ProfileConfig(BuildConfig):
+    depth: int = redeclare(BuildConfig, "depth", 12, "model depth (layers); --depth 2 --aspect_ratio 768: two "
+                                                     "d24-wide layers, quick to compile")
+    max_seq_len: int = redeclare(BuildConfig, "max_seq_len", 2048, "context length")
     device_batch_size: int = field(default=16, metadata={"help": "rows per micro-batch"})
-    max_seq_len: int = field(default=2048, metadata={"help": "context length"})
     vocab_size: int = field(default=32768, metadata={"help": "vocabulary size of the synthetic model"})
-    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL (S = a quarter context "
-                                                       "with --recipe, else half)"})
-    recipe: bool = field(default=True, metadata={"help": "the model and optimizer of scripts.base_train's defaults; "
-                                                 "false: the plain GPT and optimizer"})
-    recompute: str = field(default="none", metadata={"help": "activation recompute: none, pointwise (compiled), mlp or block"})
-    kernel: str = field(default="torch", metadata={"help": kernels.LOSS_BACKENDS.help()})
-    attn: str = field(default="auto", metadata={"help": attention_backends.ATTENTION_BACKENDS.help()})
-    precision: str = field(default="bf16", metadata={"help": "bf16, fp8 (torchao; TE's own with --arch te) or nvfp4 (--arch te)"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": FP8_RECIPES.help()})
-    fp8_min_dim: int = field(default=1024, metadata={"help": "fp8 only for linears whose smaller dim is >= this"})
-    fp8_lm_head: bool = field(default=False, metadata={"help": "fp8 for the lm_head too (if the model runs it as a module)"})
-    fp8_fast_accum: bool = field(default=False, metadata={"help": "fp8: fast accumulation in the backward GEMMs too (faster, less precise)"})
-    fp8_skip: list[str] = field(default_factory=list, metadata={"help": "fp8: layer name patterns kept in bf16, e.g. *.attn.c_proj"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
-    compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
+    recipe: bool = field(default=True, metadata={"help": "the model and optimizer of the flags above; false: the "
+                                                 "plain GPT (GPTConfig's defaults) and optimizer"})
     inductor: str = field(default="default", metadata={"help": "torch._inductor.config entries, KEY=VALUE;KEY=VALUE"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, autotuning)"})
     steps: int = field(default=3, metadata={"help": "profiled training steps"})
@@ -76,35 +60,6 @@ class ProfileConfig:
     timed_steps: int = field(default=0, metadata={"help": "time this many steps before profiling (bench mode)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     expect_auto: bool = field(default=False, metadata={"help": "also expect the kernels this config should run"})
-
-
-def build(cfg: ProfileConfig, device: torch.device):
-    """GPT with random weights + its optimizer, through the pinned interfaces only."""
-    optimizer_options = {}
-    if cfg.recipe and cfg.arch == "gpt":  # TE's layers run the plain block
-        from scripts.base_train import TrainConfig, recipe_config
-        train = TrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, max_seq_len=cfg.max_seq_len,
-                            window_pattern=cfg.window_pattern, attn=cfg.attn, recompute=cfg.recompute)
-        model_config = recipe_config(train, cfg.vocab_size)
-        optimizer_options = dict(matrix_lr=train.matrix_lr, embedding_lr=train.embedding_lr,
-                                 unembedding_lr=train.unembedding_lr, scalar_lr=train.scalar_lr,
-                                 weight_decay=train.weight_decay, adam_groups=train.adam_groups,
-                                 muon_beta2=train.muon_beta2, muon_row_equilibrate=train.muon_row_equilibrate,
-                                 muon_renorm=train.muon_renorm)
-    else:
-        model_config = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.max_seq_len,
-                                         aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern,
-                                         attn_backend=cfg.attn, recompute=cfg.recompute)
-    with torch.device("meta"):
-        model = model_class(cfg.arch)(model_config)
-    model.to_empty(device=device)
-    model.init_weights()
-    apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
-                    fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum,
-                    fp8_skip=cfg.fp8_skip)  # bf16: a no-op; before torch.compile
-    optimizer = build_optimizer(model, **optimizer_options)
-    cache_low_precision_weights(model, optimizer, cfg.precision)
-    return model, optimizer
 
 
 def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
@@ -245,14 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         device_label = "cuda (nsys)"
     else:
         _, _, _, _, device = compute_init(cfg.device_type)
-        if cfg.compile is None:
-            cfg.compile = default_compile(device.type, cfg.arch)
-        check_recompute(cfg.recompute, cfg.compile)
         apply_inductor_config(cfg.inductor)  # before compiling; a typo fails even without --compile
-        kernels.set_kernel_backend(cfg.kernel)
-        model, optimizer = build(cfg, device)
-        if cfg.compile:
-            model = compile_model(model, cfg.compile_mode)
+        # random weights; TE's layers run the plain block
+        _, model, optimizer = build(cfg, device, cfg.vocab_size, recipe=cfg.recipe and cfg.arch == "gpt")
         step = make_step(cfg, model, optimizer, device)
         expects += auto_expectations(cfg, model, device) if cfg.expect_auto else []
         timing = time_steps(cfg, model, optimizer, step, device)

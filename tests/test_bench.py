@@ -37,6 +37,23 @@ def test_bench_marks_a_crashed_row_and_goes_on(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_every_build_flag_reaches_the_rows():
+    """The axes vary per row; every other flag of BuildConfig reaches profile_kernels as given to the bench."""
+    import dataclasses
+
+    from nanochat.build import BuildConfig
+    from nanochat.flags import parse_flags
+    cfg = parse_flags(bench.BenchConfig, ["--depth=2,4", "--smear=false", "--matrix_lr=0.01", "--compile=false",
+                                          "--short_window=none", "--fp8_skip=*.c_q"])
+    combo = bench.bench_combos({axis: getattr(cfg, axis) for axis in bench.AXES})[1]
+    prof = parse_flags(profile_kernels.ProfileConfig, bench.row_argv(cfg, combo))
+    assert {axis: getattr(prof, axis) for axis in bench.AXES} == combo and prof.depth == 4
+    for f in dataclasses.fields(BuildConfig):
+        if f.name not in bench.AXES:
+            assert getattr(prof, f.name) == getattr(cfg, f.name), f.name
+    assert (prof.smear, prof.matrix_lr, prof.compile, prof.fp8_skip) == (False, 0.01, False, ["*.c_q"])
+
+
 def test_memory_breakdown_counts_weights_grads_and_optimizer_state():
     torch.manual_seed(0)
     cfg = config_from_depth(2, vocab_size=256, sequence_len=32, aspect_ratio=64, head_dim=64)

@@ -271,6 +271,22 @@ def test_output_tag_prefers_flag_then_source_then_depth():
     assert output_tag("", {"train_config": {}}, 4) == "d4" and output_tag("", {}, 12) == "d12"
 
 
+def test_sft_and_rl_share_their_flags_and_keep_nanochats_rates():
+    """Both stages declare their common flags once (FineTuneFlags), at nanochat's rates rather than the
+    pretraining recipe's; RL starts from SFT with a larger fraction of them."""
+    from nanochat.build import BuildConfig
+    from nanochat.finetune import FineTuneFlags
+    from scripts.chat_rl import RLConfig
+    from scripts.chat_sft import SFTConfig
+
+    rates = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
+    sft, rl = SFTConfig(), RLConfig()
+    assert isinstance(sft, FineTuneFlags) and isinstance(rl, FineTuneFlags)
+    assert [getattr(sft, r) for r in rates] == [getattr(rl, r) for r in rates] == [0.02, 0.2, 0.004, 0.5, 0.0]
+    assert [getattr(BuildConfig(), r) for r in rates] == [0.02, 0.3, 0.008, 0.5, 0.28]  # the recipe's
+    assert (sft.source, sft.init_lr_frac, rl.source, rl.init_lr_frac) == ("base", 0.02, "sft", 0.05)
+
+
 def test_start_finetune_scales_lrs_keeps_tag_and_resumes(tiny_run):
     from nanochat.finetune import start_finetune
     from scripts.chat_sft import SFTConfig

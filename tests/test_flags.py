@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nanochat.flags import parse_flags
+from nanochat.flags import parse_flags, redeclare, to_argv
 
 
 @dataclass
@@ -88,3 +88,29 @@ def test_help_states_each_default_once(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "optimizer steps (default: 3)" in out
     assert "run name (default: d<depth>)" in out and out.count("default") == 2
+
+
+@dataclass
+class Derived(Documented):
+    steps: int = redeclare(Documented, "steps", 5)
+    tag: list[str] = redeclare(Documented, "tag", ["a", "b"], "run names")
+
+
+def test_redeclare_changes_the_default_and_keeps_the_help(capsys):
+    assert parse_flags(Derived, []).steps == 5 and parse_flags(Documented, []).steps == 3
+    assert parse_flags(Derived, []).tag == ["a", "b"] and parse_flags(Derived, ["--tag=x,y,z"]).tag == ["x", "y", "z"]
+    assert Derived().tag is not Derived().tag  # a list default is a fresh list per instance
+    with pytest.raises(SystemExit):
+        parse_flags(Derived, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (default: 5)" in out and "run names (default: ['a', 'b'])" in out
+    with pytest.raises(ValueError, match="Documented has no field 'stpes'"):
+        redeclare(Documented, "stpes", 1)
+
+
+def test_to_argv_reads_back_as_the_same_config():
+    cfg = Config(depth=4, max_seq_len=None, compile=None, value_embeds=True, kernel=["current", "liger"],
+                 batch_sizes=[8, 32], lr=0.1 + 0.2)
+    assert parse_flags(Config, to_argv(cfg)) == cfg
+    assert to_argv(cfg, ["compile", "kernel"]) == ["--compile=none", "--kernel=current,liger"]
+    assert parse_flags(Config, to_argv(Config(compile=False, kernel=[]))) == Config(compile=False, kernel=[])

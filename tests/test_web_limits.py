@@ -74,6 +74,18 @@ def test_default_body_cap_is_one_mib():
     assert Limits().max_body_bytes == 1 << 20
 
 
+def test_the_servers_limit_flags_are_the_limits_it_enforces():
+    """scripts.chat_web's config is a Limits (the flags declared once); a default reply length over the cap is
+    lowered to the cap, whoever builds the Limits."""
+    from nanochat.flags import parse_flags
+    from nanochat.web.params import Limits
+    from scripts.chat_web import FLAG_ALIASES, WebConfig
+    cfg = parse_flags(WebConfig, ["-i", "base", "--max_tokens=100", "--max_n=2"], aliases=FLAG_ALIASES)
+    assert isinstance(cfg, Limits) and (cfg.source, cfg.max_tokens, cfg.max_n) == ("base", 100, 2)
+    assert cfg.default_max_tokens == 100 and Limits(max_tokens=64).default_max_tokens == 64
+    assert Limits(max_tokens=1000, default_max_tokens=40).default_max_tokens == 40
+
+
 def test_body_over_the_cap_by_its_length_gets_413_before_it_is_sent(server):
     """Content-Length says 50 MB; none of it is sent, and the 413 comes anyway, closing the connection."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)

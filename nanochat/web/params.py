@@ -15,12 +15,17 @@ from nanochat.web.scheduler import MAX_TOP_LOGPROBS
 
 @dataclass
 class Limits:
-    max_messages: int = 500
-    max_chars_per_message: int = 8000
-    max_tokens: int = 2048        # cap on a request's max_tokens
-    default_max_tokens: int = 512
-    max_n: int = 8
-    max_body_bytes: int = 1 << 20  # a larger request body is refused with 413 before it is read
+    """What one request may ask for; also flags of scripts.chat_web, whose WebConfig derives from this."""
+    max_messages: int = field(default=500, metadata={"help": "most messages a request may hold"})
+    max_chars_per_message: int = field(default=8000, metadata={"help": "longest message a request may hold"})
+    max_tokens: int = field(default=2048, metadata={"help": "most tokens a request may ask for"})
+    default_max_tokens: int = field(default=512, metadata={"help": "tokens per reply when a request names none "
+                                                                   "(at most max_tokens)"})
+    max_n: int = field(default=8, metadata={"help": "most samples (n) a request may ask for"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger request bodies get 413, unread"})
+
+    def __post_init__(self) -> None:
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
 
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 64   # stop strings per request (OpenAI's limit) and characters per string

@@ -1,0 +1,68 @@
+"""nanochat.build on the CPU: base_train and profile_kernels build one model and optimizer from the same flags,
+in the one order (precision before the optimizer, compile last), with the recipe's or the plain settings."""
+import dataclasses
+
+import pytest
+import torch
+
+from nanochat.build import BuildConfig, build
+from nanochat.flags import parse_flags
+from nanochat.gpt import GPTConfig, config_from_depth
+from scripts.base_train import TrainConfig
+from scripts.profile_kernels import ProfileConfig
+
+CPU = torch.device("cpu")
+TINY = ["--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64", "--compile=false"]
+
+
+def groups(optimizer) -> dict[str, tuple]:
+    """Each optimizer group's kind -> (lr, weight decay, betas or None)."""
+    return {g["kind"]: (g["lr"], g["weight_decay"], g.get("betas")) for g in optimizer.param_groups}
+
+
+def test_train_and_profile_build_the_same_model_and_optimizer():
+    argv = [*TINY, "--smear=false", "--window_pattern=SL", "--matrix_lr=0.03", "--adam_groups=uniform"]
+    built = []
+    for cls in (TrainConfig, ProfileConfig):
+        torch.manual_seed(0)
+        built.append(build(parse_flags(cls, argv), CPU, vocab_size=256))
+    (train_model, _, train_opt), (prof_model, _, prof_opt) = built
+    assert train_model.config == prof_model.config
+    assert train_model.config.smear is False and train_model.config.short_window == 64  # min(128, context)
+    assert groups(train_opt) == groups(prof_opt) and groups(train_opt)["matrix"][0] == 0.03
+    prof_state = prof_model.state_dict()
+    assert all(torch.equal(t, prof_state[k]) for k, t in train_model.state_dict().items())  # same init
+
+
+def test_scales_reach_the_optimizer_and_the_recipe_is_the_default():
+    cfg = parse_flags(BuildConfig, TINY)
+    _, _, opt = build(cfg, CPU, vocab_size=256, lr_scale=2.0, wd_scale=0.5)
+    by_kind = groups(opt)
+    assert by_kind["matrix"][:2] == (pytest.approx(2 * cfg.matrix_lr), pytest.approx(0.5 * cfg.weight_decay))
+    assert by_kind["lm_head"][0] == pytest.approx(2 * cfg.unembedding_lr)  # width 64 < 768: not width-scaled
+    assert cfg.optimizer_options(2.0, 0.5)["embedding_lr"] == pytest.approx(2 * cfg.embedding_lr)
+    model_config = cfg.model_config(256)
+    assert model_config.smear and model_config.value_embeds and model_config.qk_scale == cfg.qk_scale
+
+
+def test_plain_build_is_the_bare_gpt_and_build_optimizers_defaults():
+    cfg = parse_flags(BuildConfig, [*TINY, "--window_pattern=SL"])
+    model, _, opt = build(cfg, CPU, vocab_size=256, recipe=False)
+    plain = config_from_depth(2, vocab_size=256, sequence_len=64, aspect_ratio=32, head_dim=32, window_pattern="SL")
+    assert model.config == plain and model.config.layer_windows() == [32, None]  # S = half the context
+    assert not model.config.smear and model.config.qk_scale == GPTConfig.qk_scale
+    by_kind = groups(opt)
+    assert by_kind["matrix"][:2] == (0.02, 0.0) and by_kind["embedding"] == (0.2, 0.0, (0.8, 0.95))  # uniform
+
+
+def test_compile_comes_last_and_defaults_to_off_on_the_cpu(monkeypatch):
+    cfg = parse_flags(BuildConfig, [*TINY, "--compile=none"])
+    model, train_model, _ = build(cfg, CPU, vocab_size=256)
+    assert cfg.compile is False and train_model is model
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or torch.nn.Identity())
+    model, train_model, opt = build(dataclasses.replace(cfg, compile=True), CPU, vocab_size=256)
+    assert compiled == [model] and isinstance(train_model, torch.nn.Identity)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    with pytest.raises(ValueError, match="needs --compile true"):
+        build(dataclasses.replace(cfg, compile=False, recompute="pointwise"), CPU, vocab_size=256)
