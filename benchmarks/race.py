@@ -21,9 +21,16 @@ and peak memory as the trainer reports them, and the final bpb computed by one r
 (nanochat/eval/bpb.py:text_bpb via benchmarks/race_eval.py) on the same raw validation text for every
 racer, each model with its own tokenizer. The table printed last gives each racer's time to reach the
 target bpb (the worst racer's final bpb, or --target RACER's) and its ratio to the first racer's.
-Writes race.json (after every racer), race.png and each racer's logs into --out; checkpoints go to --work, where
-a racer's result.json also lets a later run with the same settings skip it (a race longer than one call of a
+Writes race.json (after every racer), race.png and each racer's logs into --out; checkpoints and logs go to --work,
+where a racer's result.json also lets a later run with the same settings skip it (a race longer than one call of a
 GPU machine goes on in the next). Last stdout line: one JSON object.
+
+A racer cut off mid-run (the call's time limit) resumes in the next run from its newest complete checkpoint,
+when it has one (--save_every N: every N steps) and its attempts.json in --work records the same settings;
+else it starts over, saying why. Each attempt logs into its own file (train.log, train.attempt2.log, ...);
+the curve and the seconds take each step and evaluation from the attempt that ran it last (an attempt's lines
+past the step the next one resumed from are dropped), and the compile of a resumed attempt's first step
+counts as the median like the first attempt's.
 """
 from __future__ import annotations
 
@@ -36,10 +43,13 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.race_data import check_peer, link_peer_base, peer_env
+from nanochat.checkpoint import latest_step
 from nanochat.flags import parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +64,7 @@ PEER_STEP = re.compile(r"^step (\d+)/\d+ \(.*?\) \| loss: [\d.naif]+ \| lrm: [\d
 PEER_EVAL = re.compile(r"^Step (\d+) \| Validation bpb: ([\d.]+)")
 PEER_MEMORY = re.compile(r"^Peak memory usage: ([\d.]+)MiB")
 COMPILE_FACTOR = 3.0
+ATTEMPTS = "attempts.json"  # in a racer's work dir: its settings, steps and training attempts (log, resume step)
 
 
 @dataclass
@@ -73,6 +84,8 @@ class RaceConfig:
     max_seq_len: int = 2048
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, every racer"})
     device_batch_size: int = field(default=32, metadata={"help": "rows per micro-step, every racer"})
+    save_every: int = field(default=0, metadata={"help": "racers save a checkpoint every N steps, from which one "
+                                                    "cut off resumes in the next run (0: at the end only)"})
     eval_points: int = field(default=10, metadata={"help": "validation evaluations per racer (plus step 0)"})
     eval_tokens: int = field(default=4 * 524288, metadata={"help": "validation tokens per periodic evaluation"})
     final_chars: int = field(default=4_000_000, metadata={"help": "validation characters of the final bpb"})
@@ -116,7 +129,8 @@ def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Pa
     race = Path(cfg.race_dir).resolve()
     shared = dict(depth=cfg.depth, max_seq_len=cfg.max_seq_len, total_batch_size=cfg.total_batch_size,
                   device_batch_size=cfg.device_batch_size, num_iterations=steps, eval_every=eval_every,
-                  eval_tokens=cfg.eval_tokens, sample_every=-1, save_every=-1, model_tag=racer.name)
+                  eval_tokens=cfg.eval_tokens, sample_every=-1, save_every=cfg.save_every if cfg.save_every > 0 else -1,
+                  model_tag=racer.name)
     if cfg.device_type:
         shared["device_type"] = cfg.device_type
     base = work / "base"
@@ -132,13 +146,16 @@ def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Pa
     return argv + racer.flags, env, Path(cfg.peer).resolve()
 
 
-def run_logged(argv: list[str], env: dict, cwd: Path, log: Path) -> list[str]:
-    """Run, stream its output into `log`, return its lines; a failure names the log."""
+def run_logged(argv: list[str], env: dict, cwd: Path, log: Path, mirror: Path | None = None) -> list[str]:
+    """Run, stream its output into `log` (and `mirror`) line by line, so that a run killed from outside leaves
+    every line it printed; return its lines; a failure names the log."""
     lines = []
-    with open(log, "w") as f:
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(path, "w", buffering=1)) for path in (log, mirror) if path]
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
-            f.write(line)
+            for f in files:
+                f.write(line)
             lines.append(line.rstrip("\n"))
         if proc.wait() != 0:
             tail = "\n".join(lines[-15:])
@@ -146,30 +163,50 @@ def run_logged(argv: list[str], env: dict, cwd: Path, log: Path) -> list[str]:
     return lines
 
 
-def parse_log(kind: str, lines: list[str]) -> dict:
-    """Per-step seconds and MFU, (step, bpb) evaluations and peak memory from a trainer's output."""
-    dts, mfus, evals, memory = [], [], [], None
+def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.inf) -> dict:
+    """Per-step seconds and MFU, (step, bpb) evaluations, peak memory and the last step done, from a trainer's
+    output; only the steps done and evaluations in (since, until]: one attempt's share of a resumed run."""
+    dts, mfus, evals, memory, last = [], [], [], None, 0
     for line in lines:
         line = line.strip()
-        if kind == "ours":
-            m = OURS_STEP.match(line) or OURS_STEP_NO_MFU.match(line)
-            if m:
-                dts.append(int(m.group(2)) / 1000)
-                if m.re is OURS_STEP:
-                    mfus.append(float(m.group(3)))
+        step = mfu = point = None
+        if kind == "ours":  # its step line counts the steps done
+            if m := OURS_STEP.match(line) or OURS_STEP_NO_MFU.match(line):
+                step, dt = int(m.group(1)), int(m.group(2)) / 1000
+                mfu = float(m.group(3)) if m.re is OURS_STEP else None
             elif m := OURS_EVAL.match(line):
-                evals.append((int(m.group(1)), float(m.group(2))))
+                point = (int(m.group(1)), float(m.group(2)))
             elif line.startswith("{") and '"peak_memory_gib"' in line:
                 memory = json.loads(line)["peak_memory_gib"]
-        else:
+        else:  # its step line numbers the step from 0
             if m := PEER_STEP.match(line):
-                dts.append(float(m.group(2)) / 1000)
-                mfus.append(float(m.group(3)))
+                step, dt, mfu = int(m.group(1)) + 1, float(m.group(2)) / 1000, float(m.group(3))
             elif m := PEER_EVAL.match(line):
-                evals.append((int(m.group(1)), float(m.group(2))))
+                point = (int(m.group(1)), float(m.group(2)))
             elif m := PEER_MEMORY.match(line):
                 memory = float(m.group(1)) / 1024
-    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory}
+        if step is not None and since < step <= until:
+            dts.append(dt)
+            mfus += [mfu] if mfu is not None else []
+            last = max(last, step)
+        elif point is not None and since < point[0] <= until:
+            evals.append(point)
+    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory, "last_step": last}
+
+
+def merge_attempts(kind: str, parts: list[tuple[int, list[str]]]) -> dict:
+    """parse_log's stats of one run from its attempts' (resume step or -1, output lines), in order: each attempt
+    gives the steps after its resume step up to the next attempt's; the peak memory is the highest."""
+    merged = {"step_seconds": [], "mfu": [], "evals": [], "peak_memory_gib": None, "last_step": 0}
+    untils = [since for since, _ in parts[1:]] + [math.inf]
+    for (since, lines), until in zip(parts, untils):
+        stats = parse_log(kind, lines, since, until)
+        for key in ("step_seconds", "mfu", "evals"):
+            merged[key] += stats[key]
+        memory = [m for m in (merged["peak_memory_gib"], stats["peak_memory_gib"]) if m is not None]
+        merged["peak_memory_gib"] = max(memory, default=None)
+        merged["last_step"] = max(merged["last_step"], stats["last_step"])
+    return merged
 
 
 def training_seconds(step_seconds: list[float]) -> tuple[list[float], float]:
@@ -227,43 +264,102 @@ def probe_steps(cfg: RaceConfig, racer: Racer, work: Path) -> int:
 
 def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
     """What a racer's result depends on: a stored result with the same settings can stand in for a run."""
-    race = {k: v for k, v in asdict(cfg).items() if k not in ("racers", "out", "work", "target", "smoke")}
+    left_out = ("racers", "out", "work", "target", "smoke", "save_every")
+    race = {k: v for k, v in asdict(cfg).items() if k not in left_out}
     return {"kind": racer.kind, "flags": racer.flags, **race}
+
+
+def newest_checkpoint(kind: str, base: Path, tag: str) -> int | None:
+    """The newest step with a complete checkpoint of racer `tag` under its base dir, or None. Ours writes a step
+    dir whole (nanochat.checkpoint); the peer writes model_<step>.pt, meta_<step>.json and optim_<step>_rank0.pt
+    one after another, and a torch.save file cut off mid-write lacks the zip directory that ends it."""
+    if kind == "ours":
+        return latest_step(base / "checkpoints" / "base" / tag)
+    run = base / "base_checkpoints" / tag
+    metas = (re.fullmatch(r"meta_(\d+)\.json", p.name) for p in run.glob("meta_*.json"))
+    for step in sorted((int(m.group(1)) for m in metas if m), reverse=True):
+        if all(zipfile.is_zipfile(run / name) for name in (f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt")):
+            return step
+    return None
+
+
+def read_attempts(kind: str, work: Path, attempts: list[dict]) -> dict:
+    """merge_attempts of the attempts that attempts.json records, from their logs in the racer's work dir."""
+    return merge_attempts(kind, [(a["resume_from"], (work / a["log"]).read_text().splitlines()) for a in attempts])
+
+
+def earlier_run(racer: Racer, work: Path, settings: dict) -> tuple[dict | None, int]:
+    """(attempts.json, the step to resume from) of this racer's unfinished run, or (None, -1) to start over,
+    saying why: other settings, no complete checkpoint, or logs that stop before it."""
+    path = work / ATTEMPTS
+    if not path.is_file():
+        return None, -1
+    record = json.loads(path.read_text())
+    n = len(record["attempts"])
+    step = newest_checkpoint(racer.kind, work / "base", racer.name)
+    if record["settings"] != settings:
+        why = "an earlier attempt had other settings"
+    elif step is None:
+        why = f"attempt {n} left no complete checkpoint (--save_every N saves one every N steps)"
+    elif (logged := read_attempts(racer.kind, work, record["attempts"])["last_step"]) < step:
+        why = f"the logs of attempts 1-{n} stop at step {logged}, before the checkpoint of step {step}"
+    else:
+        return record, step
+    print(f"[race] {racer.name}: {why}: starting over", flush=True)
+    return None, -1
 
 
 def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict:
     work, logs = work_root / racer.name, out / racer.name
+    settings = racer_settings(cfg, racer)
     stored = work / "result.json"
     if stored.is_file():
         result = json.loads(stored.read_text())
-        if result.get("settings") == racer_settings(cfg, racer):
+        if result.get("settings") == settings:
             print(f"[race] {racer.name}: finished earlier with these settings ({stored}), not run again", flush=True)
             return result
-    shutil.rmtree(work, ignore_errors=True)
+    record, resume = earlier_run(racer, work, settings)
+    if record is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        steps = probe_steps(cfg, racer, work) if cfg.seconds > 0 else cfg.steps
+        record = {"settings": settings, "steps": steps, "eval_every": max(1, steps // cfg.eval_points), "attempts": []}
+    steps, attempts = record["steps"], record["attempts"]
     shutil.rmtree(logs, ignore_errors=True)
-    work.mkdir(parents=True)
     logs.mkdir(parents=True)
-    steps = probe_steps(cfg, racer, work) if cfg.seconds > 0 else cfg.steps
-    eval_every = max(1, steps // cfg.eval_points)
-    argv, env, cwd = command(cfg, racer, steps, eval_every, work)
-    print(f"[race] {racer.name}: {' '.join(argv[2:])}", flush=True)
-    t0 = time.perf_counter()
-    stats = parse_log(racer.kind, run_logged(argv, env, cwd, logs / "train.log"))
-    wall = time.perf_counter() - t0
+    for attempt in attempts:  # --out may be new (a GPU call's): it gets every attempt's log
+        shutil.copy(work / attempt["log"], logs)
+    if resume == steps:
+        print(f"[race] {racer.name}: attempt {len(attempts)} trained all {steps} steps: on to the final bpb",
+              flush=True)
+    else:
+        log = f"train.attempt{len(attempts) + 1}.log" if attempts else "train.log"
+        argv, env, cwd = command(cfg, racer, steps, record["eval_every"], work)
+        if resume >= 0:
+            argv.append(f"--resume_from_step={resume}" if racer.kind == "ours" else f"--resume-from-step={resume}")
+            print(f"[race] {racer.name}: resuming from step {resume} (attempt {len(attempts) + 1}), log {log}",
+                  flush=True)
+        attempts.append({"log": log, "resume_from": resume, "started": time.time()})
+        (work / ATTEMPTS).write_text(json.dumps(record))
+        print(f"[race] {racer.name}: {' '.join(argv[2:])}", flush=True)
+        run_logged(argv, env, cwd, work / log, logs / log)
+    stats = read_attempts(racer.kind, work, attempts)
     if len(stats["step_seconds"]) != steps or not stats["evals"]:
         raise SystemExit(f"{racer.name}: parsed {len(stats['step_seconds'])} step lines of {steps} and "
-                         f"{len(stats['evals'])} evaluations from {logs / 'train.log'}; its log format changed?")
+                         f"{len(stats['evals'])} evaluations from {', '.join(a['log'] for a in attempts)} in {work}; "
+                         "its log format changed?")
     kept, compile_seconds = training_seconds(stats["step_seconds"])
     points = curve(stats["evals"], kept)
     final = final_bpb(cfg, racer, work)
     median_dt = statistics.median(kept)
+    wall = sum((work / a["log"]).stat().st_mtime - a["started"] for a in attempts)  # each to its last line
     result = {"name": racer.name, "kind": racer.kind, "flags": racer.flags, "steps": steps,
             "tok_per_s": cfg.total_batch_size / median_dt, "median_step_s": median_dt,
             "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
             "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
-            "compile_seconds": compile_seconds, "wall_seconds": wall, "curve": points,
+            "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts), "curve": points,
             "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
-            "own_minus_ours": points[-1][2] - final["bpb"], "settings": racer_settings(cfg, racer)}
+            "own_minus_ours": points[-1][2] - final["bpb"], "settings": settings}
     stored.write_text(json.dumps(result))
     return result
 

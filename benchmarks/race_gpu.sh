@@ -6,7 +6,9 @@
 #                                           (the machine stays warm), then: python -m benchmarks.race ARGS; a run
 #                                           cut off at 10 minutes goes on in the next call, finished racers kept
 # Make .race_a and .race_b here first with benchmarks/race_prepare.sh. Results land in $OUT/race (race.json,
-# race.png, each racer's train.log). A d12 racer of 100 steps takes ~3.5 minutes with its compile and evaluations.
+# race.png, each racer's logs). A d12 racer of 100 steps takes ~3.5 minutes with its compile and evaluations, one of
+# 400 steps 8-9.5: pass --save_every 100 and a racer cut off by the call's limit resumes from its newest checkpoint in
+# the next call (on the same warm machine: /root/race_work) instead of starting over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RACE=/root/race
@@ -31,8 +33,9 @@ case "$part" in
         n=$(ls "$RACE"/data/*.parquet | wc -l)
         [ "$n" -ge 5 ] || { echo "race_gpu.sh: $n shards in $RACE/data; stage .race_a and .race_b first"; exit 1; }
         # logs and race.json (rewritten after every racer) stream into $OUT, so a call cut off by its time limit
-        # still brings back the racers it finished; checkpoints stay in /root/race_work, where a racer that already
-        # finished with the same settings is not run again by the next call on this warm machine
+        # still brings back the racers it finished; checkpoints and logs stay in /root/race_work, where a racer that
+        # already finished with the same settings is not run again by the next call on this warm machine, and one
+        # cut off resumes from its newest checkpoint (--save_every N)
         python3 -m benchmarks.race --race_dir "$RACE" --peer "$RACE/peer" --out "${OUT:-out}/race" \
             --work /root/race_work "$@"
         ;;

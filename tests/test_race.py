@@ -1,7 +1,13 @@
-"""benchmarks.race: the smoke race end to end on the CPU, and its log parsing, timing and target arithmetic."""
+"""benchmarks.race: the smoke race end to end on the CPU, and its log parsing, timing and target arithmetic, and
+the resumption of a racer cut off mid-run."""
 import json
+import os
+import shutil
+import subprocess
+import time
 
 import pytest
+import torch
 
 from benchmarks import race
 from benchmarks.race_data import check_peer, split_text
@@ -101,3 +107,169 @@ def test_finished_racers_are_not_run_again(tmp_path, monkeypatch):
     assert race.run_racer(cfg, racer, tmp_path, tmp_path / "work")["name"] == "ours"
     with pytest.raises(BaseException, match="ran again"):
         race.run_racer(race.RaceConfig(out=str(tmp_path), steps=4), racer, tmp_path, tmp_path / "work")
+
+
+# Each trainer's lines: (steps done, ms) after a training step, (step, bpb) of an evaluation, peak memory GiB.
+FORMATS = {
+    "ours": (lambda done, ms: f"step {done:05d}/00006 | loss 4.0000 | lrm 1.000 | {ms} ms | 1,000 tok/s | MFU 40.0% | "
+                              "mem 2.00 GiB",
+             lambda step, bpb: f"step {step:05d} | val bpb {bpb:.4f}",
+             lambda gib: json.dumps({"val_bpb": 1.5, "peak_memory_gib": gib})),
+    "nanochat": (lambda done, ms: f"step {done - 1:05d}/00006 (0.00%) | loss: 4.000 | lrm: 1.00 | dt: {ms}.00ms | "
+                                  "tok/sec: 1,000 | bf16_mfu: 40.00 | epoch: 0 pq: 0 rg: 0 | total time: 0.00m",
+                 lambda step, bpb: f"Step {step:05d} | Validation bpb: {bpb:.6f}",
+                 lambda gib: f"Peak memory usage: {gib * 1024:.2f}MiB"),
+}
+
+
+def attempt_logs(kind: str) -> tuple[list[str], list[str]]:
+    """A 6-step run cut off after step 5, its checkpoint at step 4, and the attempt resumed from step 4 (the peer
+    evaluates the step it resumed from again; its first step compiles again)."""
+    step, evaluation, memory = FORMATS[kind]
+    first = [evaluation(0, 3.3), step(1, 45000), step(2, 1000), evaluation(2, 2.0), step(3, 1200), step(4, 1000),
+             evaluation(4, 1.8), step(5, 7700)]
+    second = [evaluation(4, 1.8)] if kind == "nanochat" else []
+    second += [step(5, 30000), step(6, 1200), evaluation(6, 1.5), memory(2.5)]
+    return first, second
+
+
+@pytest.mark.parametrize("kind", ["ours", "nanochat"])
+def test_attempts_merge_into_one_curve(kind):
+    """Each step and evaluation once, from the attempt that ran it last; the resumed compile counts as the median."""
+    first, second = attempt_logs(kind)
+    merged = race.merge_attempts(kind, [(-1, first), (4, second)])
+    assert merged["step_seconds"] == [45.0, 1.0, 1.2, 1.0, 30.0, 1.2]  # not step 5's 7.7 s of the first attempt
+    assert merged["evals"] == [(0, 3.3), (2, 2.0), (4, 1.8), (6, 1.5)]
+    assert len(merged["mfu"]) == 6 and merged["peak_memory_gib"] == 2.5 and merged["last_step"] == 6
+    kept, compile_seconds = race.training_seconds(merged["step_seconds"])
+    assert kept == [1.2, 1.0, 1.2, 1.0, 1.2, 1.2] and compile_seconds == pytest.approx(72.6)
+    assert race.curve(merged["evals"], kept)[-1] == (6, pytest.approx(6.8), 1.5)
+    cut_again = [FORMATS[kind][0](5, 30000)]  # an attempt cut off before its first checkpoint: superseded
+    assert race.merge_attempts(kind, [(-1, first), (4, cut_again), (4, second)]) == merged
+    assert race.merge_attempts(kind, [(-1, first)])["last_step"] == 5
+
+
+def fake_checkpoint(kind: str, base, step: int, complete: bool = True) -> None:
+    """The files each trainer writes for a checkpoint; an incomplete one as a save cut off midway leaves it."""
+    if kind == "ours":  # written whole by a rename: cut off, only its temporary dir is there
+        d = base / "checkpoints" / "base" / "r" / (f"step_{step:06d}" if complete else f".tmp_step_{step:06d}_1")
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text("{}")
+        torch.save({}, d / "model.safetensors")
+        return
+    d = base / "base_checkpoints" / "r"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"meta_{step:06d}.json").write_text("{}")
+    for name in (f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt"):
+        torch.save({"w": torch.zeros(1000)}, d / name)
+    if not complete:
+        data = (d / f"optim_{step:06d}_rank0.pt").read_bytes()
+        (d / f"optim_{step:06d}_rank0.pt").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("kind", ["ours", "nanochat"])
+def test_a_racer_cut_off_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch, capsys, kind):
+    racer, out = race.Racer("r", kind, []), tmp_path / "out"
+    cfg = race.RaceConfig(out=str(out), steps=6, eval_points=3, save_every=2, peer=str(tmp_path / "peer"))
+    work = out / "work" / "r"
+    work.mkdir(parents=True)
+    first, second = attempt_logs(kind)
+    (work / "train.log").write_text("\n".join(first) + "\n")
+    attempt = {"log": "train.log", "resume_from": -1, "started": time.time() - 60}
+    record = {"settings": race.racer_settings(cfg, racer), "steps": 6, "eval_every": 2, "attempts": [attempt]}
+    (work / "attempts.json").write_text(json.dumps(record))
+    for step, complete in ((2, True), (4, True), (6, False)):
+        fake_checkpoint(kind, work / "base", step, complete)
+    runs = []
+
+    def run_logged(argv, env, cwd, log, mirror=None):
+        runs.append(argv)
+        for path in (log, mirror):
+            path.write_text("\n".join(second) + "\n")
+
+    monkeypatch.setattr(race, "run_logged", run_logged)
+    monkeypatch.setattr(race, "final_bpb", lambda *a: {"bpb": 1.4})
+    result = race.run_racer(cfg, racer, out, out / "work")
+    flags = ["--save_every=2", "--resume_from_step=4"] if kind == "ours" else ["--save-every=2", "--resume-from-step=4"]
+    assert len(runs) == 1 and flags[0] in runs[0] and runs[0][-1] == flags[1]
+    assert "[race] r: resuming from step 4 (attempt 2)" in capsys.readouterr().out
+    assert [p[0] for p in result["curve"]] == [0, 2, 4, 6] and result["attempts"] == 2
+    assert result["train_seconds"] == pytest.approx(6.8) and result["wall_seconds"] >= 60
+    assert sorted(p.name for p in (out / "r").iterdir()) == ["train.attempt2.log", "train.log"]  # every attempt's
+
+    # killed after the final checkpoint (during the final bpb): not trained again
+    (work / "result.json").unlink()
+    fake_checkpoint(kind, work / "base", 6)
+    assert race.run_racer(cfg, racer, out, out / "work")["curve"] == result["curve"] and len(runs) == 1
+    assert "attempt 2 trained all 6 steps: on to the final bpb" in capsys.readouterr().out
+
+    # reasons to start over, each said
+    settings = race.racer_settings(cfg, racer)
+    assert race.earlier_run(racer, work, settings) == (json.loads((work / "attempts.json").read_text()), 6)
+    assert race.earlier_run(racer, work, {**settings, "steps": 8}) == (None, -1)
+    (work / "train.attempt2.log").write_text("")  # its lines lost
+    assert race.earlier_run(racer, work, settings) == (None, -1)
+    for d in (work / "base").glob("*checkpoints"):
+        shutil.rmtree(d)
+    assert race.earlier_run(racer, work, settings) == (None, -1)
+    said = capsys.readouterr().out
+    assert "an earlier attempt had other settings: starting over" in said
+    assert "stop at step 4, before the checkpoint of step 6: starting over" in said
+    assert "attempt 2 left no complete checkpoint" in said
+
+
+class CutOff(Exception):
+    """The call's time limit, as a test sees it: the racer's trainer killed, the race stopped."""
+
+
+def cut_off_after(monkeypatch, tag: str, done: int) -> None:
+    """Kill racer `tag`'s trainer once it has printed its step line for `done` steps, and stop the race."""
+    real = subprocess.Popen
+
+    def popen(argv, **kwargs):
+        proc = real(argv, **kwargs)
+        if "scripts.base_train" in argv and ({f"--model_tag={tag}", f"--model-tag={tag}"} & set(argv)):
+            lines, marks = proc.stdout, (f"step {done:05d}/", f"step {done - 1:05d}/")  # ours, the peer
+            kind_mark = marks[0] if f"--model_tag={tag}" in argv else marks[1]
+
+            def cut():
+                for line in lines:
+                    yield line
+                    if line.startswith(kind_mark):
+                        proc.kill()
+                        proc.wait()
+                        raise CutOff(f"{tag} cut off after step {done}")
+            proc.stdout = cut()
+        return proc
+
+    monkeypatch.setattr(race.subprocess, "Popen", popen)
+
+
+PEER = os.environ.get("PEER", "")  # a checkout of karpathy/nanochat at 92d63d4 with its needs: runs the peer too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ours", pytest.param("nanochat", marks=pytest.mark.skipif(
+    not PEER, reason="set PEER to a karpathy/nanochat checkout to race the peer on the CPU"))])
+def test_a_cut_off_racer_resumes_and_ends_where_an_uncut_one_does(tmp_path, monkeypatch, capsys, kind):
+    """Two racers of the same settings, the second cut off at step 12 (its checkpoint: step 10), then the race run
+    again: the second resumes and its curve and final bpb match the first's."""
+    args = ["--smoke", f"--out={tmp_path}", "--save_every=5", f"--racers=full={kind}; cut={kind}"]
+    args += [f"--peer={PEER}"] if kind == "nanochat" else []
+    with monkeypatch.context() as m:
+        cut_off_after(m, "cut", done=12)
+        with pytest.raises(CutOff):
+            race.main(args)
+    summary = race.main(args)
+    said = capsys.readouterr().out
+    assert "[race] full: finished earlier" in said and "[race] cut: resuming from step 10 (attempt 2)" in said
+    full, cut = summary["racers"]
+    assert full["attempts"] == 1 and cut["attempts"] == 2
+    assert [p[0] for p in cut["curve"]] == [p[0] for p in full["curve"]] == list(range(0, 21, 2))
+    # ours resumes exactly (weights, optimizer state, data position, schedule): on the CPU, without compilation, the
+    # same bits so far; 1e-6 leaves room for float sums whose order may vary between runs. The peer's loader resumes
+    # at the next row group (its "approximate resume"), other documents after step 10: close (0.004 seen), not equal
+    tolerance = 1e-6 if kind == "ours" else 0.01
+    assert [p[2] for p in cut["curve"]] == pytest.approx([p[2] for p in full["curve"]], abs=tolerance)
+    assert cut["final_bpb"] == pytest.approx(full["final_bpb"], abs=tolerance)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train.attempt2.log", "train.log"]
