@@ -497,3 +497,45 @@ def test_gpu_model_step_with_documents_matches_sdpa():
     loss_sdpa, grads_sdpa = loss_and_grads(model, idx, tgt, "sdpa")
     assert abs(loss_auto - loss_sdpa) < 1e-2 * abs(loss_sdpa)
     assert (grads_auto - grads_sdpa).norm() < 3e-2 * grads_sdpa.norm()
+
+
+# ---- benchmarks/bench_attention.py --doc_len ----
+
+def test_bench_attention_times_document_masked_rows_on_cpu(monkeypatch, capsys):
+    """The benchmark's CPU smoke run with documents: sdpa's document rows are checked against the benchmark's
+    own reference (documents masked there too) and timed with the masks reused, built fresh, and direct."""
+    import importlib
+    import json
+    bench = importlib.import_module("benchmarks.bench_attention")
+    monkeypatch.setattr("sys.argv", ["bench_attention", "--device=cpu", "--batch=2", "--heads=2", "--seq_len=64",
+                                     "--head_dim=8", "--window=16", "--warmup=1", "--repeats=2", "--burst=2",
+                                     "--burst_rounds=2", "--input_sets=2", "--seed=3", "--doc_len=12"])
+    bench.main()
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    docs = [r for r in result["rows"] if r.get("docs")]
+    assert result["all_correct"] and result["doc_len"] == 12 and result["docs_per_row"] > 2
+    assert [(r["backend"], r["window"]) for r in docs] == [("sdpa", None), ("sdpa", 16)]
+    assert all(r["layer_ms"] > 0 and r["fresh_ms"] > 0 and r["direct_ms_synced"] > 0 for r in docs)
+    assert "| sdpa | 16 docs |" in out and "docs: sdpa window 16: " in out
+
+
+def test_bench_attention_reference_masks_documents():
+    import importlib
+    bench = importlib.import_module("benchmarks.bench_attention")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    idx = packed_rows(ROWS, gen=g, continued=(1,))
+    q, k, v, grad = (torch.randn(2, 32, 2, 8, generator=g) for _ in range(4))
+    got = bench.reference([q, k, v, grad], 5, 1, Documents(idx, BOS).ids)[0]
+    want = per_document(lambda q, k, v: reference(q, k, v, 5), idx, q, k, v)
+    torch.testing.assert_close(got.double(), want, atol=FP32_ATOL, rtol=0, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_gpu_script_docs_part_commands_parse(tmp_path):
+    from tests.test_runs import check_commands, record_commands
+    commands = record_commands(tmp_path, "benchmarks/fa4_gpu.sh", {"OUT": str(tmp_path / "out"),
+                                                                   "FA4_SITE": str(tmp_path / "site")}, ("docs",))
+    assert check_commands(commands) == {"pytest", "benchmarks.bench_attention"}
+    assert ["tests/test_doc_mask.py"] == [a for c in commands for a in c if a.endswith(".py")]
+    assert any("--doc_len=512" in c for c in commands)
