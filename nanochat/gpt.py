@@ -188,6 +188,13 @@ def causal_attend(attn: "CausalSelfAttention", q: torch.Tensor, k: torch.Tensor,
     return attention(q, k, v, window=attn.window, backend=attn.backend)
 
 
+def document_attend(docs: Documents) -> Attend:
+    """causal_attend within the documents of packed rows (doc_mask), `docs` found once per forward."""
+    def attend(attn: "CausalSelfAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, window=attn.window, backend=attn.backend, layer_idx=attn.layer_idx, docs=docs)
+    return attend
+
+
 def lm_head_output(x: torch.Tensor, lm_head: nn.Linear, cfg: GPTConfig, targets: torch.Tensor | None,
                    loss_reduction: str) -> torch.Tensor:
     """Final norm, then softcapped fp32 logits [B, T, vocab_size] (no targets) or the loss through the
@@ -404,15 +411,9 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos + T} exceed the rotary table ({self.rotary_len} = "
                              f"{ROPE_LENGTH_FACTOR} x sequence_len); use a larger GPTConfig.sequence_len")
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        if kv_cache is None and self.config.doc_mask:
-            docs = Documents(idx, self.config.bos_id)  # once per forward: every layer shares it and its masks
-
-            def attend_docs(attn, q, k, v):
-                return attention(q, k, v, window=attn.window, backend=attn.backend, layer_idx=attn.layer_idx,
-                                 docs=docs)
-            return self.run(idx, cos, sin, attend_docs)
-        if kv_cache is None:
-            return self.run(idx, cos, sin)
+        if kv_cache is None:  # doc_mask: the documents found once per forward, shared by every layer
+            attend = document_attend(Documents(idx, self.config.bos_id)) if self.config.doc_mask else causal_attend
+            return self.run(idx, cos, sin, attend)
 
         def attend(attn, q, k, v):
             return attention(q, k, v, window=attn.window, backend=attn.backend, kv_cache=kv_cache,
