@@ -24,6 +24,12 @@ Correctness: fresh random inputs (seed printed) and output gradient; relative Fr
 dq, dk, dv against an fp32 explicit-mask softmax reference (chunked over the batch), must be <= --tol.
 Checks printed: every error within tol, flex with the window faster than flex full, max overhead.
 Prints a markdown table last, then one JSON line.
+
+Documents (`--doc_len N`, N > 0): also the rows of document-masked attention (--doc_mask) for every backend that
+can (fa4, flex, sdpa), on packed rows of random documents (a document starts at each position with probability
+1/N). `layer` reuses one Documents (its mask, BlockMask or cu_seqlens built on the first call: a forward's later
+layers), `fresh` builds them every call (a forward's first layer of a window); `direct` is the library with a
+prebuilt mask (FA4: flash_attn_varlen_func). The reference masks documents too.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ ISSUE_MS = {("cudnn", None): 3.05, ("flex", None): 4.27, ("sdpa-fa2", None): 5.3
 # and its largest relative error (out, dq, dk, dv) against the fp32 reference.
 FA4_SPEEDUP_TARGETS = {"full": 1.0, "window": 1.8}
 FA4_MAX_REL_ERR = 2.5e-3
+KINDS = ("layer", "fresh", "direct")  # fresh: document-masked rows only (their masks built in every call)
 
 
 @dataclass
@@ -70,6 +77,17 @@ class BenchConfig:
     ref_chunk: int = 4
     seed: int | None = None
     device: str = field(default="cuda", metadata={"help": "cpu: a smoke run of the script's logic (sdpa only)"})
+    doc_len: int = field(default=0, metadata={"help": "also time document-masked rows, documents of about this many "
+                                              "tokens (0 = off)"})
+
+
+BOS = 0  # the random documents' start token
+
+
+def random_documents(cfg: BenchConfig, device: torch.device, generator) -> torch.Tensor:
+    """Token ids [batch, seq_len] of packed random documents: each position is a BOS with probability 1/doc_len."""
+    starts = torch.rand(cfg.batch, cfg.seq_len, device=device, generator=generator) < 1 / cfg.doc_len
+    return torch.where(starts, BOS, BOS + 1)
 
 
 def direct_fn(name: str, window: int | None, T: int, device: torch.device):
@@ -112,8 +130,55 @@ def direct_fn(name: str, window: int | None, T: int, device: torch.device):
     return fn
 
 
-def layer_fn(name: str, window: int | None):
-    return lambda q, k, v: attention(q, k, v, window=window, backend=name)
+def direct_docs_fn(name: str, window: int | None, docs: attn_mod.Documents):
+    """The library call with documents, its mask prebuilt, on [B, T, H, D] tensors."""
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    B, T = docs.ids.shape
+    if name == "fa4":
+        from flash_attn.cute import flash_attn_varlen_func
+        cu, ws = docs.cu_seqlens(), attn_mod.FA4Backend.window_size(window, T)
+
+        def fn(q, k, v):
+            out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu,
+                                         cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True, window_size=ws)
+            return out[0].unflatten(0, (B, T))
+    elif name == "flex":
+        block_mask, flex = attn_mod._flex_document_mask(docs.ids, window), attn_mod._flex_fn(docs.ids.device)
+
+        def fn(q, k, v):
+            return t(flex(t(q), t(k), t(v), block_mask=block_mask))
+    elif name == "sdpa":
+        mask = docs.mask(window)
+
+        def fn(q, k, v):
+            return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask))
+    else:
+        raise ValueError(name)
+    return fn
+
+
+def layer_fn(name: str, window: int | None, docs: attn_mod.Documents | None = None):
+    return lambda q, k, v: attention(q, k, v, window=window, backend=name, docs=docs)
+
+
+def doc_variants(cfg: BenchConfig, device: torch.device, dtype: torch.dtype,
+                 idx: torch.Tensor) -> tuple[list[dict], list[str]]:
+    """The document-masked rows (layer, fresh and direct callables) of the backends that can mask documents."""
+    rows, notes, docs = [], [], attn_mod.Documents(idx, BOS)
+    wanted = set(cfg.backends) or set(ATTENTION_BACKENDS)
+    for window in (None, cfg.window):
+        for name, backend in ATTENTION_BACKENDS.items():
+            if name not in wanted or not backend.masks_documents or not backend.is_available()[0]:
+                continue  # an unavailable backend is noted with the rows without documents
+            if not backend.supports(window, dtype, device, True):
+                notes.append(f"{name}: does not support window {window or 'full'} with documents ({dtype}, "
+                             f"{device.type})")
+                continue
+            fresh = lambda q, k, v, name=name, window=window: attention(  # noqa: E731
+                q, k, v, window=window, backend=name, docs=attn_mod.Documents(idx, BOS))
+            rows.append(dict(backend=name, window=window, docs=True, layer=layer_fn(name, window, docs), fresh=fresh,
+                             direct=direct_docs_fn(name, window, docs)))
+    return rows, notes
 
 
 def variants(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[str]]:
@@ -180,9 +245,10 @@ def time_calls(fn, sets: list[list[torch.Tensor]], first: int, calls: int, devic
     return start.elapsed_time(end) / calls
 
 
-def reference(inputs, window: int | None, chunk: int) -> list[torch.Tensor]:
+def reference(inputs, window: int | None, chunk: int, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
     """fp32 softmax attention with the mask written out (key j visible to query i iff j <= i and
-    i - j < window): out, dq, dk, dv. Chunked over the batch to bound the [T, T] score memory."""
+    i - j < window, and with doc_ids [B, T] both in one document): out, dq, dk, dv. Chunked over the batch to
+    bound the [T, T] score memory."""
     q, k, v, grad_out = inputs
     T, D = q.size(1), q.size(3)
     i = torch.arange(T, device=q.device).view(T, 1)
@@ -192,7 +258,11 @@ def reference(inputs, window: int | None, chunk: int) -> list[torch.Tensor]:
     for s in range(0, q.size(0), chunk):
         qc, kc, vc = (x[s:s + chunk].detach().float().requires_grad_() for x in (q, k, v))
         scores = torch.einsum("bihd,bjhd->bhij", qc, kc) / math.sqrt(D)
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        seen = visible
+        if doc_ids is not None:
+            ids = doc_ids[s:s + chunk]
+            seen = visible & (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)
+        probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
         out = torch.einsum("bhij,bjhd->bihd", probs, vc)
         out.backward(grad_out[s:s + chunk].float())
         for acc, x in zip(results, (out.detach(), qc.grad, kc.grad, vc.grad)):
@@ -215,9 +285,9 @@ def versus_cudnn(results: list[dict], window: int) -> list[dict]:
             continue
         speedup = base / r["layer_ms"]
         kind = "full" if r["window"] is None else "window" if r["window"] == window else None
-        target = FA4_SPEEDUP_TARGETS.get(kind) if r["backend"] == "fa4" else None
-        rows.append(dict(backend=r["backend"], window=r["window"], speedup=round(speedup, 3), target=target,
-                         ok=None if target is None else speedup >= target))
+        target = FA4_SPEEDUP_TARGETS.get(kind) if r["backend"] == "fa4" and not r.get("docs") else None
+        rows.append(dict(backend=r["backend"], window=r["window"], docs=bool(r.get("docs")),
+                         speedup=round(speedup, 3), target=target, ok=None if target is None else speedup >= target))
     return rows
 
 
@@ -237,6 +307,14 @@ def main() -> None:
           f"{dtype} | window {cfg.window} | seed {seed}", flush=True)
 
     rows, notes = variants(cfg, device, dtype)
+    doc_ids, docs_per_row = None, None
+    if cfg.doc_len > 0:  # their own generator: the other rows' inputs stay those of the seed
+        idx = random_documents(cfg, device, torch.Generator(device=device).manual_seed(seed + 1))
+        doc_rows, doc_notes = doc_variants(cfg, device, dtype, idx)
+        rows, notes = rows + doc_rows, notes + doc_notes
+        doc_ids = attn_mod.Documents(idx, BOS).ids
+        docs_per_row = round(doc_ids[:, -1].float().mean().item(), 2)
+        print(f"documents: about {cfg.doc_len} tokens, {docs_per_row} per row on average", flush=True)
     for note in notes:
         print(f"skip {note}", flush=True)
 
@@ -246,21 +324,22 @@ def main() -> None:
     refs = {}
     for row in rows:
         fn = row["layer"] or row["direct"]
+        key = (row["window"], bool(row.get("docs")))
         try:
-            if row["window"] not in refs:
-                refs[row["window"]] = reference(check_inputs, row["window"], cfg.ref_chunk)
+            if key not in refs:
+                refs[key] = reference(check_inputs, row["window"], cfg.ref_chunk, doc_ids if key[1] else None)
             out = fwd_bwd(fn, check_inputs).detach()
             got = [out, *(x.grad for x in check_inputs[:3])]
-            row["errors"] = [rel_err(x, r) for x, r in zip(got, refs[row["window"]])]
+            row["errors"] = [rel_err(x, r) for x, r in zip(got, refs[key])]
         except Exception as exc:  # a failing backend is a row with its error, not a dead run
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        print(f"checked {row['backend']} window {row['window'] or 'full'}: "
+        print(f"checked {row['backend']} window {row['window'] or 'full'}{' docs' if key[1] else ''}: "
               f"{row.get('error') or ' '.join(f'{e:.2e}' for e in row['errors'])}", flush=True)
     del check_inputs, refs
 
     # timing
     sets = [make_inputs(cfg, device, dtype, gen) for _ in range(cfg.input_sets)]
-    timed = [(row, kind) for row in rows if "error" not in row for kind in ("layer", "direct") if row[kind]]
+    timed = [(row, kind) for row in rows if "error" not in row for kind in KINDS if row.get(kind)]
     for row, kind in list(timed):
         try:
             for w in range(cfg.warmup):
@@ -287,9 +366,9 @@ def main() -> None:
 
     results = []
     for row in rows:
-        res = dict(backend=row["backend"], window=row["window"])
+        res = dict(backend=row["backend"], window=row["window"], **({"docs": True} if row.get("docs") else {}))
         for suffix, _, _ in modes:
-            for kind in ("layer", "direct"):
+            for kind in KINDS:
                 if row.get(f"{kind}{suffix}_times"):
                     res[f"{kind}_ms{suffix}"] = round(statistics.median(row[f"{kind}{suffix}_times"]), 4)
             layers, directs = row.get(f"layer{suffix}_times"), row.get(f"direct{suffix}_times")
@@ -301,11 +380,12 @@ def main() -> None:
             res["correct"] = max(row["errors"]) <= cfg.tol
         if "error" in row:
             res["error"] = row["error"]
-        res["issue_ms"] = ISSUE_MS.get((row["backend"], row["window"]))
+        res["issue_ms"] = None if row.get("docs") else ISSUE_MS.get((row["backend"], row["window"]))
         results.append(res)
 
     def ms(backend, window, kind="layer_ms"):
-        return next((r.get(kind) for r in results if r["backend"] == backend and r["window"] == window), None)
+        return next((r.get(kind) for r in results if r["backend"] == backend and r["window"] == window
+                     and not r.get("docs")), None)
 
     flex_full, flex_win = ms("flex", None), ms("flex", cfg.window)
     flex_window_faster = None if flex_full is None or flex_win is None else flex_win < flex_full
@@ -325,8 +405,14 @@ def main() -> None:
     vs_cudnn = versus_cudnn(results, cfg.window)
     for v in vs_cudnn:
         goal = "" if v["target"] is None else f" (target >= {v['target']}x) {'PASS' if v['ok'] else 'FAIL'}"
-        print(f"{'target' if goal else 'info'}: {v['backend']} window {v['window'] or 'full'} vs cudnn full causal: "
-              f"{v['speedup']:.2f}x{goal}")
+        print(f"{'target' if goal else 'info'}: {v['backend']} window {v['window'] or 'full'}"
+              f"{' docs' if v['docs'] else ''} vs cudnn full causal: {v['speedup']:.2f}x{goal}")
+    for r in results:
+        if r.get("docs") and r.get("layer_ms") and r.get("fresh_ms"):
+            plain = ms(r["backend"], r["window"])
+            print(f"docs: {r['backend']} window {r['window'] or 'full'}: {r['layer_ms']:.3f} ms with the masks reused, "
+                  f"{r['fresh_ms']:.3f} ms building them ({r['fresh_ms'] - r['layer_ms']:+.3f} ms)"
+                  + (f"; without documents {plain:.3f} ms" if plain else ""))
     fa4_errors = [max(r["rel_err"].values()) for r in results if r["backend"] == "fa4" and "rel_err" in r]
     if fa4_errors:
         print(f"target: fa4 relative errors (out, dq, dk, dv) <= {FA4_MAX_REL_ERR:g}: max {max(fa4_errors):.2e} "
@@ -341,11 +427,12 @@ def main() -> None:
         ok = "error" if "error" in r else ("yes" if r.get("correct") else "NO")
         timings = " | ".join(f"{fmt(r.get(f'layer_ms{s}'))} | {fmt(r.get(f'direct_ms{s}'))} | "
                              f"{fmt(r.get(f'overhead_pct{s}'), '{:+.2f}%')}" for s, _, _ in modes)
-        print(f"| {r['backend']} | {r['window'] or 'full'} | {timings} | {fmt(r['issue_ms'], '{:.2f}')} | {errs} | {ok} |")
+        print(f"| {r['backend']} | {r['window'] or 'full'}{' docs' if r.get('docs') else ''} | {timings} | {fmt(r['issue_ms'], '{:.2f}')} | {errs} | {ok} |")
     print(json.dumps(dict(
         bench="attention", gpu=gpu, torch=torch.__version__, dtype=str(dtype).replace("torch.", ""),
         shape=dict(B=cfg.batch, H=cfg.heads, T=cfg.seq_len, D=cfg.head_dim, window=cfg.window), seed=seed,
-        repeats=cfg.repeats, burst=cfg.burst, burst_rounds=cfg.burst_rounds, rows=results, skipped=notes,
+        repeats=cfg.repeats, burst=cfg.burst, burst_rounds=cfg.burst_rounds, doc_len=cfg.doc_len,
+        docs_per_row=docs_per_row, rows=results, skipped=notes,
         all_correct=all_correct, vs_cudnn_full=vs_cudnn,
         fa4_max_rel_err=max(fa4_errors) if fa4_errors else None,
         flex_window_faster=flex_window_faster, max_overhead_pct=max(overheads) if overheads else None,

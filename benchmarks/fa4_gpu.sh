@@ -9,6 +9,10 @@
 #    and window 512, with issue 26's speedup targets over cuDNN's full causal
 # and a short table last (benchmarks/fa4_summary.py). FA4 JIT-compiles each kernel configuration on first use
 # (~10-15 s each, about 8 here); its disk cache (fa4_env.sh) lets the later steps reuse them. Logs: $OUT/*.txt.
+#   bash benchmarks/fa4_gpu.sh docs       # document masking (--doc_mask) instead, at most ~9 minutes:
+# the GPU tests of tests/test_doc_mask.py (flex and fa4 with documents against sdpa in fp32, forward and backward;
+# compiled equals eager, new documents do not recompile; a doc-masked SSSL model step), then bench_attention
+# --doc_len 512: fa4, flex and sdpa with and without documents (FA4's varlen kernels: a few more JIT compiles).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -17,6 +21,11 @@ source benchmarks/fa4_env.sh
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
         echo "rc=$? ($name)"
         grep -v "^\[nanochat\] attention: layer" "$OUT/$name.txt" | tail -n "${TAIL:-4}" | cut -c1-1200; }
+if [ "${1:-}" = docs ]; then
+    TAIL=4 run doc_mask_gpu_tests 280 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_doc_mask.py
+    TAIL=16 run bench_attention_docs 250 python3 -m benchmarks.bench_attention --backends=fa4,flex,sdpa --doc_len=512
+    exit 0
+fi
 TAIL=3 run fa4_available 60 python3 -c "
 import time, torch
 from nanochat.kernels.attention import ATTENTION_BACKENDS

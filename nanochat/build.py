@@ -47,6 +47,8 @@ class BuildConfig:
     qk_scale: float = field(default=1.2, metadata={"help": "q and k times this after QK-norm"})
     rope_base: float = field(default=100_000.0, metadata={"help": "rotary base frequency"})
     unet_skips: bool = field(default=False, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
+    doc_mask: bool = field(default=False, metadata={"help": "attention (and the smear) within each document of a "
+                                                    "packed row only, documents starting at BOS (fa4, flex or sdpa)"})
     init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
     c_fc_init_scale: float = field(default=0.4, metadata={"help": "the MLP input matrix's initial scale factor"})
     embedding_init_std: float = field(default=0.8, metadata={"help": "initial std of the token embedding"})
@@ -81,16 +83,18 @@ class BuildConfig:
                                                       "of a semi-orthogonal matrix (Muon+)"})
     shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
 
-    def model_config(self, vocab_size: int, depth: int | None = None, recipe: bool = True) -> GPTConfig:
-        """The GPTConfig of these flags (or of the same recipe at another depth). recipe=False: the shape and the
-        runtime choices only, GPTConfig's defaults for the rest (the plain block: `--recipe false` of
-        scripts.profile_kernels, and Transformer Engine's layers there)."""
+    def model_config(self, vocab_size: int, depth: int | None = None, recipe: bool = True,
+                     bos_id: int | None = None) -> GPTConfig:
+        """The GPTConfig of these flags (or of the same recipe at another depth), `bos_id` the tokenizer's
+        (doc_mask needs it). recipe=False: the shape, the runtime choices and doc_mask only, GPTConfig's
+        defaults for the rest (the plain block: `--recipe false` of scripts.profile_kernels, and Transformer
+        Engine's layers there)."""
         seq = self.max_seq_len
         if not recipe:
             return config_from_depth(depth or self.depth, vocab_size=vocab_size, sequence_len=seq,
                                      aspect_ratio=self.aspect_ratio, head_dim=self.head_dim,
                                      window_pattern=self.window_pattern, attn_backend=self.attn,
-                                     recompute=self.recompute)
+                                     recompute=self.recompute, doc_mask=self.doc_mask, bos_id=bos_id)
         short = self.short_window if self.short_window is not None else -(-seq // 4 // 128) * 128
         return config_from_depth(
             depth or self.depth, vocab_size=vocab_size, sequence_len=seq, aspect_ratio=self.aspect_ratio,
@@ -99,7 +103,7 @@ class BuildConfig:
             backout=self.backout, qk_scale=self.qk_scale, rope_base=self.rope_base, unet_skips=self.unet_skips,
             init_ramp=self.init_ramp, c_fc_init_scale=self.c_fc_init_scale,
             embedding_init_std=self.embedding_init_std, attn_backend=self.attn, recompute=self.recompute,
-            **({"n_kv_head": self.n_kv_head} if self.n_kv_head else {}))
+            doc_mask=self.doc_mask, bos_id=bos_id, **({"n_kv_head": self.n_kv_head} if self.n_kv_head else {}))
 
     def optimizer_options(self, lr_scale: float = 1.0, wd_scale: float = 1.0) -> dict:
         """build_optimizer's keyword arguments: every learning rate times lr_scale, the weight decay times wd_scale."""
@@ -123,13 +127,14 @@ class Built(NamedTuple):
 
 
 def build(cfg: BuildConfig, device: torch.device, vocab_size: int, *, lr_scale: float = 1.0,
-          wd_scale: float = 1.0, recipe: bool = True) -> Built:
+          wd_scale: float = 1.0, recipe: bool = True, bos_id: int | None = None) -> Built:
     """The model (freshly initialized: seed torch first) and its optimizer, in the one order that works (see the
     module docstring). Fills cfg.compile when unset. recipe=False: the plain block (BuildConfig.model_config)
-    and build_optimizer's own defaults, for comparisons with the public nanochat's model."""
+    and build_optimizer's own defaults, for comparisons with the public nanochat's model. bos_id: the
+    tokenizer's (--doc_mask needs it)."""
     cfg.resolve_compile(device.type)
     with torch.device("meta"):
-        model = model_class(cfg.arch)(cfg.model_config(vocab_size, recipe=recipe))
+        model = model_class(cfg.arch)(cfg.model_config(vocab_size, recipe=recipe, bos_id=bos_id))
     model.to_empty(device=device)
     model.init_weights()
     kernels.set_kernel_backend(cfg.kernel)

@@ -17,7 +17,9 @@ Options (GPTConfig; all off by default, so older checkpoints load as they traine
 position's embedding with the previous token's through a learned gate (a cheap bigram); `backout`
 subtracts a learned fraction of the mid-depth residual before the final norm; `value_embed_gate="input"`
 gates value embeddings per kv head from the block input; `qk_scale` sharpens attention after QK-norm;
-`rope_base`; `unet_skips` adds each early layer's output to its mirror layer's input with a learned weight.
+`rope_base`; `unet_skips` adds each early layer's output to its mirror layer's input with a learned weight;
+`doc_mask` keeps each document of a packed row to itself (every document starts with `bos_id`): attention
+does not cross a document start, nor does the smear (a BOS token gets nothing of the token before it).
 
 One block computation serves training, prefill and the decode step: `GPT.run` takes the rotary rows and an
 `attend(attn, q, k, v)` callable, so a feature is written once and inference stays exact.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanochat import kernels
-from nanochat.kernels.attention import ATTENTION_BACKENDS, attention
+from nanochat.kernels.attention import ATTENTION_BACKENDS, Documents, attention, check_doc_mask_backend
 
 ROPE_BASE = 10000.0
 ROPE_LENGTH_FACTOR = 10  # rotary tables cover 10 x sequence_len positions, room for long generations
@@ -66,6 +68,8 @@ class GPTConfig:
     backout: bool = False
     value_embed_gate: str = "scalar"  # scalar: one learned gate per kv head; input: 3 sigmoid(W x[:12]) per kv head
     unet_skips: bool = False
+    doc_mask: bool = False           # forwards without a KV cache stay within each document (see the module docstring)
+    bos_id: int | None = None        # the token that starts every document (the tokenizer's <|bos|>); doc_mask reads it
     # initialization only (a checkpoint runs the same without them)
     init_ramp: bool = False          # resid lambdas 1.15 -> 1.05 and x0 lambdas 0.20 -> 0.05 over depth, not 1 and 0
     c_fc_init_scale: float = 1.0     # the MLP's input matrix starts at this times the other matrices' scale
@@ -95,6 +99,12 @@ class GPTConfig:
             raise ValueError(f"smear needs n_embd >= {SMEAR_CHANNELS} and the input gate >= {VE_GATE_CHANNELS}; "
                              f"got n_embd={self.n_embd}")
         ATTENTION_BACKENDS.canonical(self.attn_backend)  # an unknown name fails here, listing the choices
+        if self.doc_mask:
+            if self.bos_id is None or not 0 <= self.bos_id < self.vocab_size:
+                raise ValueError(f"doc_mask needs bos_id, the token that starts every document, in [0, vocab_size="
+                                 f"{self.vocab_size}); got {self.bos_id!r}. Pass the tokenizer's: "
+                                 "bos_id=tokenizer.get_bos_token_id() (scripts.base_train does)")
+            check_doc_mask_backend(self.attn_backend)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -176,6 +186,13 @@ Attend = Callable[["CausalSelfAttention", torch.Tensor, torch.Tensor, torch.Tens
 def causal_attend(attn: "CausalSelfAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Training's attention: q [B, T, H, D] over k, v [B, T, Hkv, D] of the same positions, the layer's window."""
     return attention(q, k, v, window=attn.window, backend=attn.backend)
+
+
+def document_attend(docs: Documents) -> Attend:
+    """causal_attend within the documents of packed rows (doc_mask), `docs` found once per forward."""
+    def attend(attn: "CausalSelfAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, window=attn.window, backend=attn.backend, layer_idx=attn.layer_idx, docs=docs)
+    return attend
 
 
 def lm_head_output(x: torch.Tensor, lm_head: nn.Linear, cfg: GPTConfig, targets: torch.Tensor | None,
@@ -394,8 +411,9 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos + T} exceed the rotary table ({self.rotary_len} = "
                              f"{ROPE_LENGTH_FACTOR} x sequence_len); use a larger GPTConfig.sequence_len")
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        if kv_cache is None:
-            return self.run(idx, cos, sin)
+        if kv_cache is None:  # doc_mask: the documents found once per forward, shared by every layer
+            attend = document_attend(Documents(idx, self.config.bos_id)) if self.config.doc_mask else causal_attend
+            return self.run(idx, cos, sin, attend)
 
         def attend(attn, q, k, v):
             return attention(q, k, v, window=attn.window, backend=attn.backend, kv_cache=kv_cache,
@@ -416,7 +434,8 @@ class GPT(nn.Module):
         cfg = self.config
         x = embed(self.wte, idx)
         if cfg.smear:
-            x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]))
+            x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]),
+                            idx == cfg.bos_id if cfg.doc_mask else None)
         x0, mid, skips = x, None, []
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -432,12 +451,16 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.to(x.dtype) * mid
         return x
 
-    def _smear(self, x: torch.Tensor, before_first: torch.Tensor | None) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, before_first: torch.Tensor | None,
+               doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         """x_t + lambda sigmoid(w . x_t[:SMEAR_CHANNELS]) x_{t-1}, where x_{-1} is `before_first` [B, 1, C]
-        (the previous token's normed embedding), or nothing when None (a sequence's first position)."""
+        (the previous token's normed embedding), or nothing when None (a sequence's first position); nothing
+        before the positions where `doc_starts` [B, T] is True either (doc_mask: documents stay apart)."""
         if before_first is None:
             before_first = torch.zeros_like(x[:, :1])
         before = torch.cat((before_first, x[:, :-1]), dim=1)
+        if doc_starts is not None:
+            before = before.masked_fill(doc_starts.unsqueeze(-1), 0.0)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate.to(x.dtype) * before
 

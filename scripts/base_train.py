@@ -22,7 +22,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -122,7 +122,7 @@ B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other 
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
     """target_param_data_ratio x the parameters a horizon scales with (block matrices + lm_head)."""
     with torch.device("meta"):
-        model = GPT(cfg.model_config(vocab_size, depth))
+        model = GPT(replace(cfg, doc_mask=False).model_config(vocab_size, depth))  # masking changes no parameter
     return round(cfg.target_param_data_ratio * model.scaling_params())
 
 
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     # model and optimizer (nanochat.build: meta device, init, kernels, precision, optimizer, compile)
     lr_scale, wd_scale = schedule["lr_scale"], schedule["wd_scale"]
     orig_model, model, optimizer = build(cfg, device, tokenizer.get_vocab_size(), lr_scale=lr_scale,
-                                         wd_scale=wd_scale)  # orig_model: uncompiled, for eval, sampling, saving
+                                         wd_scale=wd_scale,  # orig_model: uncompiled, for eval, sampling, saving
+                                         bos_id=tokenizer.get_bos_token_id())
     model_config = orig_model.config
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()

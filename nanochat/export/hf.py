@@ -35,8 +35,10 @@ MODELING_FILE = Path(__file__).with_name("modeling_nanochat.py")
 IMPLEMENTED_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                       "window_pattern", "short_window", "value_embeds", "softcap", "rope_base", "qk_scale", "smear",
                       "backout", "value_embed_gate", "unet_skips"}
-# ... and those that say how a run computed or initialized, not what the trained weights compute (left out)
-RUN_ONLY_FIELDS = {"attn_backend", "recompute", "init_ramp", "c_fc_init_scale", "embedding_init_std"}
+# ... and those that say how a run computed or initialized, not what the trained weights compute (left out);
+# doc_mask keeps packed training rows' documents apart: on one document, as the exported model runs, it is a no-op
+RUN_ONLY_FIELDS = {"attn_backend", "recompute", "init_ramp", "c_fc_init_scale", "embedding_init_std", "doc_mask",
+                   "bos_id"}
 AUTO_MAP = {"AutoConfig": "modeling_nanochat.NanochatConfig",
             "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"}
 CHAT_TEMPLATE = (

@@ -7,13 +7,20 @@ int, i - j < window (the window counts the query's own position). `window=None` 
 Hkv must divide H (grouped-query attention). The softmax scale is 1/sqrt(D).
 
 A backend is one class (nanochat.registry.Backend) with `is_available() -> (bool, reason)`,
-`supports(window, dtype, device)` (may it compute this layer correctly?) and `attend(q, k, v, window)`,
+`supports(window, dtype, device, doc_mask)` (may it compute this layer correctly?), `masks_documents`
+and `attend(q, k, v, window)`,
 plus one line in ATTENTION_BACKENDS. The registry order is auto's preference order: auto takes, per
 layer, the first backend that is available and supports the layer.
 
 With a KV cache (inference), this step's k/v are written at cache positions [pos, pos + T) and the
 queries attend over [0, pos + T) with the same mask, shifted by pos; the caller advances `pos`
 after its last layer.
+
+Document masking (`docs=Documents(idx, bos_id)`, training and evaluation over packed rows): a row holds
+several documents, each starting with BOS; query i then also needs key j in its own document. Backends
+that can (`masks_documents`: sdpa with an explicit mask, flex with a BlockMask, fa4 as variable-length
+sequences) implement `attend_docs(q, k, v, window, docs)`; auto skips the others (fa3, cudnn), and
+naming one of those with documents is an error. The KV-cache path decodes one document per row: no docs.
 """
 from __future__ import annotations
 
@@ -83,10 +90,58 @@ def _first(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
 
+class Documents:
+    """The documents of packed rows idx [B, T], for attention that stays within each of them.
+
+    Built once per forward from the token ids: a document starts at every `bos_id` and at a row's first
+    position (whatever its token). `ids` [B, T] int32 numbers each position's document within its row
+    (from 1); query i sees key j only if ids[b, i] == ids[b, j]. What a backend derives from it (a mask per
+    window, FA4's cu_seqlens) is built on first use and shared by the forward's other layers (`derived`).
+    """
+
+    def __init__(self, idx: torch.Tensor, bos_id: int) -> None:
+        starts = idx == bos_id
+        self.starts = torch.cat((torch.ones_like(starts[:, :1]), starts[:, 1:]), dim=1)
+        self.ids = self.starts.cumsum(1, dtype=torch.int32)
+        self._derived: dict[Any, Any] = {}
+
+    def derived(self, key: Any, build: Callable[[], Any]) -> Any:
+        """self's `key` structure, built by `build()` on first use (a per-forward cache: under torch.compile
+        it lives only within the trace, like the rest of the forward)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Boolean [B, 1, T, T], True = attend: the causal(+window) rule and the same document."""
+        T = self.ids.size(1)
+        same = self.ids.unsqueeze(2) == self.ids.unsqueeze(1)
+        return (causal_window_mask(T, T, window, self.ids.device) & same).unsqueeze(1)
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 [n + 1]: where each of the n documents of the flattened B * T positions starts, then B * T."""
+        return _cu_seqlens(self.starts)
+
+
+@torch.library.custom_op("nanochat::cu_seqlens", mutates_args=())
+def _cu_seqlens(starts: torch.Tensor) -> torch.Tensor:
+    """The flat offsets of the True positions of starts [B, T] (bool), then B * T, int32. Its length depends
+    on the data (a device sync), so it is one op with a dynamic output size: a compiled model stays one graph."""
+    flat = starts.flatten()
+    return torch.cat((flat.nonzero().flatten(), flat.new_tensor([flat.numel()], dtype=torch.long))).int()
+
+
+@_cu_seqlens.register_fake
+def _(starts):
+    return starts.new_empty(torch.library.get_ctx().new_dynamic_size(min=2), dtype=torch.int32)
+
+
 class SDPABackend(Backend):
-    """Portable PyTorch SDPA: is_causal for full windows, an explicit boolean mask for sliding ones."""
+    """Portable PyTorch SDPA: is_causal for full windows, an explicit boolean mask for sliding ones
+    and for documents."""
 
     name, summary = "sdpa", "PyTorch SDPA, any device"
+    masks_documents = True
 
     def attend(self, q, k, v, window):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -99,11 +154,18 @@ class SDPABackend(Backend):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_window_mask(T, window, q.device))
         return y.transpose(1, 2)
 
+    def attend_docs(self, q, k, v, window, docs):
+        mask = docs.derived(("sdpa", window), lambda: docs.mask(window))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k, v = _repeat_kv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
 
 class CudnnBackend(Backend):
     """SDPA pinned to cuDNN's fused attention: the fastest full-causal kernel on Hopper in torch."""
 
     name, summary = "cudnn", "SDPA on cuDNN, full causal"
+    masks_documents = False
 
     def is_available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -112,8 +174,8 @@ class CudnnBackend(Backend):
             return False, "cuDNN is not available in this torch build"
         return True, "ok"
 
-    def supports(self, window, dtype, device) -> bool:
-        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES and window is None
+    def supports(self, window, dtype, device, doc_mask=False) -> bool:
+        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES and window is None and not doc_mask
 
     def attend(self, q, k, v, window):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,6 +201,18 @@ def _flex_block_mask(T: int, window: int | None, device: torch.device):
                          lambda: create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device))
 
 
+def _flex_document_mask(ids: torch.Tensor, window: int | None):
+    """BlockMask [B] of Documents.ids [B, T]: causal(+window) within each document. Built per forward (the
+    documents change every batch): traced into a compiled model's graph, compiled on its own in eager CUDA
+    (else it materializes the dense [B, T, T] mask)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = (kv_idx <= q_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+        return visible if window is None else visible & (q_idx - kv_idx < window)
+    B, T = ids.shape
+    return create_block_mask(mask_mod, B=B, H=None, Q_LEN=T, KV_LEN=T, device=ids.device,
+                             _compile=ids.device.type == "cuda" and not torch.compiler.is_compiling())
+
+
 def _flex_fn(device: torch.device):
     """flex_attention is only fast compiled (a fused Triton kernel); compiled lazily, once. Elsewhere
     it runs eagerly (unfused, materializes the scores, forward only): for tests. Inside a compiled
@@ -155,11 +229,12 @@ class FlexBackend(Backend):
     """FlexAttention with a causal+sliding-window BlockMask: cost scales with the window, not T."""
 
     name, summary = "flex", "FlexAttention, CUDA"
+    masks_documents = True
 
     def is_available(self) -> tuple[bool, str]:
         return flex_attention is not None, _FLEX_REASON
 
-    def supports(self, window, dtype, device) -> bool:
+    def supports(self, window, dtype, device, doc_mask=False) -> bool:
         # On the CPU flex runs forward only and unfused (no backward): attend() works there for
         # testing, but the model never routes a CPU layer to it.
         return torch.device(device).type == "cuda" and dtype in (*HALF_DTYPES, torch.float32)
@@ -167,6 +242,12 @@ class FlexBackend(Backend):
     def attend(self, q, k, v, window):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         block_mask = _flex_block_mask(q.size(2), window, q.device)
+        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        return y.transpose(1, 2)
+
+    def attend_docs(self, q, k, v, window, docs):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        block_mask = docs.derived(("flex", window), lambda: _flex_document_mask(docs.ids, window))
         y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
         return y.transpose(1, 2)
 
@@ -193,6 +274,7 @@ class FA3Backend(Backend):
     """
 
     name, summary = "fa3", "FlashAttention-3, Hopper"
+    masks_documents = False  # its flash_attn_varlen_func could; not wired up without an FA3 build to test it on
     _available: tuple[bool, str] | None = None
 
     def is_available(self) -> tuple[bool, str]:
@@ -208,8 +290,8 @@ class FA3Backend(Backend):
                 self._available = (True, "ok")
         return self._available
 
-    def supports(self, window, dtype, device) -> bool:
-        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES
+    def supports(self, window, dtype, device, doc_mask=False) -> bool:
+        return torch.device(device).type == "cuda" and dtype in HALF_DTYPES and not doc_mask
 
     @staticmethod
     def window_size(window: int | None) -> tuple[int, int]:
@@ -237,45 +319,57 @@ class FA3Backend(Backend):
 _FA4: Any = None  # flash_attn.cute.interface, imported by FA4Backend.is_available() on a GPU that can run it
 
 
+def _fa4_varlen(cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> dict:
+    """FA4's variable-length arguments: the same sequences for queries and keys (documents), or none."""
+    if cu_seqlens is None:
+        return {}
+    return dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+
+
 @torch.library.custom_op("nanochat::fa4_forward", mutates_args=())
 def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int | None,
+                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention with FA4's (window_left, 0) window -> (out [B, T, H, D], lse [B, H, T] fp32)."""
+    """Causal attention with FA4's (window_left, 0) window -> (out [B, T, H, D], lse [B, H, T] fp32). With
+    cu_seqlens: q [N, H, D] holds the sequences [cu[i], cu[i+1]) of at most max_seqlen positions, each
+    attended on its own -> (out [N, H, D], lse [H, N])."""
     out, lse = _FA4._flash_attn_fwd(q, k, v, causal=True, window_size_left=window_left, window_size_right=0,
-                                    return_lse=True)[:2]
+                                    return_lse=True, **_fa4_varlen(cu_seqlens, max_seqlen))[:2]
     return out, lse
 
 
 @_fa4_forward.register_fake
-def _(q, k, v, window_left):
-    return q.new_empty(q.shape), q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)
+def _(q, k, v, window_left, cu_seqlens=None, max_seqlen=None):
+    lse_shape = (q.size(1), q.size(0)) if cu_seqlens is not None else (q.size(0), q.size(2), q.size(1))
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::fa4_backward", mutates_args=())
 def _fa4_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, window_left: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, window_left: int | None, cu_seqlens: torch.Tensor | None = None,
+                  max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _FA4._flash_attn_bwd(q, k, v, out, grad_out, lse, causal=True, window_size_left=window_left,
-                                      window_size_right=0)
+                                      window_size_right=0, **_fa4_varlen(cu_seqlens, max_seqlen))
     # FA4 allocates the grads like its (possibly re-laid-out) inputs; the fake impl promises contiguous ones
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_fa4_backward.register_fake
-def _(grad_out, q, k, v, out, lse, window_left):
+def _(grad_out, q, k, v, out, lse, window_left, cu_seqlens=None, max_seqlen=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, window_left = inputs
+    q, k, v, window_left, cu_seqlens, max_seqlen = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.window_left = window_left
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.window_left, ctx.max_seqlen = window_left, max_seqlen
 
 
 def _fa4_autograd(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _fa4_backward(grad_out, q, k, v, out, lse, ctx.window_left)
-    return dq, dk, dv, None
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(grad_out, q, k, v, out, lse, ctx.window_left, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None
 
 
 _fa4_forward.register_autograd(_fa4_autograd, setup_context=_fa4_setup_context)
@@ -313,6 +407,7 @@ class FA4Backend(Backend):
     appends to a KV cache, and on sm90 no split-KV either."""
 
     name, summary = "fa4", "FlashAttention-4, sm90+"
+    masks_documents = True  # as variable-length sequences (cu_seqlens): causal and windowed, forward and backward
     _available: tuple[bool, str] | None = None
 
     def is_available(self) -> tuple[bool, str]:
@@ -322,7 +417,7 @@ class FA4Backend(Backend):
                 log0(f"attention: fa4 unavailable: {self._available[1]}")
         return self._available
 
-    def supports(self, window, dtype, device) -> bool:
+    def supports(self, window, dtype, device, doc_mask=False) -> bool:
         return torch.device(device).type == "cuda" and dtype in HALF_DTYPES
 
     @staticmethod
@@ -333,6 +428,15 @@ class FA4Backend(Backend):
 
     def attend(self, q, k, v, window):
         return _fa4_forward(q, k, v, self.window_size(window, k.size(1))[0])[0]
+
+    def attend_docs(self, q, k, v, window, docs):
+        """The B * T positions as one batch of variable-length sequences, one per document (a row's last
+        document ends with the row): each sequence is attended alone, causally, with the window."""
+        B, T = q.shape[:2]
+        cu_seqlens = docs.derived("cu_seqlens", docs.cu_seqlens)
+        out = _fa4_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.window_size(window, T)[0],
+                           cu_seqlens, T)[0]
+        return out.unflatten(0, (B, T))
 
 
 # name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
@@ -348,47 +452,69 @@ _CHOICES: dict[tuple, str] = {}
 _LOGGED: set[tuple] = set()
 
 
-def select_backend(window: int | None, dtype: torch.dtype, device, backend: str = "auto") -> str:
-    """The backend name that computes a layer with this window/dtype/device.
+def check_doc_mask_backend(backend: str) -> None:
+    """Refuse document masking on a named backend that has no kernel for it (ValueError naming the fix)."""
+    name = ATTENTION_BACKENDS.canonical(backend)
+    if name != "auto" and not ATTENTION_BACKENDS[name].masks_documents:
+        able = ", ".join(n for n, b in ATTENTION_BACKENDS.items() if b.masks_documents)
+        raise ValueError(f"attention backend {name!r} cannot mask documents (--doc_mask true): it has no "
+                         f"per-document (variable-length) kernel here. Use --attn auto or one of {able}, "
+                         "or --doc_mask false")
+
+
+def select_backend(window: int | None, dtype: torch.dtype, device, backend: str = "auto",
+                   doc_mask: bool = False) -> str:
+    """The backend name that computes a layer with this window/dtype/device (and documents, doc_mask).
 
     auto: the first backend in ATTENTION_BACKENDS that is available and supports the layer. An
     explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
     compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
+    With doc_mask, a name that cannot mask documents at all is a ValueError (check_doc_mask_backend).
     """
     device = torch.device(device)
-    key = (backend, window, dtype, device.type)
+    key = (backend, window, dtype, device.type, doc_mask)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
-    if backend != "auto" and ATTENTION_BACKENDS.require(backend).supports(window, dtype, device):
+    if doc_mask:
+        check_doc_mask_backend(backend)
+    if backend != "auto" and ATTENTION_BACKENDS.require(backend).supports(window, dtype, device, doc_mask):
         choice = backend
     else:
-        choice = ATTENTION_BACKENDS.pick(window, dtype, device)  # sdpa serves every layer
+        choice = ATTENTION_BACKENDS.pick(window, dtype, device, doc_mask)  # sdpa serves every layer
     _CHOICES[key] = choice
     return choice
 
 
 @torch.compiler.assume_constant_result
-def _layer_backend(backend: str, window: int | None, dtype: torch.dtype, device_type: str, layer_idx: int) -> str:
+def _layer_backend(backend: str, window: int | None, dtype: torch.dtype, device_type: str, layer_idx: int,
+                   doc_mask: bool = False) -> str:
     """select_backend plus the once-per-layer log line. Under torch.compile this runs eagerly at trace
     time and its answer is baked into the graph: no graph break, no per-step Python."""
-    name = select_backend(window, dtype, device_type, backend)
-    if (layer_idx, window, name) not in _LOGGED:
-        _LOGGED.add((layer_idx, window, name))
+    name = select_backend(window, dtype, device_type, backend, doc_mask)
+    if (layer_idx, window, name, doc_mask) not in _LOGGED:
+        _LOGGED.add((layer_idx, window, name, doc_mask))
         note = "" if backend in ("auto", name) else f" ({backend} does not support this layer)"
-        log0(f"attention: layer {layer_idx} window {window or 'full'} -> {name}{note}")
+        docs = ", masked per document" if doc_mask else ""
+        log0(f"attention: layer {layer_idx} window {window or 'full'} -> {name}{docs}{note}")
     return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None, backend: str = "auto",
-              kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
-    """Causal attention, q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; see the module docstring."""
+              kv_cache=None, layer_idx: int = 0, docs: Documents | None = None) -> torch.Tensor:
+    """Causal attention, q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D], within each document of `docs`
+    when given; see the module docstring."""
     if window is not None and window < 1:
         raise ValueError(f"attention window must be >= 1 or None (full causal), got {window}")
     if kv_cache is not None:
+        if docs is not None:
+            raise ValueError("document masking is for forwards over packed rows, not the KV-cache path (it decodes "
+                             "one document per row): pass docs=None with a kv_cache")
         return _attend_cached(q, k, v, window, backend, kv_cache, layer_idx)
-    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx)
-    return ATTENTION_BACKENDS[name].attend(q, k, v, window)
+    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx, docs is not None)
+    if docs is None:
+        return ATTENTION_BACKENDS[name].attend(q, k, v, window)
+    return ATTENTION_BACKENDS[name].attend_docs(q, k, v, window, docs)
 
 
 def _attend_cached(q, k, v, window, backend, kv_cache, layer_idx):
