@@ -27,7 +27,7 @@ import torch
 
 from nanochat.calculator import calculate
 from nanochat.common import log0
-from nanochat.gpt import KVCache, lm_head_output
+from nanochat.model.gpt import KVCache, lm_head_output
 from nanochat.registry import Backend, Registry, package_status
 
 

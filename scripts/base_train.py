@@ -36,7 +36,7 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
 from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import check_precision
 from nanochat.runtime import setup_torch_env

@@ -53,7 +53,7 @@ class BenchConfig:
 
 
 def build_model(cfg: BenchConfig, device):
-    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.model.gpt import GPT, config_from_depth
 
     mcfg = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
     with torch.device("meta"):
@@ -80,7 +80,7 @@ def weight_bytes_per_step(model) -> int:
 @torch.inference_mode()
 def run_batch(model, cfg: BenchConfig, batch: int, device, shared: bool = False) -> dict:
     from nanochat.engine import StaticDecoder
-    from nanochat.gpt import KVCache
+    from nanochat.model.gpt import KVCache
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
     prompts = torch.randint(0, cfg.vocab_size, (1 if shared else batch, cfg.prompt_len), generator=gen)

@@ -327,7 +327,7 @@ def test_fa4_gpu_compiled_matches_eager_and_audits_as_fa4():
 def test_fa4_gpu_model_step_sssl_matches_sdpa():
     """A small GPT with SSSL windows: auto routes its window layers to fa4 (GQA 4:1), and a training step gives
     sdpa's loss and gradients."""
-    from nanochat.gpt import GPTConfig
+    from nanochat.model.gpt import GPTConfig
     from tests.test_gpt import build, loss_and_grads
     fa4_or_skip()
     cfg = GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,

@@ -10,7 +10,7 @@ from torch._inductor.utils import run_and_get_code
 from nanochat import engine as engine_mod
 from nanochat.conversation import render_for_completion
 from nanochat.engine import Engine, StaticDecoder, TextStream, sample_next
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.model.gpt import GPT, config_from_depth
 from tests.helpers_chat import byte_tokenizer, naive_generate, needs_triton_interpreter, tiny_model, tiny_tokenizer
 
 
@@ -218,7 +218,7 @@ def test_stacked_qkv_weights_follow_the_model():
 
 def test_stacked_qkv_weights_are_not_restacked_while_unchanged(monkeypatch):
     """A server loads a prompt per request and never trains: load_prompt restacks only after a weight changed."""
-    from nanochat.gpt import CausalSelfAttention
+    from nanochat.model.gpt import CausalSelfAttention
     model, tok = tiny_model(), tiny_tokenizer()
     decoder = StaticDecoder(model, slots=2, max_seq_len=64, fuse_qkv=True)
     stacked = []
@@ -389,7 +389,7 @@ def decode_greedily(dec: StaticDecoder, logits: torch.Tensor, seqs: list[list[in
 
 def test_load_prompt_row_by_row(tok, model):
     """A batch-2 prefill copied into two slots decodes like each prompt alone."""
-    from nanochat.gpt import KVCache
+    from nanochat.model.gpt import KVCache
 
     ps = [tok.encode("O Romeo, Romeo", prepend="<|bos|>"), tok.encode("Now is the winter", prepend="<|bos|>")]
     n = min(map(len, ps))

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.gpt import GPT, config_from_depth, rotary_tables
-from nanochat.gpt_te import TEGPT
-from nanochat.models import model_class
-from nanochat.registry import BackendUnavailable
 from nanochat.kernels import audit
+from nanochat.model import model_class
+from nanochat.model.gpt import GPT, config_from_depth, rotary_tables
+from nanochat.model.gpt_te import TEGPT
+from nanochat.registry import BackendUnavailable
 from nanochat.precision import (OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights, check_precision,
                                 convert_to_fp8, fp8_eligible)
 
@@ -165,7 +165,7 @@ def test_tegpt_without_te_names_package_and_install(monkeypatch):
 
 
 def test_te_helpers_match_our_gpt():
-    from nanochat.gpt_te import rope_freqs, te_window
+    from nanochat.model.gpt_te import rope_freqs, te_window
     assert te_window(None) == (-1, 0) and te_window(512) == (511, 0)  # query sees itself + 511 earlier keys
     freqs = rope_freqs(16, 64)
     cos, _ = rotary_tables(16, 64)
