@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         log0(f"val bpb {result['val_bpb']:.4f} over {steps} steps")
 
     if "sample" in evals and rank == 0:
-        from nanochat.engine import Engine
+        from nanochat.inference.engine import Engine
         engine = Engine(model, tokenizer)
         samples = []
         for prompt in progress_bar(SAMPLE_PROMPTS, desc="samples", unit="prompt"):

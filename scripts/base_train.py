@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         return bpb
 
     def sample() -> None:
-        from nanochat.engine import Engine
+        from nanochat.inference.engine import Engine
         engine = Engine(orig_model, tokenizer)
         for prompt in ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be"):
             tokens = tokenizer.encode(prompt, prepend="<|bos|>")

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import compute_init, device_name, log0
-from nanochat.engine import DECODE_ATTENTIONS, Engine, resolve_decode_attention
 from nanochat.flags import parse_flags
+from nanochat.inference.decoder import DECODE_ATTENTIONS, resolve_decode_attention
+from nanochat.inference.engine import Engine
 
 
 @dataclass
@@ -64,7 +65,7 @@ def build_model(cfg: BenchConfig, device):
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.02)
-    from nanochat.engine import cast_params
+    from nanochat.inference.engine import cast_params
 
     return cast_params(model).eval()
 
@@ -79,7 +80,7 @@ def weight_bytes_per_step(model) -> int:
 
 @torch.inference_mode()
 def run_batch(model, cfg: BenchConfig, batch: int, device, shared: bool = False) -> dict:
-    from nanochat.engine import StaticDecoder
+    from nanochat.inference.decoder import StaticDecoder
     from nanochat.model.gpt import KVCache
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)

@@ -62,7 +62,7 @@ def test_policy_gradient_loss_matches_hand_computation():
 
 def test_sample_group_masks_prompt_and_keeps_stop_token():
     from nanochat.conversation import render_for_completion
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
 
     tok = tiny_tokenizer()
     model = tiny_model()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.engine import DECODE_ATTENTIONS
+from nanochat.inference.decoder import DECODE_ATTENTIONS
 from nanochat.kernels import LOSS_BACKENDS
 from nanochat.kernels.attention import ATTENTION_BACKENDS
 from nanochat.model import ARCHITECTURES
