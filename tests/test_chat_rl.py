@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nanochat.sft_data import collate
+from nanochat.data.sft import collate
 from scripts.chat_rl import group_advantages, policy_gradient_loss, sample_group
 from tests.helpers_chat import tiny_model, tiny_tokenizer
 from tests.test_chat_sft import TAG, tiny_run, tiny_template  # noqa: F401  (fixtures)
