@@ -156,7 +156,7 @@ def profile_decode(decoder, steps: int) -> dict:
     per step (the floor of a graph replay), and the top kernels. Printed; returned for the JSON line."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanochat.kernels.audit import format_summary, profiler_events, summarize
+    from nanochat.profiling import format_summary, profiler_events, summarize
 
     decoder.step_outside_graph()
     torch.cuda.synchronize()

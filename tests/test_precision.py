@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.kernels import audit
+from nanochat import profiling
 from nanochat.model import model_class
 from nanochat.model.gpt import GPT, config_from_depth, rotary_tables
 from nanochat.model.gpt_te import TEGPT
@@ -177,18 +177,18 @@ def test_te_helpers_match_our_gpt():
 # --- audit patterns and script flags -------------------------------------------------------------------------
 
 def _summary(*names: str) -> dict:
-    return audit.summarize([(n, 100.0) for n in names])
+    return profiling.summarize([(n, 100.0) for n in names])
 
 
 def test_fp8_gemms_and_casts_are_grouped_and_expected():
     fp8 = _summary("nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT", "triton_red_fused_abs_amax_0",
                    "triton_poi_fused__to_copy_clamp_mul_reciprocal_1", "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT")
     assert fp8["groups"]["matmul"] == pytest.approx(0.5) and fp8["groups"]["quantize/transpose"] == pytest.approx(0.5)
-    assert audit.check_expectations(fp8, ["matmul=fp8"]) == []
+    assert profiling.check_expectations(fp8, ["matmul=fp8"]) == []
     bf16 = _summary("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT")
-    [failure] = audit.check_expectations(bf16, ["matmul=fp8"])
+    [failure] = profiling.check_expectations(bf16, ["matmul=fp8"])
     assert "nvjet_tst_192x192" in failure
-    assert audit.classify("triton_per_fused_clamp_div_ne_sum_0") != "quantize/transpose"  # the loss's count
+    assert profiling.classify("triton_per_fused_clamp_div_ne_sum_0") != "quantize/transpose"  # the loss's count
 
 
 def test_flags_parse_and_pass_through(monkeypatch):
