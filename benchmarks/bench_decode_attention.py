@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import masked_decode_attention
 from nanochat.flags import parse_flags
+from nanochat.inference.decoder import masked_decode_attention
 from nanochat.kernels.decode_attention import decode_attention, quantize_fp8
 
 

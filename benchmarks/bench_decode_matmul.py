@@ -40,7 +40,7 @@ class MatmulConfig:
 def shapes(depth: int, vocab_size: int) -> tuple[dict[str, tuple[int, int]], int]:
     """(in, out) features of each matmul of the model's decode step (q, k and v stacked, as the decoder runs
     them), and its number of layers."""
-    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.model.gpt import GPT, config_from_depth
 
     with torch.device("meta"):
         model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=2048))  # no matmul depends on it

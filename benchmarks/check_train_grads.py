@@ -97,7 +97,7 @@ def sign_flips(grads: list[torch.Tensor], ref: list[torch.Tensor], names: list[s
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_flags(CheckConfig, argv, description=__doc__.split("\n")[0])
-    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.model.gpt import GPT, config_from_depth
     from nanochat.optim import build_optimizer
     from nanochat.runtime import setup_torch_env
 

@@ -192,7 +192,7 @@ fp8|fp8_fast)
   ;;
 fp8_tests)
   TAIL=3 run gpu_tests 260 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py tests/test_precision.py \
-      tests/test_audit.py
+      tests/test_profiling.py
   ;;
 fp8_triton)
   TAIL=14 run bench_fp8_cast 150 python3 -m benchmarks.bench_fp8_cast

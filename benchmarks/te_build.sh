@@ -103,8 +103,8 @@ for name, rec in (("bf16", None), ("fp8 current", recipe.Float8CurrentScaling())
         print("FAIL", f"te.Linear {name}:", type(exc).__name__, str(exc)[:300])
         out[f"linear_{name.replace(' ', '_')}"] = "FAIL"
 try:
-    from nanochat.gpt import config_from_depth
-    from nanochat.models import model_class
+    from nanochat.model import model_class
+    from nanochat.model.gpt import config_from_depth
     from nanochat.precision import apply_precision
     cfg = config_from_depth(4, vocab_size=32768, sequence_len=512, window_pattern="SL")
     for precision in ("bf16", "fp8"):

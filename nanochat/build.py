@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from nanochat import kernels
-from nanochat.gpt import GPTConfig, config_from_depth
 from nanochat.kernels.attention import ATTENTION_BACKENDS
-from nanochat.models import ARCHITECTURES, model_class
+from nanochat.model import ARCHITECTURES, model_class
+from nanochat.model.gpt import GPTConfig, config_from_depth
 from nanochat.optim import MuonAdamW, build_optimizer
 from nanochat.precision import FP8_RECIPES, apply_precision, cache_low_precision_weights
 from nanochat.runtime import check_recompute, compile_model, default_compile

@@ -442,7 +442,7 @@ def load_model(phase: str = "base", device: str | torch.device = "cpu", tag: str
 def build_model(model_config: dict, model_state: dict, device: str | torch.device = "cpu"):
     """A GPT in eval mode from a checkpoint's model_config and weights. The attention backend and activation
     recompute are choices of a training run, not of the weights: reset to auto and none."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     config = GPTConfig(**{**model_config, "attn_backend": "auto", "recompute": "none"})
     with torch.device("meta"):

@@ -4,6 +4,7 @@ Knows nothing of the rest of nanochat, so every module can import it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -159,6 +160,13 @@ def autocast_precision(device: torch.device | str) -> str:
     """The precision the evaluation and fine-tuning stages run at, for their reports: bf16 autocast on
     CUDA, fp32 elsewhere."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere, so CPU runs stay fp32."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device | str) -> None:

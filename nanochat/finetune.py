@@ -23,7 +23,7 @@ from nanochat.optim import build_optimizer
 from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP
 
 if TYPE_CHECKING:
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
     from nanochat.optim import MuonAdamW
     from nanochat.tokenizer import Tokenizer
 

@@ -3,7 +3,7 @@
 
 fp8 recipes: `tensorwise` and `rowwise` swap eligible nn.Linear layers for torchao's Float8Linear, whose
 casts (amax, scale, clamp, cast, transpose) are plain PyTorch ops that torch.compile fuses into Triton
-kernels; `triton` swaps them for our own layers (nanochat/fp8_linear.py: torchao's tensorwise math with
+kernels; `triton` swaps them for our own layers (nanochat/model/fp8_linear.py: torchao's tensorwise math with
 our cast-and-transpose kernels, q/k/v as one GEMM and a fused ReLU² MLP), and `triton_delayed` for the
 same layers with delayed scaling (the cast records amaxes and scales from the recent ones: one pass over
 each tensor instead of two). Either way the layers keep the very same weight Parameters (fp32, same
@@ -54,7 +54,7 @@ class TorchaoRecipe(Backend):
 
 
 class OurRecipe(Backend):
-    """Our fp8 layers (nanochat/fp8_linear.py), tensorwise, with current or delayed scaling; --arch gpt only."""
+    """Our fp8 layers (nanochat/model/fp8_linear.py), tensorwise, with current or delayed scaling; --arch gpt only."""
 
     def __init__(self, name: str, delayed: bool, summary: str) -> None:
         self.name, self.delayed, self.summary = name, delayed, summary
@@ -66,7 +66,7 @@ class OurRecipe(Backend):
         return arch == "gpt"
 
     def convert(self, model: nn.Module, names: list[str], fast_accum: bool) -> None:
-        from nanochat.fp8_linear import convert_to_fp8_triton  # imports triton, an optional dependency
+        from nanochat.model.fp8_linear import convert_to_fp8_triton  # imports triton, an optional dependency
         convert_to_fp8_triton(model, names, fast_accum_backward=fast_accum, delayed=self.delayed)
 
 
@@ -180,7 +180,7 @@ def cache_low_precision_weights(model: nn.Module, optimizer, precision: str) -> 
     do (and no Triton import: it is not installed without a GPU)."""
     if precision != "fp8":
         return
-    from nanochat.fp8_linear import cache_fp8_weights
+    from nanochat.model.fp8_linear import cache_fp8_weights
     layers = cache_fp8_weights(model, optimizer)
     if layers:
         log0(f"fp8: {layers} layers cast their weights once per optimizer step")

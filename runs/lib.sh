@@ -57,7 +57,7 @@ pick_data_dir() {
   if [ -n "${DATA_DIR:-}" ]; then echo "$DATA_DIR"; return 0; fi
   if [ "$use_shared" = 1 ] && [ -d ../shared/data/pretrain ]; then echo ../shared/data/pretrain; return 0; fi
   if [ "$(find "$base/base_data" -maxdepth 1 -name '*.parquet' 2>/dev/null | wc -l)" -lt "$n" ]; then
-    "$PY" -m nanochat.dataset -n "$n" >&2 || return 1
+    "$PY" -m nanochat.data.download -n "$n" >&2 || return 1
   fi
   echo "$base/base_data"
 }

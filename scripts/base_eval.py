@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
 
     if "core" in evals:
-        from nanochat.eval.core import evaluate_core
-        from nanochat.tasks.core import load_core_tasks
+        from nanochat.eval.core_eval import evaluate_core
+        from nanochat.tasks.core_tasks import load_core_tasks
         tasks = load_core_tasks(cfg.data_root)
         if cfg.core_tasks != "all":
             wanted = [t.strip() for t in cfg.core_tasks.split(",") if t.strip()]
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         log0(f"val bpb {result['val_bpb']:.4f} over {steps} steps")
 
     if "sample" in evals and rank == 0:
-        from nanochat.engine import Engine
+        from nanochat.inference.engine import Engine
         engine = Engine(model, tokenizer)
         samples = []
         for prompt in progress_bar(SAMPLE_PROMPTS, desc="samples", unit="prompt"):

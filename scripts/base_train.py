@@ -36,7 +36,7 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
 from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import check_precision
 from nanochat.runtime import setup_torch_env
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         return bpb
 
     def sample() -> None:
-        from nanochat.engine import Engine
+        from nanochat.inference.engine import Engine
         engine = Engine(orig_model, tokenizer)
         for prompt in ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be"):
             tokens = tokenizer.encode(prompt, prepend="<|bos|>")

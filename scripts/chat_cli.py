@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, compute_init
 from nanochat.conversation import render_for_completion
-from nanochat.engine import Engine, TextStream, cast_params
 from nanochat.flags import parse_flags
+from nanochat.inference.engine import Engine, TextStream, cast_params
 
 
 @dataclass

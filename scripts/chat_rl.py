@@ -26,13 +26,13 @@ from nanochat import kernels
 from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_for_completion
-from nanochat.engine import Engine
+from nanochat.data.sft import collate
 from nanochat.finetune import FineTuneFlags, start_finetune
 from nanochat.flags import parse_flags, redeclare
+from nanochat.inference.engine import Engine
 from nanochat.optim import lr_multiplier
 from nanochat.progress import progress_bar
 from nanochat.runtime import setup_torch_env
-from nanochat.sft_data import collate
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tracking import Tracker
 

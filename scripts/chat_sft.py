@@ -24,12 +24,12 @@ from nanochat import kernels
 from nanochat.checkpoint import claim_checkpoint_dir
 from nanochat.common import compute_cleanup, compute_init, device_name, log0, peak_memory_gib
 from nanochat.conversation import render_conversation
+from nanochat.data.sft import SFTLoader, collate
 from nanochat.finetune import FineTuneFlags, start_finetune
 from nanochat.flags import parse_flags
 from nanochat.optim import lr_multiplier
 from nanochat.progress import progress_bar
 from nanochat.runtime import setup_torch_env
-from nanochat.sft_data import SFTLoader, collate
 from nanochat.tasks.base import Task
 from nanochat.tasks.mixture import sft_mixture
 from nanochat.tracking import Tracker

@@ -16,8 +16,9 @@ import torch
 
 from nanochat.checkpoint import ModelChoice
 from nanochat.common import autodetect_device_type, log0
-from nanochat.engine import DECODE_ATTENTIONS, cast_params
 from nanochat.flags import parse_flags
+from nanochat.inference.decoder import DECODE_ATTENTIONS
+from nanochat.inference.engine import cast_params
 from nanochat.web.params import Limits
 
 FLAG_ALIASES = {"-i": "source", "--tag": "model_tag"}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
-    "nanochat-dataset": "nanochat.dataset",          # download pretraining shards
+    "nanochat-dataset": "nanochat.data.download",    # download pretraining shards
     "nanochat-tok-train": "scripts.tok_train",       # train the tokenizer
     "nanochat-tok-eval": "scripts.tok_eval",         # evaluate it
     "nanochat-train": "scripts.base_train",          # pretrain

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import compute_init, device_name, log0
-from nanochat.engine import DECODE_ATTENTIONS, Engine, resolve_decode_attention
 from nanochat.flags import parse_flags
+from nanochat.inference.decoder import DECODE_ATTENTIONS, resolve_decode_attention
+from nanochat.inference.engine import Engine
 
 
 @dataclass
@@ -53,7 +54,7 @@ class BenchConfig:
 
 
 def build_model(cfg: BenchConfig, device):
-    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.model.gpt import GPT, config_from_depth
 
     mcfg = config_from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
     with torch.device("meta"):
@@ -64,7 +65,7 @@ def build_model(cfg: BenchConfig, device):
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.02)
-    from nanochat.engine import cast_params
+    from nanochat.inference.engine import cast_params
 
     return cast_params(model).eval()
 
@@ -79,8 +80,8 @@ def weight_bytes_per_step(model) -> int:
 
 @torch.inference_mode()
 def run_batch(model, cfg: BenchConfig, batch: int, device, shared: bool = False) -> dict:
-    from nanochat.engine import StaticDecoder
-    from nanochat.gpt import KVCache
+    from nanochat.inference.decoder import StaticDecoder
+    from nanochat.model.gpt import KVCache
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + batch)
     prompts = torch.randint(0, cfg.vocab_size, (1 if shared else batch, cfg.prompt_len), generator=gen)
@@ -155,7 +156,7 @@ def profile_decode(decoder, steps: int) -> dict:
     per step (the floor of a graph replay), and the top kernels. Printed; returned for the JSON line."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanochat.kernels.audit import format_summary, profiler_events, summarize
+    from nanochat.profiling import format_summary, profiler_events, summarize
 
     decoder.step_outside_graph()
     torch.cuda.synchronize()

@@ -8,7 +8,7 @@ Builds scripts.base_train's model and optimizer from the same flags (nanochat.bu
 2048 by default; `--recipe false`: the plain GPT and optimizer) with random weights, on random tokens (no
 tokenizer or data needed), runs `--warmup` steps (compilation, autotuning) and then `--steps` training
 steps (forward, backward, optimizer) under torch.profiler, or under Nsight Systems with `--profiler=nsys`
-(`auto`: nsys when it is on PATH). Prints the group shares and top kernels (nanochat.kernels.audit), and
+(`auto`: nsys when it is on PATH). Prints the group shares and top kernels (nanochat.profiling), and
 exits 1 when an `--expect group=backend` is not met, naming what ran instead. Last line: JSON {"groups",
 "top", "expect_failures", ...}. On the CPU the "kernels" are aten ops: good for a smoke test, not for the grouping.
 """
@@ -28,12 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanochat import kernels
+from nanochat import kernels, profiling
 from nanochat.build import BuildConfig, build
 from nanochat.common import compute_init, device_name, peak_flops, peak_memory_gib, print0, synchronize
 from nanochat.flags import parse_flags, redeclare
 from nanochat.kernels import attention as attention_backends
-from nanochat.kernels import audit
 from nanochat.precision import OUR_FP8_RECIPES
 from nanochat.runtime import apply_inductor_config
 
@@ -156,7 +155,7 @@ def profile_torch(step, cfg: ProfileConfig, device: torch.device) -> list[tuple[
         synchronize(device)
     if cfg.trace:
         prof.export_chrome_trace(cfg.trace)
-    return audit.profiler_events(prof, on_cuda=device.type == "cuda")
+    return profiling.profiler_events(prof, on_cuda=device.type == "cuda")
 
 
 def profile_nsys(cfg: ProfileConfig, argv: list[str]) -> list[tuple[str, float]]:
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_flags(ProfileConfig, argv, description=__doc__.split("\n")[0])
     expects = [e for spec in cfg.expect for e in spec.split(",") if e]
     for spec in expects:
-        audit.parse_expect(spec)  # a typo fails now, not after the run
+        profiling.parse_expect(spec)  # a typo fails now, not after the run
     if cfg.profiler not in ("torch", "nsys", "auto"):
         raise ValueError(f"--profiler must be torch, nsys or auto, got {cfg.profiler!r}")
     use_nsys = cfg.profiler == "nsys" or (cfg.profiler == "auto" and shutil.which("nsys") is not None)
@@ -216,11 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         events = profile_torch(step, cfg, device)
         device_label = device_name(device)
 
-    summary = audit.summarize(events, top=cfg.top)
-    failures = audit.check_expectations(summary, expects)
+    summary = profiling.summarize(events, top=cfg.top)
+    failures = profiling.check_expectations(summary, expects)
     print0(f"kernel audit: {cfg.steps} steps, depth {cfg.depth}, batch {cfg.device_batch_size}x{cfg.max_seq_len}, "
            f"loss={cfg.kernel}, attn={cfg.attn}, compile={cfg.compile}, on {device_label}")
-    print0(audit.format_summary(summary))
+    print0(profiling.format_summary(summary))
     for f in failures:
         print0(f"EXPECTATION FAILED: {f}")
     result = {
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "ms_per_step": round(k["us"] / 1e3 / max(cfg.steps, 1), 3)} for k in summary["top"]],
         "expect_failures": failures,
         "total_ms_per_step": round(summary["total_us"] / 1e3 / max(cfg.steps, 1), 3),
-        "kernels_ran": audit.top_kernel_per_group(summary, ("attention", "loss", "matmul")),
+        "kernels_ran": profiling.top_kernel_per_group(summary, ("attention", "loss", "matmul")),
         "timing": timing if not use_nsys else {},
         "config": asdict(cfg),
     }

@@ -68,7 +68,7 @@ def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256
     noise to every weight matrix and set the gates, so that the logits are spread out, each position really
     depends on the context, and every option acts.
     """
-    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.model.gpt import GPT, config_from_depth
 
     cfg = config_from_depth(2, vocab_size=tiny_tokenizer().get_vocab_size(), sequence_len=sequence_len,
                             aspect_ratio=32, head_dim=32, window_pattern=window_pattern,

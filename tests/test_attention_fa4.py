@@ -299,7 +299,7 @@ def test_fa4_gpu_matches_fp64_reference(window, Hkv):
 def test_fa4_gpu_compiled_matches_eager_and_audits_as_fa4():
     from torch.profiler import ProfilerActivity, profile
 
-    from nanochat.kernels import audit
+    from nanochat import profiling
     fa4_or_skip()
     q, k, v, g = gpu_inputs(2, 512, 4, 1, 128, seed=1)
     fn = torch.compile(lambda q, k, v: attn_mod.attention(q, k, v, window=128, backend="fa4"), fullgraph=True)
@@ -315,19 +315,19 @@ def test_fa4_gpu_compiled_matches_eager_and_audits_as_fa4():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         fn(*leaves).backward(g)
         torch.cuda.synchronize()
-    summary = audit.summarize(audit.profiler_events(prof))
+    summary = profiling.summarize(profiling.profiler_events(prof))
     attention_kernels = [k["name"] for k in summary["kernels"] if k["group"] == "attention"]
     print("fa4 kernels:", *attention_kernels, sep="\n  ")
-    assert audit.check_expectations(summary, ["attention=fa4"]) == []
-    assert audit.check_expectations(summary, ["attention=fa3"]) != []
-    assert audit.check_expectations(summary, ["attention=fa2"]) != []
+    assert profiling.check_expectations(summary, ["attention=fa4"]) == []
+    assert profiling.check_expectations(summary, ["attention=fa3"]) != []
+    assert profiling.check_expectations(summary, ["attention=fa2"]) != []
 
 
 @pytest.mark.gpu
 def test_fa4_gpu_model_step_sssl_matches_sdpa():
     """A small GPT with SSSL windows: auto routes its window layers to fa4 (GQA 4:1), and a training step gives
     sdpa's loss and gradients."""
-    from nanochat.gpt import GPTConfig
+    from nanochat.model.gpt import GPTConfig
     from tests.test_gpt import build, loss_and_grads
     fa4_or_skip()
     cfg = GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,

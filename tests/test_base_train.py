@@ -200,7 +200,7 @@ def test_missing_tokenizer_names_tok_train(assets, env):
 
 def test_missing_data_dir_says_how_to_get_shards(assets, env):
     tok_dir, _ = assets
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*nanochat\.dataset"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*nanochat\.data\.download"):
         base_train.main(tiny_flags(tok_dir, env / "no_data"))
     (env / "one_shard").mkdir()
     (env / "one_shard" / "a.txt").write_text("just one file\n")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.model.gpt import GPT, config_from_depth
 from nanochat.optim import build_optimizer
 from scripts import bench, profile_kernels
 

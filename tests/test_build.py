@@ -7,7 +7,7 @@ import torch
 
 from nanochat.build import BuildConfig, build
 from nanochat.flags import parse_flags
-from nanochat.gpt import GPTConfig, config_from_depth
+from nanochat.model.gpt import GPTConfig, config_from_depth
 from scripts.base_train import TrainConfig
 from scripts.profile_kernels import ProfileConfig
 

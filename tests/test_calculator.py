@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from nanochat.calculator import calculate
+from nanochat.inference.tools import calculate
 
 
 @pytest.mark.parametrize("expr, expected", [

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nanochat.conversation import render_for_completion
-from nanochat.engine import Engine
+from nanochat.inference.engine import Engine
 from scripts.chat_cli import ChatConfig, main, reply
 from tests.helpers_chat import tiny_model, tiny_tokenizer
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nanochat.sft_data import collate
+from nanochat.data.sft import collate
 from scripts.chat_rl import group_advantages, policy_gradient_loss, sample_group
 from tests.helpers_chat import tiny_model, tiny_tokenizer
 from tests.test_chat_sft import TAG, tiny_run, tiny_template  # noqa: F401  (fixtures)
@@ -62,7 +62,7 @@ def test_policy_gradient_loss_matches_hand_computation():
 
 def test_sample_group_masks_prompt_and_keeps_stop_token():
     from nanochat.conversation import render_for_completion
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
 
     tok = tiny_tokenizer()
     model = tiny_model()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.sft_data import SFTLoader, collate
+from nanochat.data.sft import SFTLoader, collate
 from tests.helpers_chat import tiny_model, tiny_tokenizer
 
 TAG = "tiny"

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_gpt():
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
     cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, head_dim=16)
     with torch.device("meta"):
         model = GPT(cfg)
@@ -328,7 +328,7 @@ def test_load_model(tmp_path, monkeypatch):
 def test_load_model_by_path_travels(tmp_path, monkeypatch):
     """A step dir saved with its tokenizer loads by path from anywhere, renamed, after the original tokenizer
     dir is gone; a run dir means its latest step (or --step); a path without a tokenizer is refused."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
     from tests.helpers_chat import byte_tokenizer
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # no default tokenizer to fall back to
@@ -473,7 +473,7 @@ def test_checkpoint_without_checksums_loads_with_one_warning(tmp_path, monkeypat
 
 
 def _tiny_model_for(tokenizer):
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
     cfg = GPTConfig(sequence_len=16, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
                     n_embd=32, head_dim=16)
     with torch.device("meta"):

@@ -54,7 +54,7 @@ def flag_configs(module_name: str) -> list[type]:
             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
 
 
-@pytest.mark.parametrize("module_name", [f"scripts.{name}" for name in SCRIPTS] + ["nanochat.dataset"])
+@pytest.mark.parametrize("module_name", [f"scripts.{name}" for name in SCRIPTS] + ["nanochat.data.download"])
 def test_every_option_has_a_help_text(module_name):
     configs = flag_configs(module_name)
     assert configs, f"{module_name} has no flags dataclass"

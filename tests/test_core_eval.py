@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers_dist import spawn_gloo
-from nanochat.eval import core as core_eval
-from nanochat.eval.core import build_pairs, evaluate_core, evaluate_task, sample_fewshot, tokenize_pair
+from nanochat.eval import core_eval
+from nanochat.eval.core_eval import build_pairs, evaluate_core, evaluate_task, sample_fewshot, tokenize_pair
 from tests.helpers_chat import byte_tokenizer, needs_data
 
 TOK = byte_tokenizer()
@@ -53,7 +53,7 @@ def random_model(seed: int):
 
 @pytest.fixture(scope="module")
 def core_tasks():
-    from nanochat.tasks.core import load_core_tasks
+    from nanochat.tasks.core_tasks import load_core_tasks
     return {t.label: t for t in load_core_tasks()}
 
 

@@ -36,12 +36,12 @@ def test_missing_dir_names_dir_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         list_shards(tmp_path / "nope")
     msg = str(err.value)
-    assert "nope" in msg and "python -m nanochat.dataset -n 8" in msg and "--data_dir" in msg
+    assert "nope" in msg and "python -m nanochat.data.download -n 8" in msg and "--data_dir" in msg
 
 
 def test_empty_dir(tmp_path):
     (tmp_path / "notes.md").write_text("not a shard")
-    with pytest.raises(FileNotFoundError, match="holds no .*python -m nanochat.dataset"):
+    with pytest.raises(FileNotFoundError, match="holds no .*python -m nanochat.data.download"):
         list_shards(tmp_path)
 
 
@@ -76,7 +76,7 @@ def test_only_empty_documents_is_an_error_not_a_hang(tmp_path):
 def test_not_parquet(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["doc"])
     (tmp_path / "b.parquet").write_bytes(b"<html>404 Not Found</html>")
-    with pytest.raises(ValueError, match="b.parquet is not a readable parquet file.*nanochat.dataset"):
+    with pytest.raises(ValueError, match="b.parquet is not a readable parquet file.*nanochat.data.download"):
         PackedLoader(ByteTokenizer(), tmp_path, "val", 1, 8, "cpu")
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat.data import download
 from nanochat.data.download import ShardNotFound, download_shards
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
@@ -109,7 +109,7 @@ def test_always_cut_off_fails_and_writes_nothing(server, tmp_path):
 
 def test_cli_and_env_url(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
-    result = dataset.main(["-n", "1", "--out_dir", str(tmp_path), "--workers", "1"])
+    result = download.main(["-n", "1", "--out_dir", str(tmp_path), "--workers", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["num_shards"] == 1 and result["base_url"] == server.url
     assert (tmp_path / "shard_00000.parquet").is_file()

@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from nanochat import engine as engine_mod
 from nanochat.conversation import render_for_completion
-from nanochat.engine import Engine, StaticDecoder, TextStream, sample_next
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.inference import engine as engine_mod
+from nanochat.inference.decoder import StaticDecoder, resolve_decode_attention
+from nanochat.inference.engine import Engine, TextStream
+from nanochat.inference.sampling import sample_next
+from nanochat.model.gpt import GPT, config_from_depth
 from tests.helpers_chat import byte_tokenizer, naive_generate, needs_triton_interpreter, tiny_model, tiny_tokenizer
 
 
@@ -188,11 +190,11 @@ def test_decoder_attention_arguments(model):
 
 def test_auto_decode_attention_picks_the_kernel_on_cuda():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert engine_mod.resolve_decode_attention("auto", cuda, 128, kv_fp8=False) == "triton_dot"
-    assert engine_mod.resolve_decode_attention("auto", cuda, 128, kv_fp8=True) == "triton"
-    assert engine_mod.resolve_decode_attention("auto", cuda, 96, kv_fp8=False) == "torch"  # tiles need 2^k
-    assert engine_mod.resolve_decode_attention("auto", cpu, 128, kv_fp8=False) == "torch"
-    assert engine_mod.resolve_decode_attention("triton", cpu, 96, kv_fp8=False) == "triton"  # asked for: as is
+    assert resolve_decode_attention("auto", cuda, 128, kv_fp8=False) == "triton_dot"
+    assert resolve_decode_attention("auto", cuda, 128, kv_fp8=True) == "triton"
+    assert resolve_decode_attention("auto", cuda, 96, kv_fp8=False) == "torch"  # tiles need 2^k
+    assert resolve_decode_attention("auto", cpu, 128, kv_fp8=False) == "torch"
+    assert resolve_decode_attention("triton", cpu, 96, kv_fp8=False) == "triton"  # asked for: as is
 
 
 def test_stacked_qkv_weights_follow_the_model():
@@ -218,7 +220,7 @@ def test_stacked_qkv_weights_follow_the_model():
 
 def test_stacked_qkv_weights_are_not_restacked_while_unchanged(monkeypatch):
     """A server loads a prompt per request and never trains: load_prompt restacks only after a weight changed."""
-    from nanochat.gpt import CausalSelfAttention
+    from nanochat.model.gpt import CausalSelfAttention
     model, tok = tiny_model(), tiny_tokenizer()
     decoder = StaticDecoder(model, slots=2, max_seq_len=64, fuse_qkv=True)
     stacked = []
@@ -248,7 +250,7 @@ def test_sampling_differs_across_samples_and_is_seeded(tok, model):
 
 
 def test_hashed_exp_noise_is_exp1_per_row_and_depends_on_key_and_position_only():
-    from nanochat.engine import hashed_exp_noise
+    from nanochat.inference.sampling import hashed_exp_noise
 
     keys, positions = torch.tensor([7, 7, 8, -3]), torch.tensor([100, 101, 100, 5])
     noise = hashed_exp_noise(keys, positions, 50_000)
@@ -389,7 +391,7 @@ def decode_greedily(dec: StaticDecoder, logits: torch.Tensor, seqs: list[list[in
 
 def test_load_prompt_row_by_row(tok, model):
     """A batch-2 prefill copied into two slots decodes like each prompt alone."""
-    from nanochat.gpt import KVCache
+    from nanochat.model.gpt import KVCache
 
     ps = [tok.encode("O Romeo, Romeo", prepend="<|bos|>"), tok.encode("Now is the winter", prepend="<|bos|>")]
     n = min(map(len, ps))

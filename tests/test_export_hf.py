@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("transformers", reason="the export test needs transformers (pip install -e '.[dev]')")
 
 from nanochat.conversation import render_for_completion  # noqa: E402
-from nanochat.engine import Engine  # noqa: E402
 from nanochat.export.hf import IMPLEMENTED_FIELDS, RUN_ONLY_FIELDS, check_exportable, export_hf  # noqa: E402
-from nanochat.gpt import GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
+from nanochat.inference.engine import Engine  # noqa: E402
+from nanochat.model.gpt import GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from tests.helpers_chat import _training_text  # noqa: E402
 

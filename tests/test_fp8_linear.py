@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.fp8_linear import (Fp8Attention, Fp8Linear, Fp8MLP, cache_fp8_weights, cast_weight, fp8_linear,
-                                 fp8_relu_squared_mlp, refresh_fp8_weights)
-from nanochat.gpt import GPT, MLP, CausalSelfAttention, config_from_depth
 from nanochat.kernels.fp8_cast import HISTORY, cast_transpose, new_scaling_state
+from nanochat.model.fp8_linear import (Fp8Attention, Fp8Linear, Fp8MLP, cache_fp8_weights, cast_weight, fp8_linear,
+                                       fp8_relu_squared_mlp, refresh_fp8_weights)
+from nanochat.model.gpt import GPT, MLP, CausalSelfAttention, config_from_depth
 from nanochat.optim import build_optimizer
 from nanochat.precision import apply_precision, convert_to_fp8
 

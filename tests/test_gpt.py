@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nanochat.gpt as gpt_mod
-from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
+import nanochat.model.gpt as gpt_mod
+from nanochat.model.gpt import GPT, GPTConfig, KVCache, config_from_depth
 
 V, T = 300, 32
 # every architecture option on at once (init-only options too): the tests below run with it

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.gpt import GPT, config_from_depth, rotary_tables
-from nanochat.gpt_te import TEGPT
-from nanochat.models import model_class
+from nanochat import profiling
+from nanochat.model import model_class
+from nanochat.model.gpt import GPT, config_from_depth, rotary_tables
+from nanochat.model.gpt_te import TEGPT
 from nanochat.registry import BackendUnavailable
-from nanochat.kernels import audit
 from nanochat.precision import (OUR_FP8_RECIPES, apply_precision, cache_low_precision_weights, check_precision,
                                 convert_to_fp8, fp8_eligible)
 
@@ -165,7 +165,7 @@ def test_tegpt_without_te_names_package_and_install(monkeypatch):
 
 
 def test_te_helpers_match_our_gpt():
-    from nanochat.gpt_te import rope_freqs, te_window
+    from nanochat.model.gpt_te import rope_freqs, te_window
     assert te_window(None) == (-1, 0) and te_window(512) == (511, 0)  # query sees itself + 511 earlier keys
     freqs = rope_freqs(16, 64)
     cos, _ = rotary_tables(16, 64)
@@ -177,18 +177,18 @@ def test_te_helpers_match_our_gpt():
 # --- audit patterns and script flags -------------------------------------------------------------------------
 
 def _summary(*names: str) -> dict:
-    return audit.summarize([(n, 100.0) for n in names])
+    return profiling.summarize([(n, 100.0) for n in names])
 
 
 def test_fp8_gemms_and_casts_are_grouped_and_expected():
     fp8 = _summary("nvjet_qqtst_128x256_128x6_2x1_2cta_v_bz_TNT", "triton_red_fused_abs_amax_0",
                    "triton_poi_fused__to_copy_clamp_mul_reciprocal_1", "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT")
     assert fp8["groups"]["matmul"] == pytest.approx(0.5) and fp8["groups"]["quantize/transpose"] == pytest.approx(0.5)
-    assert audit.check_expectations(fp8, ["matmul=fp8"]) == []
+    assert profiling.check_expectations(fp8, ["matmul=fp8"]) == []
     bf16 = _summary("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT")
-    [failure] = audit.check_expectations(bf16, ["matmul=fp8"])
+    [failure] = profiling.check_expectations(bf16, ["matmul=fp8"])
     assert "nvjet_tst_192x192" in failure
-    assert audit.classify("triton_per_fused_clamp_div_ne_sum_0") != "quantize/transpose"  # the loss's count
+    assert profiling.classify("triton_per_fused_clamp_div_ne_sum_0") != "quantize/transpose"  # the loss's count
 
 
 def test_flags_parse_and_pass_through(monkeypatch):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.engine import DECODE_ATTENTIONS
+from nanochat.inference.decoder import DECODE_ATTENTIONS
 from nanochat.kernels import LOSS_BACKENDS
 from nanochat.kernels.attention import ATTENTION_BACKENDS
-from nanochat.models import ARCHITECTURES
+from nanochat.model import ARCHITECTURES
 from nanochat.precision import FP8_RECIPES
 from nanochat.registry import Backend, BackendUnavailable, Registry
 
@@ -100,7 +100,7 @@ def test_our_fp8_recipes_are_for_our_gpt_only():
 
 
 def test_unknown_arch_lists_the_choices():
-    from nanochat.models import model_class
+    from nanochat.model import model_class
     with pytest.raises(ValueError, match=r"unknown architecture 'moe'; choose one of: gpt, te \(--arch\)"):
         model_class("moe")
     assert model_class("gpt").__name__ == "GPT"

@@ -129,7 +129,7 @@ CONFIG_CLASSES = {
     "scripts.profile_kernels": "ProfileConfig", "benchmarks.gpu_clocks": "ClockConfig",
     "benchmarks.bench_fp8_cast": "CastConfig", "benchmarks.bench_decode_matmul": "MatmulConfig",
 }
-NOT_OURS = {"nanochat.report", "nanochat.dataset", "pytest", "pip"}  # no flags dataclass to check against
+NOT_OURS = {"nanochat.report", "nanochat.data.download", "pytest", "pip"}  # no flags dataclass to check against
 
 
 def config_class(module: str):

@@ -8,7 +8,7 @@ import pytest
 
 from nanochat.tasks.base import Task, centered, resolve_data_root
 from nanochat.tasks.gsm8k import GSM8K, answer_parts, extract_answer
-from nanochat.tasks.mixture import TaskMixture, TaskSequence
+from nanochat.tasks.mixture import TaskMixture
 from tests.helpers_chat import DATA, byte_tokenizer, needs_data
 
 # ---- GSM8K -------------------------------------------------------------------------------------
@@ -218,8 +218,6 @@ def test_mixture_deterministic_and_sized():
     assert ids != [x["id"] for x in TaskMixture([a, (b, 7)], seed=4)]
     assert sorted(i for t, i in ids if t == "a") == [0, 1, 2, 3, 4]
     assert sorted(i for t, i in ids if t == "b") == [0, 0, 0, 1, 1, 2, 2]  # oversampled cyclically
-    seq = TaskSequence([a, b])
-    assert [x["id"] for x in seq] == [("a", i) for i in range(5)] + [("b", i) for i in range(3)]
 
 
 # ---- SmolTalk -----------------------------------------------------------------------------------

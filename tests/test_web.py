@@ -212,8 +212,8 @@ TOOL_MAX_TOKENS = [40, 25, 33, 40, 30]
 def stand_in_tools(monkeypatch, *engines) -> None:
     """The tiny model never writes a real tool call: two tokens it often emits stand in for <|python_start|>
     and <|python_end|>, and the calculator answers "7"."""
-    from nanochat import engine as engine_mod
-    monkeypatch.setattr(engine_mod, "calculate", lambda expr: "7")
+    from nanochat.inference import tools
+    monkeypatch.setattr(tools, "calculate", lambda expr: "7")
     for engine in engines:
         engine.tools.python_start, engine.tools.python_end = 155, 27
 
@@ -246,7 +246,7 @@ def test_scheduler_streams_engine_generate_tokens_with_forced_tool_output(monkey
     step's samples to the next step before the host sees them, and a token the tool forces must replace
     the sample in time."""
     from nanochat.conversation import render_for_completion
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
     from nanochat.web.scheduler import BatchScheduler
     from tests.helpers_chat import tiny_model, tiny_tokenizer
 
@@ -272,7 +272,7 @@ def test_requests_admitted_together_are_prefilled_as_one_batch(monkeypatch):
     both samples of an n=2 request too, equals Engine.generate's for its prompt alone, so no padding
     leaked into a prompt's cache, position or first logits; a bad prompt in the batch fails alone."""
     from nanochat.conversation import render_for_completion
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
     from nanochat.web.scheduler import BatchScheduler, GenerationRequest
     from tests.helpers_chat import tiny_model, tiny_tokenizer
 

@@ -1,5 +1,11 @@
 """Download pretraining shards `shard_{i:05d}.parquet` over HTTP: parallel, retried, never half-written.
 
+    python -m nanochat.data.download -n N [--base_url URL] [--out_dir DIR] [--workers K]
+
+Shards go to <base_dir>/base_data by default (see nanochat.common.default_data_dir); the base URL defaults
+to $NANOCHAT_DATA_URL, then to karpathy's FineWeb-Edu shards on the HF hub. The last shard downloaded
+serves as the validation split. The command's last stdout line: JSON.
+
 A shard is written to a hidden temporary file in the destination dir, checked (byte count against
 Content-Length, then it must open as parquet) and only then renamed into place with `os.replace`, which
 is atomic on one filesystem. So a file under a final name is always a complete shard, a killed or cut-off
@@ -9,18 +15,22 @@ transfers and 5xx/429 answers are retried with exponential backoff.
 """
 from __future__ import annotations
 
+import argparse
 import http.client
+import json
 import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from nanochat.common import default_data_dir, log0, logger
+from nanochat.flags import build_parser
 
 # karpathy's FineWeb-Edu 100B-token sample, shuffled and cut into ~1800 parquet shards (`text` column).
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -141,3 +151,30 @@ def download_shards(num_shards: int, base_url: str | None = None, out_dir=None, 
     fetched = sum(downloaded for _, downloaded in results)
     log0(f"{fetched} shards downloaded, {num_shards - fetched} already complete, in {out_dir}")
     return [path for path, _ in results]
+
+
+@dataclass
+class DatasetConfig:
+    """Download pretraining shards shard_00000.parquet ... into the data dir."""
+    num_shards: int = field(default=8, metadata={"help": "shards 0..N-1 (also -n N); the last one is validation"})
+    base_url: str | None = field(default=None, metadata={"help": "where shard_XXXXX.parquet live "
+                                                                 "(default: $NANOCHAT_DATA_URL, then FineWeb-Edu)"})
+    out_dir: str | None = field(default=None, metadata={"help": "destination (default: <base_dir>/base_data)"})
+    workers: int = field(default=4, metadata={"help": "parallel downloads"})
+    retries: int = field(default=5, metadata={"help": "retries per shard, with exponential backoff"})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser(DatasetConfig)
+    parser.add_argument("-n", dest="num_shards", type=int, help=argparse.SUPPRESS)
+    cfg = DatasetConfig(**vars(parser.parse_args(argv)))
+    t0 = time.perf_counter()
+    paths = download_shards(cfg.num_shards, cfg.base_url, cfg.out_dir, cfg.workers, cfg.retries)
+    result = {"num_shards": len(paths), "out_dir": str(paths[0].parent), "base_url": base_url_or_default(cfg.base_url),
+              "bytes": sum(p.stat().st_size for p in paths), "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,7 @@ FORMATS = (".parquet", ".jsonl", ".txt")  # order of preference when a dir mixes
 TEXT_BLOCK_DOCS = 1024  # documents per row group of a .jsonl/.txt file (parquet shards use 1024 too)
 SHARED_PRETRAIN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pretrain"
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, row group) this process has decoded without error
-_FIX = "download shards with `python -m nanochat.dataset -n 8`, or point at a folder of shards with " \
+_FIX = "download shards with `python -m nanochat.data.download -n 8`, or point at a folder of shards with " \
        "`--data_dir ../shared/data/pretrain`"
 
 
@@ -78,7 +78,7 @@ def split_shards(paths: list[Path], split: str) -> list[Path]:
     if len(paths) < 2:
         where = paths[0].parent if paths else "the data dir"
         raise ValueError(f"{where} holds {len(paths)} shard file(s), but the last file is the validation split "
-                         f"and training needs at least one more: add shards (`python -m nanochat.dataset -n 8`)")
+                         f"and training needs at least one more: add shards (`python -m nanochat.data.download -n 8`)")
     return paths[-1:] if split == "val" else paths[:-1]
 
 
@@ -86,7 +86,7 @@ def split_shards(paths: list[Path], split: str) -> list[Path]:
 
 def _not_parquet(path: Path, err: Exception) -> ValueError:
     return ValueError(f"{path} is not a readable parquet file ({err}); it is probably a broken download: "
-                      f"delete it and run `python -m nanochat.dataset -n N` again")
+                      f"delete it and run `python -m nanochat.data.download -n N` again")
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
@@ -126,8 +126,8 @@ def _verify_row_groups(paths: list[Path], groups: list[tuple[int, int]]) -> None
                 pf.read_row_group(j, columns=["text"])
             except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ... for a damaged page
                 raise ValueError(f"{path}: row group {j} of {pf.num_row_groups} does not decode ({err}); the file "
-                                 f"is damaged: delete it and download it again (`python -m nanochat.dataset -n N`)"
-                                 ) from err
+                                 "is damaged: delete it and download it again "
+                                 "(`python -m nanochat.data.download -n N`)") from err
             _VERIFIED.add(key)
         return len(items)
 
@@ -174,7 +174,7 @@ def _count_row_groups(path: Path) -> int:
         num_groups = -(-num_rows // TEXT_BLOCK_DOCS)
     if num_rows == 0:
         raise ValueError(f"{path} is an empty shard (no documents); delete it, or re-download it with "
-                         f"`python -m nanochat.dataset -n N`")
+                         f"`python -m nanochat.data.download -n N`")
     return num_groups
 
 

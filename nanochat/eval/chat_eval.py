@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanochat.engine import autocast_for
+from nanochat.common import autocast_for
 from nanochat.eval import rank_share, sum_over_ranks
 from nanochat.progress import progress_bar
 from nanochat.tasks.base import Task, centered
@@ -134,7 +134,7 @@ def evaluate_chat(model, tokenizer, task_names: list[str], device, batch_size: i
                   num_samples: int = 1, max_new_tokens: int = 512, temperature: float = 0.0,
                   top_k: int | None = 50, data_root=None, log: Callable[[str], None] | None = None) -> dict:
     """{"tasks": {name: {accuracy, centered, n}}, "chatcore": mean centered}."""
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
 
     engine = None
     results = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nanochat.common import log0
-from nanochat.gpt import GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat.model.gpt import GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 MODELING_FILE = Path(__file__).with_name("modeling_nanochat.py")

@@ -7,7 +7,7 @@
                                         return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=64, do_sample=False)
 
-A self-contained copy of the forward pass of nanochat/gpt.py (it imports only torch and transformers), with
+A self-contained copy of the forward pass of nanochat/model/gpt.py (it imports only torch and transformers), with
 every architecture choice read from config.json. x0 = the normed token embedding (with `smear`: plus a gated
 share of the previous token's). Per block: x = resid_lambda * x + x0_lambda * x0 (with `unet_skips`: plus a
 weighted early layer's output on its mirror layer), x += attn(norm(x)), x += mlp(norm(x)); with `backout`, a
@@ -36,7 +36,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 class NanochatConfig(PretrainedConfig):
     """The architecture fields of nanochat's GPTConfig (same names and meaning), plus the number of input
-    channels the smear and value-embedding gates read (constants of nanochat/gpt.py)."""
+    channels the smear and value-embedding gates read (constants of nanochat/model/gpt.py)."""
 
     model_type = "nanochat"
 

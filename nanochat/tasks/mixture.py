@@ -1,4 +1,4 @@
-"""Combining tasks: a shuffled mixture (SFT) and a plain concatenation (curricula, eval suites)."""
+"""Combining tasks: a deterministic shuffled mixture, and the SFT mixture built from it."""
 from __future__ import annotations
 
 import random
@@ -32,26 +32,6 @@ class TaskMixture(Task):
     def get_example(self, index: int) -> dict:
         t_idx, i = self.index[index]
         return self.tasks[t_idx][i]
-
-
-class TaskSequence(Task):
-    """Tasks one after another, in order."""
-
-    def __init__(self, tasks: list[Task], **kw):
-        super().__init__(**kw)
-        self.tasks = list(tasks)
-        self.offsets = [0]
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
-
-    def num_examples(self) -> int:
-        return self.offsets[-1]
-
-    def get_example(self, index: int) -> dict:
-        for t_idx, task in enumerate(self.tasks):
-            if index < self.offsets[t_idx + 1]:
-                return task[index - self.offsets[t_idx]]
-        raise IndexError(index)
 
 
 def sft_mixture(split: str = "train", data_root=None, smoltalk: str = "", smoltalk_examples: int = 10_000,

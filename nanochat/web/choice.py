@@ -6,7 +6,7 @@ the reader never sees text that a stop string later removes.
 """
 from __future__ import annotations
 
-from nanochat.engine import TextStream
+from nanochat.inference.engine import TextStream
 
 
 class StopText:

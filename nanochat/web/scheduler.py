@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, RowState, StaticDecoder, draw, hashed_exp_noise, int_tensor_on, token_probs
+from nanochat.inference.decoder import StaticDecoder, int_tensor_on
+from nanochat.inference.engine import Engine
+from nanochat.inference.sampling import draw, hashed_exp_noise, token_probs
+from nanochat.inference.tools import RowState
 
 log = logging.getLogger("nanochat")
 SAMPLE_STRIDE = 1_000_003  # a row's key: seed * SAMPLE_STRIDE + its sample index (n <= slots < this)

@@ -1,6 +1,7 @@
-"""The model's calculator tool: a tiny, safe arithmetic evaluator.
+"""The model's calculator tool: a tiny, safe arithmetic evaluator, and `ToolRunner`, which finds the
+calls in each row's tokens and queues the answers.
 
-The model writes `<|python_start|>expr<|python_end|>`; the engine hands `expr` to `calculate` and forces
+The model writes `<|python_start|>expr<|python_end|>`; `ToolRunner` hands `expr` to `calculate` and forces
 the result back into the sequence. Model output is untrusted, so we never call `eval`: the expression is
 parsed with `ast` and walked by a small interpreter that knows only
 
@@ -18,6 +19,8 @@ import math
 import operator
 import signal
 import threading
+from collections import deque
+from dataclasses import dataclass, field
 
 MAX_EXPR_CHARS = 500      # longer "expressions" are not arithmetic a model needs
 MAX_EXPONENT = 100        # |b| in a ** b
@@ -138,3 +141,38 @@ def calculate(expr: str, time_limit: float = TIME_LIMIT_S) -> str | None:
             return _format(_eval(tree))
     except (Refused, SyntaxError, ValueError, ArithmeticError, TypeError, MemoryError, RecursionError):
         return None
+
+
+@dataclass
+class RowState:
+    """Per-sample bookkeeping for the tool state machine."""
+    forced: deque = field(default_factory=deque)   # tokens to force before sampling again
+    python_tokens: list[int] | None = None         # collecting a tool call when not None
+    done: bool = False
+
+
+class ToolRunner:
+    """Watches each row's tokens and queues the calculator's answer after a complete tool call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def next_token(self, row: RowState, sampled: int) -> tuple[int, int]:
+        """(token, mask) this row emits now, given the model's sampled token; updates the row state."""
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
+        if token in self.stop_ids:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            result = calculate(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+        return token, mask

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import MLP, CausalSelfAttention
 from nanochat.kernels.fp8_cast import cast_transpose, new_scaling_state
+from nanochat.model.gpt import MLP, CausalSelfAttention
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 Fp8Weight = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (W8 [out, in], W8ᵀ contiguous, 1 / scale)

@@ -1,13 +1,14 @@
-"""The model architectures (`--arch`): our GPT and the same shape on Transformer Engine layers.
+"""The model: our GPT (`gpt.py`), the same shape on Transformer Engine layers (`gpt_te.py`), our fp8 layers
+(`fp8_linear.py`), and here the architectures `--arch` chooses from.
 
-It sits above both model files, which import nothing of each other's choosing: gpt_te builds on gpt.
+The registry sits above both model files, which import nothing of each other's choosing: gpt_te builds on gpt.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from nanochat.gpt import GPT
-from nanochat.gpt_te import TEGPT, import_te
+from nanochat.model.gpt import GPT
+from nanochat.model.gpt_te import TEGPT, import_te
 from nanochat.registry import Backend, Registry
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nanochat.kernels import audit
+from nanochat import profiling
 
 FA4_FWD = ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensorptrbf16gmem"
            "align16oi64div81i64div8_tensorptrbf16gmemalign16oi64div81i64div8_None_None_0")
@@ -66,19 +66,19 @@ NAMES = {
 
 @pytest.mark.parametrize("name,group", NAMES.items())
 def test_each_name_lands_in_its_group(name, group):
-    assert audit.classify(name) == group
+    assert profiling.classify(name) == group
 
 
 def test_summarize_shares_and_order():
     rng = random.Random()
     events = [(name, rng.uniform(1, 100)) for name in NAMES for _ in range(rng.randint(1, 3))]
     rng.shuffle(events)
-    s = audit.summarize(events, top=5)
+    s = profiling.summarize(events, top=5)
     total = sum(us for _, us in events)
     assert s["total_us"] == pytest.approx(total)
     assert sum(s["groups"].values()) == pytest.approx(1.0)
-    assert set(s["groups"]) == set(audit.GROUPS)
-    for group in audit.GROUPS:
+    assert set(s["groups"]) == set(profiling.GROUPS)
+    for group in profiling.GROUPS:
         expected = sum(us for n, us in events if NAMES[n] == group)
         assert s["group_us"][group] == pytest.approx(expected)
     times = [k["us"] for k in s["kernels"]]
@@ -90,12 +90,12 @@ def test_summarize_shares_and_order():
 
 
 def test_summarize_empty():
-    s = audit.summarize([])
+    s = profiling.summarize([])
     assert s["total_us"] == 0 and all(v == 0 for v in s["groups"].values()) and s["top"] == []
 
 
 def _step(attention: str, loss: str) -> dict:
-    return audit.summarize([
+    return profiling.summarize([
         (attention, 300.0), (loss, 120.0), ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", 900.0),
         ("triton_poi_fused_add_mul_silu_4", 50.0),
     ])
@@ -103,21 +103,21 @@ def _step(attention: str, loss: str) -> dict:
 
 def test_expectations_met():
     s = _step("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "liger_cross_entropy_kernel")
-    assert audit.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet", "attention=sdpa"]) == []
-    assert audit.check_expectations(s, ["loss=re:liger_.*kernel"]) == []
+    assert profiling.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet", "attention=sdpa"]) == []
+    assert profiling.check_expectations(s, ["loss=re:liger_.*kernel"]) == []
 
 
 def test_expectations_name_what_ran_instead():
     s = _step("triton_tem_fused_flex_attention_0", "void at::native::nll_loss_forward_reduce_cuda_kernel_2d<f>()")
-    failures = audit.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet"])
+    failures = profiling.check_expectations(s, ["attention=cudnn", "loss=liger", "matmul=nvjet"])
     assert len(failures) == 2
     assert "attention=cudnn" in failures[0] and "flex_attention" in failures[0]
     assert "loss=liger" in failures[1] and "nll_loss" in failures[1]
 
 
 def test_expectation_with_nothing_in_the_group():
-    s = audit.summarize([("nvjet_x", 1.0)])
-    (failure,) = audit.check_expectations(s, ["communication=nccl"])
+    s = profiling.summarize([("nvjet_x", 1.0)])
+    (failure,) = profiling.check_expectations(s, ["communication=nccl"])
     assert "no kernels at all" in failure
 
 
@@ -128,12 +128,12 @@ def test_expectation_with_nothing_in_the_group():
 ])
 def test_bad_expect_specs_say_how_to_fix(spec, needle):
     with pytest.raises(ValueError, match=needle):
-        audit.check_expectations(audit.summarize([]), [spec])
+        profiling.check_expectations(profiling.summarize([]), [spec])
 
 
 def test_format_summary_mentions_top_kernel():
     s = _step("triton_tem_fused_flex_attention_0", "liger_cross_entropy_kernel")
-    text = audit.format_summary(s)
+    text = profiling.format_summary(s)
     assert "nvjet_tst_192x192" in text and "| matmul |" in text
 
 
@@ -145,8 +145,8 @@ def test_format_summary_mentions_top_kernel():
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", False),
 ])
 def test_fp8_matmul_expectation_tells_fp8_from_bf16_gemms(name, fp8):
-    s = audit.summarize([(name, 100.0)])
-    assert (audit.check_expectations(s, ["matmul=fp8"]) == []) == fp8
+    s = profiling.summarize([(name, 100.0)])
+    assert (profiling.check_expectations(s, ["matmul=fp8"]) == []) == fp8
 
 
 @pytest.mark.parametrize("names, expect, ok", [
@@ -160,5 +160,5 @@ def test_fp8_matmul_expectation_tells_fp8_from_bf16_gemms(name, fp8):
     (["void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>(...)"], "attention=fa2", True),
 ])
 def test_fa4_expectation_tells_fa4_from_fa3_and_fa2(names, expect, ok):
-    s = audit.summarize([(n, 10.0) for n in names])
-    assert (audit.check_expectations(s, [expect]) == []) == ok
+    s = profiling.summarize([(n, 10.0) for n in names])
+    assert (profiling.check_expectations(s, [expect]) == []) == ok

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from nanochat.eval import rank_share, sum_over_ranks
 from nanochat.progress import progress_bar
 from nanochat.tasks.base import centered
-from nanochat.tasks.core import CoreTask, load_core_tasks
+from nanochat.tasks.core_tasks import CoreTask, load_core_tasks
 
 FEWSHOT_SEED = 1234   # few-shot examples for item i are drawn with Random(FEWSHOT_SEED + i)
 SUBSET_SEED = 1337    # --max_per_task keeps the first N items of this shuffle

@@ -9,7 +9,7 @@ Why it exists: TE fuses norm + GEMM + quantization per layer and is the only rou
 beside our GPT in the benchmark table it says what those fusions are worth. Same knobs as GPTConfig
 (depth, width, heads, GQA via num_gqa_groups, per-layer windows via window_size, rotary, QK-norm,
 ReLU² via TE's "srelu", resid/x0 lambdas, untied embedding, softcapped lm_head through our loss kernels).
-Differences from nanochat.gpt.GPT, all inside TE's TransformerLayer:
+Differences from nanochat.model.gpt.GPT, all inside TE's TransformerLayer:
 - its RMSNorms (pre-attention, pre-MLP, QK) carry a learnable gain (init 1, an AdamW "scalar");
 - its rotary turns channel pairs the other way round (same relative-position model);
 - attention is TE's own (cuDNN fused / flash), `attn_backend` is ignored; no value embeddings, no KV cache;
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn as nn
 
-from nanochat.gpt import GPTConfig, embed, flops_per_token, lm_head_output, rotary_angles
+from nanochat.model.gpt import GPTConfig, embed, flops_per_token, lm_head_output, rotary_angles
 
 TE_INSTALL_HINT = ("Transformer Engine is not installed (package `transformer_engine`, with its PyTorch extension "
                    "`transformer_engine_torch`). Install it with: pip install 'transformer-engine[pytorch]' "
@@ -64,7 +64,7 @@ def rope_freqs(length: int, head_dim: int, device=None) -> torch.Tensor:
 
 
 class TEGPT(nn.Module):
-    """GPT on te.TransformerLayer blocks; interface of nanochat.gpt.GPT (without KV-cache inference)."""
+    """GPT on te.TransformerLayer blocks; interface of nanochat.model.gpt.GPT (without KV-cache inference)."""
 
     lm_head_in_loss_kernel = True  # as GPT's: lm_head.weight goes to the fused loss kernel
 
@@ -153,7 +153,7 @@ class TEGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self) -> float:
-        """As GPT.estimate_flops (nanochat.gpt.flops_per_token); TE's norm gains are not matmul params."""
+        """As GPT.estimate_flops (nanochat.model.gpt.flops_per_token); TE's norm gains are not matmul params."""
         return flops_per_token(self.config, self.blocks)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
