@@ -14,9 +14,9 @@ import types
 import pytest
 import torch
 
-from nanochat.gpt import GPTConfig
 from nanochat.kernels import attention as attn_mod
 from nanochat.kernels.attention import ATTENTION_BACKENDS, Documents, attention, select_backend
+from nanochat.model.gpt import GPTConfig
 from tests.test_attention import reference
 from tests.test_attention_fa4 import stand_in_interface
 from tests.test_gpt import FEATURES, build, tiny
@@ -339,7 +339,7 @@ def test_compiled_gpt_with_documents_is_one_graph_and_equals_eager():
 def test_engine_equals_the_masked_forward_on_one_document():
     """The KV-cache paths ignore documents (one conversation per row): on a prompt that is one document (a BOS
     only at its start), greedy decoding equals the doc-masked model's full forward, BOS stopping it."""
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
     from tests.helpers_chat import naive_generate, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
