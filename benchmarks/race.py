@@ -1,9 +1,11 @@
-"""Time to quality, side by side: training configurations ("racers") one after another on one GPU, on the
-same data, validation text and budget; validation bits per byte against training seconds for each.
+"""Time to quality, side by side: training configurations ("racers") one after another on one GPU, or several at
+once on the GPUs of one host, on the same data, validation text and budget; validation bits per byte against training
+seconds for each.
 
     python -m benchmarks.race_data --out .race --peer PEER      # once: data and both tokenizers
     python -m benchmarks.race --race_dir .race --peer PEER --steps 100 \\
         --racers "ours; nanochat; nanochat_L=nanochat:--window-pattern L --warmup-steps 0"
+    python -m benchmarks.race ... --gpus all                   # one racer per GPU at a time, all GPUs busy
     python -m benchmarks.race --smoke [--peer PEER]             # tiny racers on the CPU, in minutes
 
 A racer is `name=kind:flags` (`ours` alone means `ours=ours:`). Kind `ours` runs our scripts.base_train,
@@ -31,22 +33,36 @@ else it starts over, saying why. Each attempt logs into its own file (train.log,
 the curve and the seconds take each step and evaluation from the attempt that ran it last (an attempt's lines
 past the step the next one resumed from are dropped), and the compile of a resumed attempt's first step
 counts as the median like the first attempt's.
+
+--gpus 0,1,2,3 (or all: every visible CUDA device) trains up to that many racers at once, each alone on its GPU:
+CUDA_VISIBLE_DEVICES in the environment of its probe, training and final bpb (each trainer keeps its own
+--device_type; the race itself puts nothing on a GPU). A thread per GPU takes the next racer; race.json, the table and
+the curves keep the racers' order, and each result records its GPU index and the device name its trainer printed.
+Racers side by side share the host's CPU (data loading, kernel launches), PCIe and power, so their timings compare
+only roughly: race one after another on one GPU (no --gpus) to compare speeds closely. A racer that fails does not stop
+the others: the race reports each failure at the end, with its logs, and exits non-zero.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from benchmarks.race_data import check_peer, link_peer_base, peer_env
 from nanochat.checkpoint import latest_step
@@ -63,6 +79,7 @@ PEER_STEP = re.compile(r"^step (\d+)/\d+ \(.*?\) \| loss: [\d.naif]+ \| lrm: [\d
                        r"tok/sec: [\d,]+ \| bf16_mfu: ([\d.]+)")
 PEER_EVAL = re.compile(r"^Step (\d+) \| Validation bpb: ([\d.]+)")
 PEER_MEMORY = re.compile(r"^Peak memory usage: ([\d.]+)MiB")
+PEER_GPU = re.compile(r"^GPU: (.+?) \| Peak FLOPS")
 COMPILE_FACTOR = 3.0
 ATTEMPTS = "attempts.json"  # in a racer's work dir: its settings, steps and training attempts (log, resume step)
 
@@ -92,6 +109,8 @@ class RaceConfig:
     target: str = field(default="", metadata={"help": "racer whose final bpb is the target (default: the worst)"})
     smoke: bool = field(default=False, metadata={"help": "tiny racers on the CPU (data and tokenizers made here)"})
     device_type: str = field(default="", metadata={"help": "passed to every racer (default: the trainer's own)"})
+    gpus: str = field(default="", metadata={"help": "race up to N racers at once, one per GPU: `0,1,2,3` or `all` "
+                                                "(default: one after another on the default device)"})
 
 
 @dataclass
@@ -124,8 +143,64 @@ def parse_racers(spec: str, with_peer: bool) -> list[Racer]:
     return racers
 
 
-def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Path) -> tuple[list[str], dict, Path]:
-    """(argv, env, cwd) of one racer's training run."""
+def visible_gpu(gpu: int) -> str:
+    """A child's CUDA_VISIBLE_DEVICES for GPU `gpu` as this process numbers its devices: the gpu-th entry of our own
+    CUDA_VISIBLE_DEVICES when that is set (its entries name devices as the machine does), else the index."""
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return str(gpu)
+    ids = [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    if gpu >= len(ids):
+        raise SystemExit(f"--gpus: GPU {gpu} is not among CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}, "
+                         f"whose {len(ids)} entries are GPUs 0-{len(ids) - 1} here: pick from those, or unset it")
+    return ids[gpu]
+
+
+def parse_gpus(spec: str) -> list[int | None]:
+    """--gpus -> the slots racers run in: [None] (one after another on the default device) or GPU indices."""
+    spec = spec.strip()
+    if not spec:
+        return [None]
+    count = torch.cuda.device_count()  # counts without creating a CUDA context in this process
+    if spec == "all":
+        if count == 0:
+            raise SystemExit("--gpus all: no CUDA device is visible here (torch.cuda.device_count() is 0): run on a "
+                             "GPU machine, or leave --gpus out to race one after another on this machine")
+        return list(range(count))
+    try:
+        gpus = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--gpus {spec!r}: give GPU indices such as 0,1,2,3, or all") from None
+    if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise SystemExit(f"--gpus {spec!r}: name each GPU once, by its index from 0 (e.g. 0,1,2,3)")
+    if count and max(gpus) >= count:
+        raise SystemExit(f"--gpus {spec!r}: this machine shows {count} CUDA devices (0-{count - 1}): use those, or all")
+    for gpu in gpus:
+        visible_gpu(gpu)
+    return gpus
+
+
+def pin(env: dict, gpu: int | None) -> dict:
+    """`env` with GPU `gpu` the only CUDA device its process sees; unchanged for None (the default device)."""
+    return env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": visible_gpu(gpu)}
+
+
+def who(name: str, gpu: int | None) -> str:
+    """A racer as progress lines and the table name it: with its GPU when racers run side by side."""
+    return name if gpu is None else f"{name} (GPU {gpu})"
+
+
+_print_lock = threading.Lock()
+
+
+def say(name: str, gpu: int | None, message: str) -> None:
+    """One progress line of the race, whole even while racers run side by side."""
+    with _print_lock:
+        print(f"[race] {who(name, gpu)}: {message}", flush=True)
+
+
+def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Path,
+            gpu: int | None = None) -> tuple[list[str], dict, Path]:
+    """(argv, env, cwd) of one racer's training run, on GPU `gpu` (None: the default device)."""
     race = Path(cfg.race_dir).resolve()
     shared = dict(depth=cfg.depth, max_seq_len=cfg.max_seq_len, total_batch_size=cfg.total_batch_size,
                   device_batch_size=cfg.device_batch_size, num_iterations=steps, eval_every=eval_every,
@@ -138,12 +213,12 @@ def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Pa
         flags = dict(shared, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours")
         argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in flags.items())]
         env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONUNBUFFERED="1")
-        return argv + racer.flags, env, ROOT
+        return argv + racer.flags, pin(env, gpu), ROOT
     link_peer_base(base, race / "data", race / "tokenizer_nanochat")
     flags = dict(shared, core_metric_every=-1)
     argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
     env = dict(peer_env(Path(cfg.peer).resolve(), base), PYTHONUNBUFFERED="1")
-    return argv + racer.flags, env, Path(cfg.peer).resolve()
+    return argv + racer.flags, pin(env, gpu), Path(cfg.peer).resolve()
 
 
 def run_logged(argv: list[str], env: dict, cwd: Path, log: Path, mirror: Path | None = None) -> list[str]:
@@ -164,9 +239,10 @@ def run_logged(argv: list[str], env: dict, cwd: Path, log: Path, mirror: Path | 
 
 
 def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.inf) -> dict:
-    """Per-step seconds and MFU, (step, bpb) evaluations, peak memory and the last step done, from a trainer's
-    output; only the steps done and evaluations in (since, until]: one attempt's share of a resumed run."""
-    dts, mfus, evals, memory, last = [], [], [], None, 0
+    """Per-step seconds and MFU, (step, bpb) evaluations, peak memory, the device's name and the last step done,
+    from a trainer's output; only the steps done and evaluations in (since, until]: one attempt's share of a resumed
+    run."""
+    dts, mfus, evals, memory, device, last = [], [], [], None, None, 0
     for line in lines:
         line = line.strip()
         step = mfu = point = None
@@ -177,7 +253,8 @@ def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.
             elif m := OURS_EVAL.match(line):
                 point = (int(m.group(1)), float(m.group(2)))
             elif line.startswith("{") and '"peak_memory_gib"' in line:
-                memory = json.loads(line)["peak_memory_gib"]
+                report = json.loads(line)
+                memory, device = report["peak_memory_gib"], report.get("device")
         else:  # its step line numbers the step from 0
             if m := PEER_STEP.match(line):
                 step, dt, mfu = int(m.group(1)) + 1, float(m.group(2)) / 1000, float(m.group(3))
@@ -185,19 +262,23 @@ def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.
                 point = (int(m.group(1)), float(m.group(2)))
             elif m := PEER_MEMORY.match(line):
                 memory = float(m.group(1)) / 1024
+            elif m := PEER_GPU.match(line):  # printed on CUDA only
+                device = m.group(1)
         if step is not None and since < step <= until:
             dts.append(dt)
             mfus += [mfu] if mfu is not None else []
             last = max(last, step)
         elif point is not None and since < point[0] <= until:
             evals.append(point)
-    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory, "last_step": last}
+    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory, "device": device,
+            "last_step": last}
 
 
 def merge_attempts(kind: str, parts: list[tuple[int, list[str]]]) -> dict:
     """parse_log's stats of one run from its attempts' (resume step or -1, output lines), in order: each attempt
-    gives the steps after its resume step up to the next attempt's; the peak memory is the highest."""
-    merged = {"step_seconds": [], "mfu": [], "evals": [], "peak_memory_gib": None, "last_step": 0}
+    gives the steps after its resume step up to the next attempt's; the peak memory is the highest, the device the
+    last one named."""
+    merged = {"step_seconds": [], "mfu": [], "evals": [], "peak_memory_gib": None, "device": None, "last_step": 0}
     untils = [since for since, _ in parts[1:]] + [math.inf]
     for (since, lines), until in zip(parts, untils):
         stats = parse_log(kind, lines, since, until)
@@ -205,6 +286,7 @@ def merge_attempts(kind: str, parts: list[tuple[int, list[str]]]) -> dict:
             merged[key] += stats[key]
         memory = [m for m in (merged["peak_memory_gib"], stats["peak_memory_gib"]) if m is not None]
         merged["peak_memory_gib"] = max(memory, default=None)
+        merged["device"] = stats["device"] or merged["device"]
         merged["last_step"] = max(merged["last_step"], stats["last_step"])
     return merged
 
@@ -235,8 +317,8 @@ def time_to_reach(points: list[tuple[int, float, float]], target: float) -> floa
     return None
 
 
-def final_bpb(cfg: RaceConfig, racer: Racer, work: Path) -> dict:
-    """Our routine's bpb of the racer's final checkpoint on the race's validation text."""
+def final_bpb(cfg: RaceConfig, racer: Racer, work: Path, gpu: int | None = None) -> dict:
+    """Our routine's bpb of the racer's final checkpoint on the race's validation text, on GPU `gpu`."""
     val = sorted((Path(cfg.race_dir) / "data").glob("*.parquet"))[-1]
     argv = [sys.executable, str(ROOT / "benchmarks" / "race_eval.py"), f"--kind={racer.kind}", f"--val={val}",
             f"--max_chars={cfg.final_chars}"]
@@ -248,13 +330,13 @@ def final_bpb(cfg: RaceConfig, racer: Racer, work: Path) -> dict:
     else:
         argv += [f"--peer={Path(cfg.peer).resolve()}", f"--model_tag={racer.name}"]
         env = peer_env(Path(cfg.peer).resolve(), work / "base")
-    lines = run_logged(argv, env, ROOT, work / "final_bpb.log")
+    lines = run_logged(argv, pin(env, gpu), ROOT, work / "final_bpb.log")
     return json.loads(lines[-1])
 
 
-def probe_steps(cfg: RaceConfig, racer: Racer, work: Path) -> int:
-    """With --seconds: the steps that fit in the budget at this racer's median step time."""
-    argv, env, cwd = command(cfg, racer, cfg.probe_steps, eval_every=-1, work=work / "probe")
+def probe_steps(cfg: RaceConfig, racer: Racer, work: Path, gpu: int | None = None) -> int:
+    """With --seconds: the steps that fit in the budget at this racer's median step time (on its GPU)."""
+    argv, env, cwd = command(cfg, racer, cfg.probe_steps, eval_every=-1, work=work / "probe", gpu=gpu)
     argv.append("--save_every=0" if racer.kind == "ours" else "--save-every=-1")
     stats = parse_log(racer.kind, run_logged(argv, env, cwd, work / "probe.log"))
     kept, _ = training_seconds(stats["step_seconds"])
@@ -264,7 +346,7 @@ def probe_steps(cfg: RaceConfig, racer: Racer, work: Path) -> int:
 
 def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
     """What a racer's result depends on: a stored result with the same settings can stand in for a run."""
-    left_out = ("racers", "out", "work", "target", "smoke", "save_every")
+    left_out = ("racers", "out", "work", "target", "smoke", "save_every", "gpus")
     race = {k: v for k, v in asdict(cfg).items() if k not in left_out}
     return {"kind": racer.kind, "flags": racer.flags, **race}
 
@@ -288,7 +370,7 @@ def read_attempts(kind: str, work: Path, attempts: list[dict]) -> dict:
     return merge_attempts(kind, [(a["resume_from"], (work / a["log"]).read_text().splitlines()) for a in attempts])
 
 
-def earlier_run(racer: Racer, work: Path, settings: dict) -> tuple[dict | None, int]:
+def earlier_run(racer: Racer, work: Path, settings: dict, gpu: int | None = None) -> tuple[dict | None, int]:
     """(attempts.json, the step to resume from) of this racer's unfinished run, or (None, -1) to start over,
     saying why: other settings, no complete checkpoint, or logs that stop before it."""
     path = work / ATTEMPTS
@@ -305,24 +387,25 @@ def earlier_run(racer: Racer, work: Path, settings: dict) -> tuple[dict | None, 
         why = f"the logs of attempts 1-{n} stop at step {logged}, before the checkpoint of step {step}"
     else:
         return record, step
-    print(f"[race] {racer.name}: {why}: starting over", flush=True)
+    say(racer.name, gpu, f"{why}: starting over")
     return None, -1
 
 
-def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict:
+def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: int | None = None) -> dict:
+    """Train one racer (or reuse or resume its earlier run) on GPU `gpu` (None: the default device); its result."""
     work, logs = work_root / racer.name, out / racer.name
     settings = racer_settings(cfg, racer)
     stored = work / "result.json"
     if stored.is_file():
         result = json.loads(stored.read_text())
         if result.get("settings") == settings:
-            print(f"[race] {racer.name}: finished earlier with these settings ({stored}), not run again", flush=True)
+            say(racer.name, gpu, f"finished earlier with these settings ({stored}), not run again")
             return result
-    record, resume = earlier_run(racer, work, settings)
+    record, resume = earlier_run(racer, work, settings, gpu)
     if record is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        steps = probe_steps(cfg, racer, work) if cfg.seconds > 0 else cfg.steps
+        steps = probe_steps(cfg, racer, work, gpu) if cfg.seconds > 0 else cfg.steps
         record = {"settings": settings, "steps": steps, "eval_every": max(1, steps // cfg.eval_points), "attempts": []}
     steps, attempts = record["steps"], record["attempts"]
     shutil.rmtree(logs, ignore_errors=True)
@@ -330,18 +413,16 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict
     for attempt in attempts:  # --out may be new (a GPU call's): it gets every attempt's log
         shutil.copy(work / attempt["log"], logs)
     if resume == steps:
-        print(f"[race] {racer.name}: attempt {len(attempts)} trained all {steps} steps: on to the final bpb",
-              flush=True)
+        say(racer.name, gpu, f"attempt {len(attempts)} trained all {steps} steps: on to the final bpb")
     else:
         log = f"train.attempt{len(attempts) + 1}.log" if attempts else "train.log"
-        argv, env, cwd = command(cfg, racer, steps, record["eval_every"], work)
+        argv, env, cwd = command(cfg, racer, steps, record["eval_every"], work, gpu)
         if resume >= 0:
             argv.append(f"--resume_from_step={resume}" if racer.kind == "ours" else f"--resume-from-step={resume}")
-            print(f"[race] {racer.name}: resuming from step {resume} (attempt {len(attempts) + 1}), log {log}",
-                  flush=True)
+            say(racer.name, gpu, f"resuming from step {resume} (attempt {len(attempts) + 1}), log {log}")
         attempts.append({"log": log, "resume_from": resume, "started": time.time()})
         (work / ATTEMPTS).write_text(json.dumps(record))
-        print(f"[race] {racer.name}: {' '.join(argv[2:])}", flush=True)
+        say(racer.name, gpu, " ".join(argv[2:]))
         run_logged(argv, env, cwd, work / log, logs / log)
     stats = read_attempts(racer.kind, work, attempts)
     if len(stats["step_seconds"]) != steps or not stats["evals"]:
@@ -350,7 +431,7 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict
                          "its log format changed?")
     kept, compile_seconds = training_seconds(stats["step_seconds"])
     points = curve(stats["evals"], kept)
-    final = final_bpb(cfg, racer, work)
+    final = final_bpb(cfg, racer, work, gpu)
     median_dt = statistics.median(kept)
     wall = sum((work / a["log"]).stat().st_mtime - a["started"] for a in attempts)  # each to its last line
     result = {"name": racer.name, "kind": racer.kind, "flags": racer.flags, "steps": steps,
@@ -359,9 +440,66 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path) -> dict
             "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
             "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts), "curve": points,
             "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
-            "own_minus_ours": points[-1][2] - final["bpb"], "settings": settings}
+            "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
+            "settings": settings}
     stored.write_text(json.dumps(result))
     return result
+
+
+@dataclass
+class Failure:
+    """A racer that raised instead of giving a result."""
+    name: str
+    gpu: int | None
+    error: BaseException
+
+    def message(self) -> str:
+        """A trainer's failure as run_logged words it (its log named), anything else with its traceback."""
+        if isinstance(self.error, SystemExit):
+            return str(self.error.code)
+        return "".join(traceback.format_exception(self.error)).rstrip()
+
+
+def run_queue(racers: list[Racer], gpus: list[int | None], run_one: Callable[[Racer, int | None], dict],
+              finished: Callable[[list], None]) -> list[dict | Failure]:
+    """Each racer through run_one(racer, gpu), one racer per GPU at a time: a thread per GPU takes the next racer
+    (one slot runs here, in this thread). A racer that raises becomes a Failure and the others go on. After each
+    racer, finished(the outcomes so far, in the racers' order), one call at a time. Returns the outcomes in order."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for item in enumerate(racers):
+        todo.put(item)
+    outcomes: list = [None] * len(racers)
+    lock = threading.Lock()
+
+    def worker(gpu: int | None) -> None:
+        while True:
+            try:
+                i, racer = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcome = run_one(racer, gpu)
+                say(racer.name, gpu, "done")
+            except (Exception, SystemExit) as e:  # not KeyboardInterrupt: that stops the race
+                outcome = Failure(racer.name, gpu, e)
+                first_line = outcome.message().partition("\n")[0]
+                say(racer.name, gpu, f"FAILED ({first_line}); the others go on")
+            with lock:
+                outcomes[i] = outcome
+                finished([o for o in outcomes if o is not None])
+
+    if len(gpus) == 1:
+        worker(gpus[0])
+    else:  # daemon: an interrupted race does not wait for them
+        threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    lost = [r.name for r, o in zip(racers, outcomes) if o is None]
+    if lost:
+        raise SystemExit(f"racers {lost} have no outcome: a worker thread died (its traceback is above)")
+    return outcomes
 
 
 def summarize(results: list[dict], target_name: str) -> tuple[float, list[dict]]:
@@ -409,7 +547,7 @@ def table(rows: list[dict], results: list[dict]) -> str:
     lines = ["racer | tok/s | MFU % | mem GiB | train s | final bpb (ours) | final bpb (own eval) | "
              "time to target s | ratio to first", "---|---:|---:|---:|---:|---:|---:|---:|---:"]
     for row, r in zip(rows, results):
-        lines.append(f"{row['racer']} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
+        lines.append(f"{who(row['racer'], r.get('gpu'))} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
                      f"{fmt(r['peak_memory_gib'], '.1f')} | {r['train_seconds']:.1f} | {row['final_bpb']:.4f} | "
                      f"{row['final_bpb_own']:.4f} | {fmt(row['time_to_target_s'], '.1f')} | "
                      f"{fmt(row['ratio_to_first'], '.3f')}")
@@ -456,21 +594,48 @@ def main(argv: list[str] | None = None) -> dict:
                          f"--out {race}{' --peer ' + cfg.peer if cfg.peer else ''}`")
     if cfg.steps <= 0 and cfg.seconds <= 0:
         raise SystemExit("give a budget: --steps N (> 0) or --seconds S")
+    gpus = parse_gpus(cfg.gpus)
+    if gpus != [None]:
+        none_here = "" if torch.cuda.device_count() else "; no CUDA device here: racers run on their --device_type"
+        print(f"[race] {len(racers)} racers on GPUs {','.join(map(str, gpus))}, up to {len(gpus)} at once, each "
+              f"alone in its CUDA_VISIBLE_DEVICES{none_here}", flush=True)
+    if len(gpus) > 1:
+        print("[race] warning: racers side by side share this host's CPU, PCIe and power: their timings compare only "
+              "roughly (leave --gpus out to race one after another, for close comparisons)", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(cfg.work) if cfg.work else out / "work"
-    results = []
-    for racer in racers:
-        results.append(run_racer(cfg, racer, out, work))
-        (out / "race.json").write_text(json.dumps({"config": asdict(cfg), "racers": results}, indent=1))
-    target, rows = summarize(results, cfg.target)
-    plot(results, target, out / "race.png")
-    summary = {"config": asdict(cfg), "target_bpb": target, "racers": results, "table": rows}
+
+    def report(outcomes: list) -> dict:
+        failed = [o for o in outcomes if isinstance(o, Failure)]
+        return {"config": asdict(cfg), "racers": [o for o in outcomes if not isinstance(o, Failure)],
+                "failed": [{"name": f.name, "gpu": f.gpu, "error": f.message()} for f in failed]}
+
+    outcomes = run_queue(racers, gpus, lambda racer, gpu: run_racer(cfg, racer, out, work, gpu),
+                         lambda done: (out / "race.json").write_text(json.dumps(report(done), indent=1)))
+    summary, failed = report(outcomes), [o for o in outcomes if isinstance(o, Failure)]
+    results = summary["racers"]
+    if results and cfg.target not in {f.name for f in failed}:
+        target, rows = summarize(results, cfg.target)
+        plot(results, target, out / "race.png")
+        summary.update(target_bpb=target, table=rows)
+        agreement = max(abs(r["own_minus_ours"]) for r in results)
+        print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
+              f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
+    elif results:
+        print(f"\nno table: the --target racer {cfg.target} failed", flush=True)
     (out / "race.json").write_text(json.dumps(summary, indent=1))
-    agreement = max(abs(r["own_minus_ours"]) for r in results)
-    print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
-          f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
-    print(json.dumps({"target_bpb": target, "table": rows, "out": str(out)}), flush=True)
+    for f in failed:
+        print(f"\n[race] {who(f.name, f.gpu)} failed; its logs: {out / f.name}, {work / f.name}\n{f.message()}",
+              flush=True)
+    print(json.dumps({"target_bpb": summary.get("target_bpb"), "table": summary.get("table", []),
+                      "failed": [f.name for f in failed], "out": str(out)}), flush=True)
+    if failed:
+        faults = [f.error for f in failed if not isinstance(f.error, SystemExit)]
+        if faults:
+            raise faults[0]  # not a trainer's failure but the race's own fault (or a test's cut): its traceback
+        raise SystemExit(f"{len(failed)} of {len(racers)} racers failed: {', '.join(f.name for f in failed)} "
+                         f"(their errors and logs above)")
     return summary
 
 

@@ -9,6 +9,8 @@
 # race.png, each racer's logs). A d12 racer of 100 steps takes ~3.5 minutes with its compile and evaluations, one of
 # 400 steps 8-9.5: pass --save_every 100 and a racer cut off by the call's limit resumes from its newest checkpoint in
 # the next call (on the same warm machine: /root/race_work) instead of starting over.
+# On a machine of several GPUs, pass --gpus all: one racer per GPU at a time, as many at once as there are GPUs
+# (their timings side by side compare only roughly: shared CPU, PCIe and power).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RACE=/root/race

@@ -1,9 +1,10 @@
-"""benchmarks.race: the smoke race end to end on the CPU, and its log parsing, timing and target arithmetic, and
-the resumption of a racer cut off mid-run."""
+"""benchmarks.race: the smoke race end to end on the CPU, and its log parsing, timing and target arithmetic, the
+resumption of a racer cut off mid-run, and racers side by side on several GPUs (--gpus)."""
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from benchmarks import race
 from benchmarks.race_data import check_peer, split_text
 
+GPU_NAME = "NVIDIA H100 80GB HBM3"
 PEER_LINES = [  # the public nanochat's own output format (scripts/base_train.py at 92d63d4)
+    f"GPU: {GPU_NAME} | Peak FLOPS (BF16): 9.89e+14",
     "Step 00000 | Validation bpb: 3.300000",
     "step 00000/00003 (0.00%) | loss: 10.397 | lrm: 1.00 | dt: 45000.00ms | tok/sec: 11,650 | bf16_mfu: 1.20 | "
     "epoch: 0 pq: 0 rg: 0 | total time: 0.00m",
@@ -31,7 +34,7 @@ OUR_LINES = [
     "step 00002 | val bpb 2.0000",
     "step 00003/00003 | loss 8.0000 | lrm 1.000 | 1200 ms | 436,906 tok/s | MFU 42.0% | mem 2.00 GiB",
     "step 00003 | val bpb 1.5000",
-    json.dumps({"val_bpb": 1.5, "peak_memory_gib": 2.0}),
+    json.dumps({"val_bpb": 1.5, "peak_memory_gib": 2.0, "device": GPU_NAME}),
 ]
 
 
@@ -39,7 +42,7 @@ OUR_LINES = [
 def test_both_trainers_logs_give_the_same_curve(kind, lines):
     stats = race.parse_log(kind, lines)
     assert stats["step_seconds"] == [45.0, 1.0, 1.2] and stats["mfu"] == [1.2, 40.0, 42.0]
-    assert stats["peak_memory_gib"] == 2.0
+    assert stats["peak_memory_gib"] == 2.0 and stats["device"] == GPU_NAME
     kept, compile_seconds = race.training_seconds(stats["step_seconds"])
     assert kept == [1.2, 1.0, 1.2] and compile_seconds == pytest.approx(43.8)  # the compile step counts as the median
     points = race.curve(stats["evals"], kept)
@@ -82,17 +85,151 @@ def test_split_text_joins_back_and_cuts_at_lines():
 
 
 @pytest.mark.slow
-def test_smoke_race_writes_its_files(tmp_path):
-    summary = race.main(["--smoke", f"--out={tmp_path}"])
+def test_smoke_race_writes_its_files(tmp_path, monkeypatch):
+    """The two tiny racers side by side on "GPUs" 0 and 1 (on the CPU: each process's CUDA_VISIBLE_DEVICES is set
+    and unused): they train at the same time, and each one's training and final bpb see only its GPU."""
+    monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 0)  # a CPU machine, also where CI has a GPU
+    real, launched = subprocess.Popen, []
+
+    def popen(argv, **kwargs):
+        launched.append((argv, (kwargs.get("env") or os.environ).get("CUDA_VISIBLE_DEVICES")))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(race.subprocess, "Popen", popen)
+    summary = race.main(["--smoke", f"--out={tmp_path}", "--gpus=0,1"])
     assert [r["name"] for r in summary["racers"]] == ["ours", "lr2"]
     for r in summary["racers"]:
         assert len(r["curve"]) >= 11 and r["steps"] == 20
         assert r["curve"][-1][2] < r["curve"][0][2]  # it learned
         assert abs(r["own_minus_ours"]) < 0.5
+        assert r["device"] == "cpu"  # as its trainer named it
+        runs = [gpu for argv, gpu in launched
+                if f"--model_tag={r['name']}" in argv or argv[-1].endswith(f"/{r['name']}")]
+        assert runs == [str(r["gpu"])] * 2  # its training, its final bpb
+    assert sorted(r["gpu"] for r in summary["racers"]) == [0, 1]
+    spans = []
+    for name in ("ours", "lr2"):
+        work = tmp_path / "work" / name
+        spans.append((json.loads((work / "attempts.json").read_text())["attempts"][0]["started"],
+                      (work / "train.log").stat().st_mtime))
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # side by side
     assert summary["racers"][0]["final_bpb"] != summary["racers"][1]["final_bpb"]
     assert (tmp_path / "race.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "race.json").read_text())["target_bpb"] == summary["target_bpb"]
     assert (tmp_path / "ours" / "train.log").is_file() and (tmp_path / "work" / "ours" / "result.json").is_file()
+
+
+def test_racers_share_the_gpus_one_each():
+    """Two GPUs, three racers: two at once, each on a GPU no other running racer holds, the third on the first GPU
+    freed; outcomes in the racers' order; a failing racer is reported and the others go on."""
+    racers = [race.Racer(name, "ours", []) for name in ("a", "b", "c")]
+    both = threading.Barrier(2, timeout=10)  # a and b must run at once: one after another would break it
+    lock, running, most, used = threading.Lock(), {}, [0], {}
+
+    def run_one(racer, gpu):
+        with lock:
+            assert gpu not in running.values()
+            running[racer.name], used[racer.name] = gpu, gpu
+            most[0] = max(most[0], len(running))
+        try:
+            if racer.name != "c":
+                both.wait()
+            time.sleep(0.05)
+            if racer.name == "b":
+                raise SystemExit("['scripts.base_train'] failed (exit 1); its log: /out/work/b/train.log")
+            return {"name": racer.name, "gpu": gpu}
+        finally:
+            with lock:
+                del running[racer.name]
+
+    done = []
+    outcomes = race.run_queue(racers, [0, 1], run_one, lambda so_far: done.append(len(so_far)))
+    assert most[0] == 2 and used["a"] != used["b"] and used["c"] in (0, 1)
+    assert outcomes[0] == {"name": "a", "gpu": used["a"]} and outcomes[2] == {"name": "c", "gpu": used["c"]}
+    assert isinstance(outcomes[1], race.Failure) and outcomes[1].gpu == used["b"]
+    assert "its log: /out/work/b/train.log" in outcomes[1].message()
+    assert done == [1, 2, 3]  # race.json after each racer
+
+    # no --gpus: one after another, here, on the default device
+    serial = race.run_queue(racers, [None], lambda r, gpu: (gpu, threading.current_thread()), lambda so_far: None)
+    assert serial == [(None, threading.main_thread())] * 3
+
+
+def test_each_racers_processes_see_only_its_gpu(tmp_path, monkeypatch):
+    """Its training, its --seconds probe and its final bpb: CUDA_VISIBLE_DEVICES names its GPU; --device_type and
+    everything else as without --gpus."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    (tmp_path / "race" / "data").mkdir(parents=True)
+    (tmp_path / "race" / "data" / "shard_00000.parquet").touch()
+    cfg = race.RaceConfig(race_dir=str(tmp_path / "race"), peer=str(tmp_path / "peer"), device_type="cuda")
+    for kind in race.KINDS:
+        racer = race.Racer("r", kind, [])
+        argv, env, cwd = race.command(cfg, racer, 10, 5, tmp_path / kind, gpu=3)
+        default = race.command(cfg, racer, 10, 5, tmp_path / kind)
+        assert env["CUDA_VISIBLE_DEVICES"] == "3" and "CUDA_VISIBLE_DEVICES" not in default[1]
+        assert (argv, {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}, cwd) == default
+        assert any(a in argv for a in ("--device_type=cuda", "--device-type=cuda"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")  # the race's own GPUs: GPU 1 is the machine's 5
+    racer = race.Racer("r", "ours", [])
+    assert race.command(cfg, racer, 10, 5, tmp_path, gpu=1)[1]["CUDA_VISIBLE_DEVICES"] == "5"
+    seen = []
+
+    def run_logged(argv, env, cwd, log, mirror=None):
+        seen.append(env["CUDA_VISIBLE_DEVICES"])
+        return OUR_LINES
+
+    monkeypatch.setattr(race, "run_logged", run_logged)
+    race.probe_steps(cfg, racer, tmp_path, gpu=2)
+    race.final_bpb(cfg, racer, tmp_path, 2)
+    assert seen == ["6", "6"]
+
+
+def test_gpus_flag(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match="--gpus all: no CUDA device .* leave --gpus out"):
+        race.parse_gpus("all")
+    assert race.parse_gpus("") == [None] and race.parse_gpus("0,1") == [0, 1]  # no CUDA: taken as given (CPU racers)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(SystemExit, match="GPU 2 is not among CUDA_VISIBLE_DEVICES='6,7'"):
+        race.parse_gpus("0,2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 4)
+    assert race.parse_gpus("all") == [0, 1, 2, 3]
+    for spec, said in (("0,4", "shows 4 CUDA devices"), ("1,1", "each GPU once"), ("0,x", "indices such as")):
+        with pytest.raises(SystemExit, match=said):
+            race.parse_gpus(spec)
+
+
+def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, capsys):
+    """The race goes on past a failed racer: the table of the others (each with its GPU), race.json with the
+    failure, its error and logs printed, and a non-zero exit."""
+    for d in ("data", "tokenizer_ours"):
+        (tmp_path / "race" / d).mkdir(parents=True)
+    monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 0)
+
+    def run_racer(cfg, racer, out, work, gpu):
+        if racer.name == "bad":
+            raise SystemExit(f"['scripts.base_train'] failed (exit 1); its log: {work / 'bad' / 'train.log'}")
+        bpb = 2.0 if racer.name == "a" else 2.2
+        return {"name": racer.name, "tok_per_s": 1.0, "mfu": None, "peak_memory_gib": None, "train_seconds": 10.0,
+                "final_bpb": bpb, "final_bpb_own": bpb, "own_minus_ours": 0.0, "gpu": gpu,
+                "curve": [(0, 0.0, 3.0), (10, 10.0, bpb)]}
+
+    monkeypatch.setattr(race, "run_racer", run_racer)
+    monkeypatch.setattr(race, "plot", lambda *a: None)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="1 of 3 racers failed: bad"):
+        race.main([f"--race_dir={tmp_path / 'race'}", f"--out={out}", "--racers=a=ours:; bad=ours:; b=ours:",
+                   "--gpus=0,1"])
+    said = capsys.readouterr().out
+    assert "[race] warning: racers side by side share this host's CPU" in said
+    assert f"its log: {out / 'work' / 'bad' / 'train.log'}" in said and "[race] bad (GPU " in said
+    table = [line for line in said.splitlines() if " | " in line and "GPU" in line]
+    assert [line.split(" (GPU")[0] for line in table] == ["a", "b"]
+    written = json.loads((out / "race.json").read_text())
+    assert [r["name"] for r in written["racers"]] == ["a", "b"] and written["failed"][0]["name"] == "bad"
+    assert json.loads(said.strip().splitlines()[-1])["failed"] == ["bad"]
 
 
 def test_finished_racers_are_not_run_again(tmp_path, monkeypatch):
