@@ -17,10 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 source benchmarks/fa4_env.sh
-# run NAME LIMIT CMD...: full log to $OUT/NAME.txt, its tail here (TAIL lines, per-layer attention lines dropped)
-run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-        echo "rc=$? ($name)"
-        grep -v "^\[nanochat\] attention: layer" "$OUT/$name.txt" | tail -n "${TAIL:-4}" | cut -c1-1200; }
+source benchmarks/run_part.sh
 if [ "${1:-}" = docs ]; then
     TAIL=4 run doc_mask_gpu_tests 280 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_doc_mask.py
     TAIL=16 run bench_attention_docs 250 python3 -m benchmarks.bench_attention --backends=fa4,flex,sdpa --doc_len=512

@@ -70,9 +70,7 @@ OUT="${OUT:-out}"; mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-/tmp/nc}"; mkdir -p "$NANOCHAT_BASE_DIR"
 if [ -d .carry/tokenizer ]; then rm -rf "$NANOCHAT_BASE_DIR/tokenizer"; cp -r .carry/tokenizer "$NANOCHAT_BASE_DIR/"; fi
 source benchmarks/gpu_env.sh
-# run NAME LIMIT CMD...: full log to $OUT/NAME.txt, its tail here (TAIL lines, per-layer attention lines dropped)
-run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-        echo "rc=$? ($name)"; grep -v "^\[nanochat\] attention: layer" "$OUT/$name.txt" | tail -n "${TAIL:-4}" | cut -c1-1200; }
+source benchmarks/run_part.sh
 TRAIN="python3 -m scripts.base_train --data_dir .carry/data --save_every 0 --sample_every 0"
 # two d24-wide layers in fp8: quick compiles for studying the cast kernels
 STUDY="--depth 2 --aspect_ratio 768 --device_batch_size 16 --max_seq_len 2048 --kernel triton --fp8_fast_accum"

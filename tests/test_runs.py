@@ -17,7 +17,7 @@ from nanochat.flags import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["runs/lib.sh", "runs/cpu.sh", "runs/speedrun.sh", "benchmarks/h200_speedrun.sh", "benchmarks/h200.sh",
-           "benchmarks/prepare_carry.sh"]
+           "benchmarks/prepare_carry.sh", "benchmarks/regression_gpu.sh", "benchmarks/run_part.sh"]
 BASH = shutil.which("bash")
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
 
