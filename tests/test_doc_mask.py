@@ -447,8 +447,10 @@ def test_gpu_backend_matches_sdpa_with_documents(name, window):
     (q, k, v, g), idx = gpu_case(seed=fresh_seed())
     want = run_backend("sdpa", window, *(t.float() for t in (q, k, v, g)), idx)  # the fp32 reference
     got = run_backend(name, window, q, k, v, g, idx)
-    # window 1: one key per softmax, dq and dk exactly 0: checked against the upstream gradient's scale
-    errors = [rel(x, r) if r.norm() > 0 else (x.norm() / g.double().norm()).item() for x, r in zip(got, want)]
+    # window 1: one key per softmax, so dq and dk are 0 up to the reference's own rounding (norms ~1e-7 of the
+    # upstream gradient's): such a gradient is checked against the upstream gradient's scale instead
+    scale = g.double().norm()
+    errors = [rel(x, r) if r.norm() > 1e-3 * scale else ((x - r).norm() / scale).item() for x, r in zip(got, want)]
     assert max(errors) < BF16_REL, errors
     if window != 1:  # a window of 1 sees only the query's own key, documents or not
         plain = attention(q, k, v, window=window, backend="sdpa").double()
