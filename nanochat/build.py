@@ -23,7 +23,7 @@ from nanochat import kernels
 from nanochat.kernels.attention import ATTENTION_BACKENDS
 from nanochat.model import ARCHITECTURES, model_class
 from nanochat.model.gpt import GPTConfig, config_from_depth
-from nanochat.optim import MuonAdamW, build_optimizer
+from nanochat.optim import PRETRAIN_LRS, MuonAdamW, build_optimizer
 from nanochat.precision import FP8_RECIPES, apply_precision, cache_low_precision_weights
 from nanochat.runtime import check_recompute, compile_model, default_compile
 
@@ -67,11 +67,12 @@ class BuildConfig:
     # compile
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     compile_mode: str = field(default="default", metadata={"help": "default or max-autotune-no-cudagraphs"})
-    # optimizer: the one place of the learning-rate defaults (fine-tuning keeps nanochat's own: nanochat.finetune)
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate"})
-    embedding_lr: float = field(default=0.3, metadata={"help": "AdamW rate of the token (and value) embeddings"})
-    unembedding_lr: float = field(default=0.008, metadata={"help": "AdamW rate of lm_head"})
-    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW rate of the per-layer scalars"})
+    # optimizer (fine-tuning keeps nanochat's rates: nanochat.finetune)
+    matrix_lr: float = field(default=PRETRAIN_LRS.matrix, metadata={"help": "Muon learning rate"})
+    embedding_lr: float = field(default=PRETRAIN_LRS.embedding,
+                                metadata={"help": "AdamW rate of the token (and value) embeddings"})
+    unembedding_lr: float = field(default=PRETRAIN_LRS.unembedding, metadata={"help": "AdamW rate of lm_head"})
+    scalar_lr: float = field(default=PRETRAIN_LRS.scalar, metadata={"help": "AdamW rate of the per-layer scalars"})
     weight_decay: float = field(default=0.28, metadata={"help": "Muon's cautious weight decay at d12 (scaled with "
                                                         "batch and horizon)"})
     adam_groups: str = field(default="tuned", metadata={"help": "AdamW settings: tuned (per-kind betas, rates, decay) "

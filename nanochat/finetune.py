@@ -19,7 +19,7 @@ from nanochat.build import BuildConfig
 from nanochat.checkpoint import run_checkpoint_dir, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import autocast_precision, get_rank, log0
 from nanochat.flags import redeclare
-from nanochat.optim import build_optimizer
+from nanochat.optim import FINETUNE_LRS, build_optimizer
 from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP
 
 if TYPE_CHECKING:
@@ -31,17 +31,17 @@ if TYPE_CHECKING:
 @dataclass
 class FineTuneFlags:
     """The flags of chat_sft and chat_rl alike: the checkpoint to start from, the optimizer, the run's own
-    checkpoints and runtime. The learning rates are nanochat's own (build_optimizer's defaults), not the
-    pretraining recipe's (BuildConfig: measured for base training only), times --init_lr_frac."""
+    checkpoints and runtime. The learning rates are FINETUNE_LRS (not pretraining's PRETRAIN_LRS) times
+    --init_lr_frac."""
     source: str = field(default="base", metadata={"help": "checkpoint phase to start from: base, sft or rl"})
     model_tag: str = field(default="", metadata={"help": "source checkpoint tag, also the output tag (default: newest)"})
     step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: latest)"})
     model: str = field(default="", metadata={"help": "start from this checkpoint directory instead of --source/"
                                                      "--model_tag: a step_<n> dir or a run dir (latest, or --step)"})
-    matrix_lr: float = redeclare(BuildConfig, "matrix_lr", 0.02)
-    embedding_lr: float = redeclare(BuildConfig, "embedding_lr", 0.2)
-    unembedding_lr: float = redeclare(BuildConfig, "unembedding_lr", 0.004)
-    scalar_lr: float = redeclare(BuildConfig, "scalar_lr", 0.5)
+    matrix_lr: float = redeclare(BuildConfig, "matrix_lr", FINETUNE_LRS.matrix)
+    embedding_lr: float = redeclare(BuildConfig, "embedding_lr", FINETUNE_LRS.embedding)
+    unembedding_lr: float = redeclare(BuildConfig, "unembedding_lr", FINETUNE_LRS.unembedding)
+    scalar_lr: float = redeclare(BuildConfig, "scalar_lr", FINETUNE_LRS.scalar)
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the matrices"})
     init_lr_frac: float = field(default=0.02, metadata={"help": "every LR above is multiplied by this"})
     keep_last: int | None = field(default=2, metadata={"help": "keep this many newest checkpoints; none = all"})

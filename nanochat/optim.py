@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, defaultdict
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+class LearningRates(NamedTuple):
+    """Base rates of the four parameter kinds, before batch and width scaling."""
+    matrix: float  # Muon
+    embedding: float  # AdamW: token (and value) embeddings
+    unembedding: float  # AdamW: lm_head
+    scalar: float  # AdamW: per-layer scalars
+
+
+# pretraining's (BuildConfig): the public nanochat's at 92d63d4
+PRETRAIN_LRS = LearningRates(matrix=0.02, embedding=0.3, unembedding=0.008, scalar=0.5)
+# fine-tuning's (times its --init_lr_frac) and build_optimizer's defaults: nanochat's earlier, gentler AdamW rates
+FINETUNE_LRS = LearningRates(matrix=0.02, embedding=0.2, unembedding=0.004, scalar=0.5)
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025): per-iteration coefficients (a, b, c) of the odd
 # quintic p(x) = a x + b x^3 + c x^5, each minimax-optimal for the interval the singular values
@@ -359,8 +372,9 @@ ADAM_GROUPS = ("uniform", "tuned")
 WIDTH_SCALED = ("embedding", "value_embed", "lm_head")  # AdamW rates x min(1, (n_embd / 768) ** -0.5)
 
 
-def build_optimizer(model: nn.Module, *, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
-                    unembedding_lr: float = 0.004, scalar_lr: float = 0.5, weight_decay: float = 0.0,
+def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,
+                    embedding_lr: float = FINETUNE_LRS.embedding, unembedding_lr: float = FINETUNE_LRS.unembedding,
+                    scalar_lr: float = FINETUNE_LRS.scalar, weight_decay: float = 0.0,
                     adam_betas: tuple[float, float] = (0.8, 0.95), adam_groups: str = "uniform",
                     muon_beta2: float = 0.0, muon_row_equilibrate: bool = False, muon_renorm: bool = False,
                     shard: bool = False) -> MuonAdamW:
