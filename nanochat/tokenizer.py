@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -73,6 +72,7 @@ class Tokenizer:
         if not isinstance(vocab_size, int) or vocab_size < min_size:
             raise ValueError(f"vocab_size={vocab_size!r} is too small: it must be an int >= {min_size} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens); pass a larger vocab_size")
+        import rustbpe  # training only: a machine that just loads a tokenizer (a GPU box, a server) needs no rustbpe
         target = vocab_size - len(SPECIAL_TOKENS)
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), target, pattern=SPLIT_PATTERN)

@@ -234,6 +234,19 @@ def test_save_load_round_trip(tok, heldout_docs, tmp_path):
     assert loaded.get_vocab_size() == VOCAB
 
 
+def test_loading_and_encoding_need_no_rustbpe(tok, tmp_path):
+    """rustbpe only trains: a GPU box or a server without it still loads and runs a saved tokenizer."""
+    import subprocess
+    import sys
+    tok.save(tmp_path / "tok")
+    code = ("import sys; sys.modules['rustbpe'] = None\n"  # any `import rustbpe` now raises ImportError
+            "from nanochat.tokenizer import Tokenizer\n"
+            f"print(Tokenizer.load({str(tmp_path / 'tok')!r}).encode('hello world'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == str(tok.encode("hello world"))
+
+
 def test_load_rejects_damaged_files(tok, tmp_path):
     tok.save(tmp_path)
     ranks = tmp_path / "tokenizer.tiktoken"
