@@ -79,7 +79,9 @@ def write_split_shard(src: Path, dst: Path, max_chars: int) -> tuple[int, int]:
 
 def peer_env(peer: Path, base_dir: Path) -> dict:
     """Environment to run the peer's scripts: its checkout first on the path, its base dir, a stub `wandb`
-    (its scripts import it at start; its default `--run dummy` never calls it) when wandb is missing."""
+    (its scripts import it at start; its default `--run dummy` never calls it) when wandb is missing. Absolute
+    paths: the peer runs in its own checkout, where a relative --out would name another folder."""
+    base_dir = Path(base_dir).resolve()
     stub = base_dir / "stubs"
     (stub / "wandb").mkdir(parents=True, exist_ok=True)
     (stub / "wandb" / "__init__.py").write_text('"""Stand-in: the peer imports wandb; with --run dummy it is unused."""\n')

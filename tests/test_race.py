@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import race
+from benchmarks import race, race_data
 from benchmarks.race_data import check_peer, split_text
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
@@ -75,6 +75,16 @@ def test_racer_specs_and_peer_errors(tmp_path):
         race.parse_racers("ours; ours", with_peer=False)
     with pytest.raises(SystemExit, match="git clone https://github.com/karpathy/nanochat"):
         check_peer(tmp_path)
+
+
+def test_peer_env_names_absolute_paths(tmp_path, monkeypatch):
+    """The peer runs in its checkout: a relative base dir (race_data's default --out .race) must not name a folder
+    there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(race_data.importlib.util, "find_spec", lambda name: None)  # no wandb: its stub on the path
+    env = race_data.peer_env(tmp_path / "peer", race_data.Path(".race/peer_tok_base"))
+    assert env["NANOCHAT_BASE_DIR"] == str(tmp_path / ".race" / "peer_tok_base")
+    assert str(tmp_path / ".race" / "peer_tok_base" / "stubs") in env["PYTHONPATH"].split(os.pathsep)
 
 
 def test_split_text_joins_back_and_cuts_at_lines():
