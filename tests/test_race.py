@@ -197,6 +197,45 @@ def test_check_staged_names_each_missing_shard_and_its_carry(tmp_path):
         race_data.check_staged(tmp_path)
 
 
+def test_epochs_and_the_warning_past_one(capsys):
+    assert race.epochs_of(400, 524288, 44_560_000) == pytest.approx(209_715_200 / 44_560_000)  # 4.706
+    assert race.epochs_of(400, 524288, None) is None
+    race.say_epochs("ours", None, 400, 524288, 44_560_000)
+    said = capsys.readouterr().out
+    assert said.startswith("[race] ours: 400 steps x 524,288 = 209.7M tokens = 4.71 epochs of the race data "
+                           "(44.6M tokens)\n")
+    assert "[race] WARNING: ours trains 4.71 epochs" in said and "memorizes" in said
+    assert "one epoch is 84 steps of 524,288 tokens" in said and "--train_shards" in said
+    race.say_epochs("ours", 1, 80, 524288, 44_560_000)  # 41.9M tokens: 0.94 epochs
+    said = capsys.readouterr().out
+    assert "[race] ours (GPU 1): 80 steps x 524,288 = 41.9M tokens = 0.94 epochs" in said and "WARNING" not in said
+    race.say_epochs("ours", None, 80, 524288, None)
+    assert "= — epochs of the race data (its token count is unknown)" in capsys.readouterr().out
+
+
+def test_lowest_bpb_and_a_rise_after_it():
+    """A racer that overfits (down to 1.26 at step 200, then up to 1.49) and one that does not: each one's lowest
+    bpb and its step, a note for the first only; the target keeps its first crossing."""
+    rising = [(0, 0.0, 3.0), (100, 100.0, 1.5), (200, 200.0, 1.26), (300, 300.0, 1.35), (400, 400.0, 1.49)]
+    steady = [(0, 0.0, 3.0), (100, 100.0, 1.6), (200, 200.0, 1.42), (300, 300.0, 1.415), (400, 400.0, 1.42)]
+    results = [{"name": "ours", "tok_per_s": 1.0, "final_bpb": 1.47, "final_bpb_own": 1.49, "curve": rising,
+                "epochs": 4.71},
+               {"name": "nanochat", "tok_per_s": 1.0, "final_bpb": 1.41, "final_bpb_own": 1.42, "curve": steady}]
+    target, rows = race.summarize(results, "")
+    assert target == 1.49  # the worst final: ours, which passed it on the way down (1.5 -> 1.26), at its first crossing
+    assert rows[0]["time_to_target_s"] == pytest.approx(100.0 + 100.0 * (1.5 - 1.49) / (1.5 - 1.26))
+    assert (rows[0]["min_bpb"], rows[0]["min_bpb_step"]) == (1.26, 200)
+    assert rows[0]["rise_after_min"] == pytest.approx(0.23) and rows[0]["epochs"] == 4.71
+    assert (rows[1]["min_bpb"], rows[1]["min_bpb_step"], rows[1]["epochs"]) == (1.415, 300, None)
+    notes = race.rise_notes(rows)
+    assert notes == ["[race] ours: val bpb rose 0.230 after step 200 (1.2600 -> 1.4900 at its last evaluation): "
+                     "overfitting?; it trained 4.71 epochs of the race data"]
+    results = [{**r, "mfu": None, "peak_memory_gib": None, "train_seconds": 400.0} for r in results]
+    lines = race.table(rows, results).splitlines()
+    assert "| epochs |" in lines[0] and "| min bpb @ step |" in lines[0]
+    assert " | 4.71 | " in lines[2] and " | 1.2600 @ 200 | " in lines[2] and " | — | 1.4100 | " in lines[3]
+
+
 @pytest.mark.slow
 def test_smoke_race_writes_its_files(tmp_path, monkeypatch):
     """The two tiny racers side by side on "GPUs" 0 and 1 (on the CPU: each process's CUDA_VISIBLE_DEVICES is set
@@ -230,6 +269,13 @@ def test_smoke_race_writes_its_files(tmp_path, monkeypatch):
     assert (tmp_path / "race.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "race.json").read_text())["target_bpb"] == summary["target_bpb"]
     assert (tmp_path / "ours" / "train.log").is_file() and (tmp_path / "work" / "ours" / "result.json").is_file()
+    manifest = json.loads((tmp_path / "smoke_data" / "data" / race_data.MANIFEST).read_text())
+    data_tokens = sum(manifest["tokenizers"]["ours"]["train_tokens"].values())
+    assert sorted(manifest["tokenizers"]["ours"]["train_tokens"]) == ["shard_00000.parquet", "shard_00001.parquet"]
+    for r, row in zip(summary["racers"], summary["table"]):
+        assert r["data_tokens"] == data_tokens and r["epochs"] == pytest.approx(20 * 512 / data_tokens)
+        assert row["epochs"] == r["epochs"] and 0 < r["epochs"] < 1
+        assert row["min_bpb"] == min(p[2] for p in r["curve"])
 
 
 def test_racers_share_the_gpus_one_each():
@@ -337,6 +383,8 @@ def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, caps
                    "--gpus=0,1"])
     said = capsys.readouterr().out
     assert "[race] warning: racers side by side share this host's CPU" in said
+    assert said.count("tokens.json") == 1 and "epochs unknown" in said  # no manifest: said once, not a failure
+    assert said.count("= — epochs of the race data") == 3
     assert f"its log: {out / 'work' / 'bad' / 'train.log'}" in said and "[race] bad (GPU " in said
     table = [line for line in said.splitlines() if " | " in line and "GPU" in line]
     assert [line.split(" (GPU")[0] for line in table] == ["a", "b"]
@@ -352,7 +400,8 @@ def test_finished_racers_are_not_run_again(tmp_path, monkeypatch):
     cfg = race.RaceConfig(out=str(tmp_path), steps=3)
     work = tmp_path / "work" / "ours"
     work.mkdir(parents=True)
-    (work / "result.json").write_text(json.dumps({"name": "ours", "settings": race.racer_settings(cfg, racer)}))
+    (work / "result.json").write_text(json.dumps({"name": "ours", "steps": 3,
+                                                  "settings": race.racer_settings(cfg, racer)}))
     monkeypatch.setattr(race, "run_logged", lambda *a, **k: pytest.fail("a finished racer ran again"))
     assert race.run_racer(cfg, racer, tmp_path, tmp_path / "work")["name"] == "ours"
     with pytest.raises(BaseException, match="ran again"):
