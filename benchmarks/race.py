@@ -22,7 +22,19 @@ periodic evaluation), the seconds summed from its per-step times with compilatio
 and peak memory as the trainer reports them, and the final bpb computed by one routine of ours
 (nanochat/eval/bpb.py:text_bpb via benchmarks/race_eval.py) on the same raw validation text for every
 racer, each model with its own tokenizer. The table printed last gives each racer's time to reach the
-target bpb (the worst racer's final bpb, or --target RACER's) and its ratio to the first racer's.
+target bpb and its ratio to the first racer's. The target: the highest final bpb of the racers by their trainers'
+own last evaluation (or --target RACER's). A racer's time to it: the training seconds at which its curve FIRST
+reaches it, linear between evaluations ("—" if it never does); its ratio: that time / the first racer's. A curve
+that dips below the target and rises back above it (overfitting) keeps its first crossing: read it with the
+racer's lowest bpb ("min bpb @ step", also in the table; a last evaluation more than 0.01 above it gets a note).
+
+Epochs: a racer trains steps x --total_batch_size tokens; the manifest of --race_dir/data (tokens.json, written by
+benchmarks.race_data) counts the tokens of the training shards in each tokenizer (every document with its BOS, as
+the trainers read them). Their ratio, the epochs of the race data the racer sees, is printed at start (with
+--seconds: once its probe has sized its run), in race.json and in the table; above 1 with a WARNING, since a racer
+that sees its documents again is being measured on memorizing them as much as on learning. It is a lower bound: the
+tokens a trainer crops to fill a row are read but not trained on. A race dir without a manifest (made before it
+existed): said once, and its epochs are "—".
 Writes race.json (after every racer), race.png and each racer's logs into --out; checkpoints and logs go to --work,
 where a racer's result.json also lets a later run with the same settings skip it (a race longer than one call of a
 GPU machine goes on in the next). Last stdout line: one JSON object.
@@ -64,7 +76,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.race_data import check_peer, link_peer_base, peer_env
+from benchmarks.race_data import check_peer, link_peer_base, peer_env, train_tokens
 from nanochat.checkpoint import latest_step
 from nanochat.flags import parse_flags
 
@@ -81,6 +93,7 @@ PEER_EVAL = re.compile(r"^Step (\d+) \| Validation bpb: ([\d.]+)")
 PEER_MEMORY = re.compile(r"^Peak memory usage: ([\d.]+)MiB")
 PEER_GPU = re.compile(r"^GPU: (.+?) \| Peak FLOPS")
 COMPILE_FACTOR = 3.0
+RISE_NOTE = 0.01  # a last evaluation this much above the curve's lowest bpb is noted (overfitting?)
 ATTEMPTS = "attempts.json"  # in a racer's work dir: its settings, steps and training attempts (log, resume step)
 
 
@@ -196,6 +209,32 @@ def say(name: str, gpu: int | None, message: str) -> None:
     """One progress line of the race, whole even while racers run side by side."""
     with _print_lock:
         print(f"[race] {who(name, gpu)}: {message}", flush=True)
+
+
+def epochs_of(steps: int, total_batch_size: int, data_tokens: int | None) -> float | None:
+    """Epochs of the race data that `steps` steps of `total_batch_size` tokens read (None: data tokens unknown)."""
+    return steps * total_batch_size / data_tokens if data_tokens else None
+
+
+def count(tokens: int) -> str:
+    """209.7M, or 10,240 below a million."""
+    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"
+
+
+def say_epochs(name: str, gpu: int | None, steps: int, total_batch_size: int, data_tokens: int | None) -> None:
+    """A racer's tokens against the race data's, and a WARNING when that is more than one epoch."""
+    epochs = epochs_of(steps, total_batch_size, data_tokens)
+    of = f"{epochs:.2f} epochs of the race data ({count(data_tokens)} tokens)" if epochs is not None else \
+        "— epochs of the race data (its token count is unknown)"
+    say(name, gpu, f"{steps} steps x {total_batch_size:,} = {count(steps * total_batch_size)} tokens = {of}")
+    if epochs is not None and epochs > 1.0:
+        one = data_tokens // total_batch_size
+        with _print_lock:
+            print(f"[race] WARNING: {who(name, gpu)} trains {epochs:.2f} epochs of the race data: it sees its training "
+                  f"documents ~{epochs:.1f} times, so past step {one} the race measures how well it memorizes them, "
+                  f"not how fast it learns. Fix: more data (`python -m benchmarks.race_data --train_shards N`, into "
+                  f"a new --out: more of --src's training shards) or a smaller budget (one epoch is {one} steps of "
+                  f"{total_batch_size:,} tokens: fewer --steps, or a smaller --total_batch_size)", flush=True)
 
 
 def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Path,
@@ -395,12 +434,14 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
     """Train one racer (or reuse or resume its earlier run) on GPU `gpu` (None: the default device); its result."""
     work, logs = work_root / racer.name, out / racer.name
     settings = racer_settings(cfg, racer)
+    data_tokens = train_tokens(cfg.race_dir, [racer.kind])[0].get(racer.kind)  # main said why when unknown
     stored = work / "result.json"
     if stored.is_file():
         result = json.loads(stored.read_text())
         if result.get("settings") == settings:
             say(racer.name, gpu, f"finished earlier with these settings ({stored}), not run again")
-            return result
+            return {**result, "data_tokens": data_tokens,
+                    "epochs": epochs_of(result["steps"], cfg.total_batch_size, data_tokens)}
     record, resume = earlier_run(racer, work, settings, gpu)
     if record is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -408,6 +449,8 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
         steps = probe_steps(cfg, racer, work, gpu) if cfg.seconds > 0 else cfg.steps
         record = {"settings": settings, "steps": steps, "eval_every": max(1, steps // cfg.eval_points), "attempts": []}
     steps, attempts = record["steps"], record["attempts"]
+    if cfg.seconds > 0:  # now its steps are known
+        say_epochs(racer.name, gpu, steps, cfg.total_batch_size, data_tokens)
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     for attempt in attempts:  # --out may be new (a GPU call's): it gets every attempt's log
@@ -439,6 +482,7 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
             "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
             "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
             "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts), "curve": points,
+            "data_tokens": data_tokens, "epochs": epochs_of(steps, cfg.total_batch_size, data_tokens),
             "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
             "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
             "settings": settings}
@@ -503,7 +547,8 @@ def run_queue(racers: list[Racer], gpus: list[int | None], run_one: Callable[[Ra
 
 
 def summarize(results: list[dict], target_name: str) -> tuple[float, list[dict]]:
-    """The target bpb and, per racer, its time to reach it and the ratio to the first racer's time."""
+    """The target bpb and, per racer, its epochs, its lowest bpb (and step), how far its last evaluation rose above
+    that, its time to reach the target (first crossing) and the ratio to the first racer's time."""
     if target_name:
         match = [r for r in results if r["name"] == target_name]
         if not match:
@@ -514,8 +559,10 @@ def summarize(results: list[dict], target_name: str) -> tuple[float, list[dict]]
     rows = []
     for r in results:
         t = time_to_reach(r["curve"], target)
-        rows.append({"racer": r["name"], "tok_per_s": r["tok_per_s"], "final_bpb": r["final_bpb"],
-                     "final_bpb_own": r["final_bpb_own"], "time_to_target_s": t})
+        low_step, _, low = min(r["curve"], key=lambda point: point[2])  # the first of equals
+        rows.append({"racer": r["name"], "tok_per_s": r["tok_per_s"], "epochs": r.get("epochs"),
+                     "final_bpb": r["final_bpb"], "final_bpb_own": r["final_bpb_own"], "min_bpb": low,
+                     "min_bpb_step": low_step, "rise_after_min": r["final_bpb_own"] - low, "time_to_target_s": t})
     first = rows[0]["time_to_target_s"]
     for row in rows:
         t = row["time_to_target_s"]
@@ -544,14 +591,27 @@ def plot(results: list[dict], target: float, path: Path) -> None:
 
 def table(rows: list[dict], results: list[dict]) -> str:
     fmt = lambda v, spec: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    lines = ["racer | tok/s | MFU % | mem GiB | train s | final bpb (ours) | final bpb (own eval) | "
-             "time to target s | ratio to first", "---|---:|---:|---:|---:|---:|---:|---:|---:"]
+    lines = ["racer | tok/s | MFU % | mem GiB | train s | epochs | final bpb (ours) | final bpb (own eval) | "
+             "min bpb @ step | time to target s | ratio to first", "---|" + "---:|" * 9 + "---:"]
     for row, r in zip(rows, results):
         lines.append(f"{who(row['racer'], r.get('gpu'))} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
-                     f"{fmt(r['peak_memory_gib'], '.1f')} | {r['train_seconds']:.1f} | {row['final_bpb']:.4f} | "
-                     f"{row['final_bpb_own']:.4f} | {fmt(row['time_to_target_s'], '.1f')} | "
+                     f"{fmt(r['peak_memory_gib'], '.1f')} | {r['train_seconds']:.1f} | {fmt(row['epochs'], '.2f')} | "
+                     f"{row['final_bpb']:.4f} | {row['final_bpb_own']:.4f} | "
+                     f"{row['min_bpb']:.4f} @ {row['min_bpb_step']} | {fmt(row['time_to_target_s'], '.1f')} | "
                      f"{fmt(row['ratio_to_first'], '.3f')}")
     return "\n".join(lines)
+
+
+def rise_notes(rows: list[dict]) -> list[str]:
+    """A line for each racer whose last evaluation is more than RISE_NOTE above its lowest bpb."""
+    notes = []
+    for row in rows:
+        if row["rise_after_min"] > RISE_NOTE:
+            epochs = f"; it trained {row['epochs']:.2f} epochs of the race data" if row["epochs"] else ""
+            notes.append(f"[race] {row['racer']}: val bpb rose {row['rise_after_min']:.3f} after step "
+                         f"{row['min_bpb_step']} ({row['min_bpb']:.4f} -> {row['final_bpb_own']:.4f} at its last "
+                         f"evaluation): overfitting?{epochs}")
+    return notes
 
 
 def smoke_setup(cfg: RaceConfig) -> RaceConfig:
@@ -560,10 +620,12 @@ def smoke_setup(cfg: RaceConfig) -> RaceConfig:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from benchmarks.race_data import MANIFEST
     from benchmarks.race_data import main as prepare
     from nanochat.data.shards import DocumentStream, list_shards, resolve_data_dir
     race = Path(cfg.out) / "smoke_data"
-    if not (race / "tokenizer_ours").is_dir() or (cfg.peer and not (race / "tokenizer_nanochat").is_dir()):
+    made = [race / "tokenizer_ours", race / "data" / MANIFEST] + ([race / "tokenizer_nanochat"] if cfg.peer else [])
+    if not all(path.exists() for path in made):
         src = race / "src"
         src.mkdir(parents=True, exist_ok=True)
         stream = iter(DocumentStream(list_shards(resolve_data_dir())[:1], loop=False))
@@ -594,6 +656,12 @@ def main(argv: list[str] | None = None) -> dict:
                          f"--out {race}{' --peer ' + cfg.peer if cfg.peer else ''}`")
     if cfg.steps <= 0 and cfg.seconds <= 0:
         raise SystemExit("give a budget: --steps N (> 0) or --seconds S")
+    data_tokens, notes = train_tokens(race, sorted({r.kind for r in racers}))
+    for note in notes:
+        print(f"[race] {note}", flush=True)
+    if cfg.seconds <= 0:  # with --seconds, each racer's once its probe has sized its run
+        for racer in racers:
+            say_epochs(racer.name, None, cfg.steps, cfg.total_batch_size, data_tokens.get(racer.kind))
     gpus = parse_gpus(cfg.gpus)
     if gpus != [None]:
         none_here = "" if torch.cuda.device_count() else "; no CUDA device here: racers run on their --device_type"
@@ -622,6 +690,8 @@ def main(argv: list[str] | None = None) -> dict:
         agreement = max(abs(r["own_minus_ours"]) for r in results)
         print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
               f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
+        for note in rise_notes(rows):
+            print(note, flush=True)
     elif results:
         print(f"\nno table: the --target racer {cfg.target} failed", flush=True)
     (out / "race.json").write_text(json.dumps(summary, indent=1))

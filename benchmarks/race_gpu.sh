@@ -1,39 +1,54 @@
 #!/usr/bin/env bash
-# The race on a GPU machine that reaches no registry, in calls of at most 10 minutes and 64 MiB each:
-#   bash benchmarks/race_gpu.sh stage       carry [".race_a"]  (2 training shards, validation, both tokenizers,
-#                                           the peer's checkout, rustbpe) -> /root/race; a GPU smoke of both trainers
-#   bash benchmarks/race_gpu.sh run ARGS    carry [".race_b"]  (the other 2 shards) within 30 s of the last call
-#                                           (the machine stays warm), then: python -m benchmarks.race ARGS; a run
-#                                           cut off at 10 minutes goes on in the next call, finished racers kept
-# Make .race_a and .race_b here first with benchmarks/race_prepare.sh. Results land in $OUT/race (race.json,
-# race.png, each racer's logs). A d12 racer of 100 steps takes ~3.5 minutes with its compile and evaluations, one of
-# 400 steps 8-9.5: pass --save_every 100 and a racer cut off by the call's limit resumes from its newest checkpoint in
-# the next call (on the same warm machine: /root/race_work) instead of starting over.
+# The race on a GPU machine that reaches no registry, in calls of at most 10 minutes and 64 MiB of carry each. Make
+# the carry folders here first with benchmarks/race_prepare.sh: .race_a (training shards 0-1, the validation shard,
+# the token manifest, both tokenizers, the peer's checkout, rustbpe), .race_b (shards 2-3), .race_c (shards 4-5).
+# Each call copies the folders it carries into /root/race; make the calls back to back, so that the machine stays
+# warm between them (a fresh machine starts bare: stage again from .race_a):
+#   bash benchmarks/race_gpu.sh stage       carry [".race_a"]: its data, tokenizers and peer -> /root/race, rustbpe
+#                                           installed and imported
+#   bash benchmarks/race_gpu.sh stage       carry [".race_b"]: its shards -> /root/race/data (each stage call says
+#                                           which shards are still missing, and which carry brings them)
+#   bash benchmarks/race_gpu.sh run ARGS    carry [".race_c"]: its shards, then, when /root/race/data holds every shard
+#                                           the manifest names (else it stops, naming the missing ones and their
+#                                           carries): python -m benchmarks.race ARGS; a run cut off at 10 minutes
+#                                           goes on in the next `run` call, finished racers kept
+# Results land in $OUT/race (race.json, race.png, each racer's logs). A d12 racer of 100 steps takes ~3.5 minutes with
+# its compile and evaluations, one of 400 steps 8-9.5: pass --save_every 100 and a racer cut off by the call's limit
+# resumes from its newest checkpoint in the next call (on the same warm machine: /root/race_work) instead of starting
+# over. The race prints each racer's epochs of the race data (6 shards: ~128 steps of 524,288 tokens an epoch) and
+# warns past one.
 # On a machine of several GPUs, pass --gpus all: one racer per GPU at a time, as many at once as there are GPUs
 # (their timings side by side compare only roughly: shared CPU, PCIe and power).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RACE=/root/race
+RACE="${RACE:-/root/race}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part="${1:?usage: race_gpu.sh stage|run [race flags]}"
 shift
+staged() {  # stops, naming each shard of the manifest that $RACE/data lacks and the carry that brings it
+    python3 -c 'import sys; from benchmarks.race_data import check_staged; check_staged(sys.argv[1])' "$RACE"
+}
+mkdir -p "$RACE/data"
 if [ -d .race_a ]; then
-    mkdir -p "$RACE/data"
-    cp .race_a/data/*.parquet "$RACE/data/" && cp -r .race_a/tokenizer_ours .race_a/tokenizer_nanochat .race_a/peer "$RACE/"
+    cp .race_a/data/* "$RACE/data/" && cp .race_a/carries.txt "$RACE/"
+    cp -r .race_a/tokenizer_ours .race_a/tokenizer_nanochat .race_a/peer "$RACE/"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .race_a/whl/*.whl
 fi
-if [ -d .race_b ]; then
-    mkdir -p "$RACE/data" && cp .race_b/data/*.parquet "$RACE/data/"
-fi
+for carry in .race_[b-z]; do
+    if [ -d "$carry" ]; then
+        cp "$carry"/data/*.parquet "$RACE/data/" && echo "$carry: $(ls "$carry/data" | tr '\n' ' ')"
+    fi
+done
 ls -la "$RACE/data"
 nvidia-smi -L
 case "$part" in
     stage)
-        python3 -c "import rustbpe, tiktoken, pyarrow; print('rustbpe, tiktoken, pyarrow: ok')"
+        python3 -c "import rustbpe, tiktoken, pyarrow; print('rustbpe, tiktoken, pyarrow: ok')" || {
+            echo "race_gpu.sh: stage .race_a first (it installs rustbpe; a fresh machine starts bare)"; exit 1; }
+        staged || echo "race_gpu.sh: stage the carries named above next (one call each), then run"
         ;;
     run)
-        n=$(ls "$RACE"/data/*.parquet | wc -l)
-        [ "$n" -ge 5 ] || { echo "race_gpu.sh: $n shards in $RACE/data; stage .race_a and .race_b first"; exit 1; }
+        staged
         # logs and race.json (rewritten after every racer) stream into $OUT, so a call cut off by its time limit
         # still brings back the racers it finished; checkpoints and logs stay in /root/race_work, where a racer that
         # already finished with the same settings is not run again by the next call on this warm machine, and one

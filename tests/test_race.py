@@ -2,16 +2,22 @@
 resumption of a racer cut off mid-run, and racers side by side on several GPUs (--gpus)."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import tiktoken
 import torch
 
-from benchmarks import race
+from benchmarks import race, race_data
 from benchmarks.race_data import check_peer, split_text
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
 PEER_LINES = [  # the public nanochat's own output format (scripts/base_train.py at 92d63d4)
@@ -77,11 +83,157 @@ def test_racer_specs_and_peer_errors(tmp_path):
         check_peer(tmp_path)
 
 
+def test_peer_env_names_absolute_paths(tmp_path, monkeypatch):
+    """The peer runs in its checkout: a relative base dir (race_data's default --out .race) must not name a folder
+    there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(race_data.importlib.util, "find_spec", lambda name: None)  # no wandb: its stub on the path
+    env = race_data.peer_env(tmp_path / "peer", race_data.Path(".race/peer_tok_base"))
+    assert env["NANOCHAT_BASE_DIR"] == str(tmp_path / ".race" / "peer_tok_base")
+    assert str(tmp_path / ".race" / "peer_tok_base" / "stubs") in env["PYTHONPATH"].split(os.pathsep)
+
+
 def test_split_text_joins_back_and_cuts_at_lines():
     text = "First line of an article.\nSecond one, a bit longer. With two sentences.\n" * 5 + "x" * 130
     pieces = split_text(text, 100)
     assert "".join(pieces) == text and all(len(p) <= 100 for p in pieces)
     assert all(p.endswith("\n") for p in pieces[:5])
+
+
+# Tokenizers whose counts a hand can check: the 256 bytes and one merge, "ab"; both split words as the trainers do.
+RANKS = {**{bytes([i]): i for i in range(256)}, b"ab": 256}
+DOCS = [["abab", "ab cd"], ["x"]]  # training shard 0 (2 row groups), 1; then the validation shard
+# per document its BOS and its tokens: "ab","ab"; "ab"," ","c","d"; "x"
+HAND_COUNT = {"shard_00000.parquet": (1 + 2) + (1 + 4), "shard_00001.parquet": 1 + 1}
+
+
+def make_race_dir(root, docs=DOCS, ranks=RANKS):
+    """A race dir: its data (training shards of `docs`, a validation shard), both kinds of tokenizer of `ranks`."""
+    data = root / "data"
+    data.mkdir(parents=True)
+    for i, texts in enumerate(docs + [["validation text"]]):
+        pq.write_table(pa.table({"text": texts}), data / f"shard_{i:05d}.parquet", row_group_size=1)
+    Tokenizer(ranks).save(root / "tokenizer_ours")
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}  # the peer's layout: after the merges
+    enc = tiktoken.Encoding(name="peer", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    (root / "tokenizer_nanochat").mkdir()
+    (root / "tokenizer_nanochat" / "tokenizer.pkl").write_bytes(pickle.dumps(enc))  # as its RustBPETokenizer.save
+    made_from = {p.name: p.name for p in sorted(data.glob("*.parquet"))}
+    return data, race_data.claim_out(data, made_from, 6000)
+
+
+def test_manifest_counts_each_document_and_its_bos_per_tokenizer(tmp_path, monkeypatch):
+    data, manifest = make_race_dir(tmp_path)
+    tokenizers = {kind: tmp_path / f"tokenizer_{kind}" for kind in race.KINDS}
+    manifest = race_data.update_manifest(data, manifest, tokenizers, threads=2)
+    assert json.loads((data / race_data.MANIFEST).read_text()) == manifest
+    assert manifest["validation"] == "shard_00002.parquet"
+    assert [manifest["shards"][n]["documents"] for n in sorted(manifest["shards"])] == [2, 1, 1]
+    for kind in race.KINDS:
+        assert manifest["tokenizers"][kind]["train_tokens"] == HAND_COUNT  # the validation shard left out
+    assert race_data.train_tokens(tmp_path, list(race.KINDS)) == ({"ours": 10, "nanochat": 10}, [])
+
+    # the same shards and tokenizers: the counts are kept, not made again
+    monkeypatch.setattr(race_data, "count_tokens", lambda *a: pytest.fail("counted again"))
+    assert race_data.update_manifest(data, manifest, tokenizers, threads=2) == manifest
+    # another tokenizer, or a shard of another size: counted again (that one tokenizer / every tokenizer)
+    counted = []
+    monkeypatch.setattr(race_data, "count_tokens", lambda paths, counter: counted.append(len(paths)) or {"x": 1})
+    Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer_ours")
+    race_data.update_manifest(data, manifest, tokenizers, threads=2)
+    assert counted == [2]
+    pq.write_table(pa.table({"text": ["x", "y"]}), data / "shard_00001.parquet")
+    race_data.update_manifest(data, manifest, tokenizers, threads=2)
+    assert counted == [2, 2, 2]
+
+
+def test_race_data_refuses_a_folder_made_from_other_shards(tmp_path):
+    data, manifest = make_race_dir(tmp_path)
+    with pytest.raises(SystemExit, match="was made from --src shards .* delete .* to make it anew"):
+        race_data.claim_out(data, {**manifest["made_from"], "shard_00003.parquet": "shard_00009.parquet"}, 6000)
+    with pytest.raises(SystemExit, match="--max_doc_chars 6000; this run asks for .* --max_doc_chars 100"):
+        race_data.claim_out(data, manifest["made_from"], 100)
+    assert race_data.claim_out(data, manifest["made_from"], 6000) == manifest
+    (data / race_data.MANIFEST).unlink()  # an older race_data's folder: taken when it holds this run's names only
+    with pytest.raises(SystemExit, match="no tokens.json .* this run would write .*shard_00003"):
+        race_data.claim_out(data, {f"shard_{i:05d}.parquet": "s" for i in range(4)}, 6000)
+    assert race_data.claim_out(data, manifest["made_from"], 6000)["shards"] == {}
+
+
+def test_train_tokens_of_the_shards_there_and_what_it_cannot_count(tmp_path):
+    data, manifest = make_race_dir(tmp_path)
+    (data / race_data.MANIFEST).unlink()
+    tokens, notes = race_data.train_tokens(tmp_path, ["ours"])
+    assert tokens == {} and len(notes) == 1 and "no " in notes[0] and "epochs unknown" in notes[0]
+    manifest = race_data.update_manifest(data, race_data.claim_out(data, manifest["made_from"], 6000),
+                                         {"ours": tmp_path / "tokenizer_ours"}, threads=1)
+    tokens, notes = race_data.train_tokens(tmp_path, ["ours", "nanochat"])
+    assert tokens == {"ours": 10} and "counts no tokens of tokenizer_nanochat" in notes[0]
+    (data / "shard_00001.parquet").unlink()  # a carry not staged: the trainers read shard 0 only
+    tokens, notes = race_data.train_tokens(tmp_path, ["ours"])
+    assert tokens == {"ours": HAND_COUNT["shard_00000.parquet"]} and "['shard_00001.parquet']" in notes[0]
+    Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer_ours")
+    tokens, notes = race_data.train_tokens(tmp_path, ["ours"])
+    assert tokens == {} and "is not the tokenizer" in notes[-1]
+    pq.write_table(pa.table({"text": ["x"]}), data / "shard_00007.parquet")  # left from an older race
+    tokens, notes = race_data.train_tokens(tmp_path, ["ours"])
+    assert tokens == {} and "does not describe shard_00007.parquet" in notes[0]
+
+
+def test_check_staged_names_each_missing_shard_and_its_carry(tmp_path):
+    data, manifest = make_race_dir(tmp_path)
+    race_data.update_manifest(data, manifest, {"ours": tmp_path / "tokenizer_ours"}, threads=1)
+    race_data.check_staged(tmp_path)
+    (tmp_path / race_data.CARRIES).write_text("shard_00000.parquet .race_a\nshard_00001.parquet .race_b\n")
+    (data / "shard_00001.parquet").unlink()
+    with pytest.raises(SystemExit, match=r"missing shard_00001.parquet \(carry .race_b\); stage those carries"):
+        race_data.check_staged(tmp_path)
+    (data / "shard_00000.parquet").rename(data / "shard_00009.parquet")
+    with pytest.raises(SystemExit, match=r"missing shard_00000.parquet \(carry .race_a\); missing shard_00001.parquet "
+                                         r"\(carry .race_b\); shard_00009.parquet \(\d+ bytes\) is not a shard"):
+        race_data.check_staged(tmp_path)
+    (data / race_data.MANIFEST).unlink()
+    with pytest.raises(SystemExit, match="no .*tokens.json: stage a .race_a"):
+        race_data.check_staged(tmp_path)
+
+
+def test_epochs_and_the_warning_past_one(capsys):
+    assert race.epochs_of(400, 524288, 44_560_000) == pytest.approx(209_715_200 / 44_560_000)  # 4.706
+    assert race.epochs_of(400, 524288, None) is None
+    race.say_epochs("ours", None, 400, 524288, 44_560_000)
+    said = capsys.readouterr().out
+    assert said.startswith("[race] ours: 400 steps x 524,288 = 209.7M tokens = 4.71 epochs of the race data "
+                           "(44.6M tokens)\n")
+    assert "[race] WARNING: ours trains 4.71 epochs" in said and "memorizes" in said
+    assert "one epoch is 84 steps of 524,288 tokens" in said and "--train_shards" in said
+    race.say_epochs("ours", 1, 80, 524288, 44_560_000)  # 41.9M tokens: 0.94 epochs
+    said = capsys.readouterr().out
+    assert "[race] ours (GPU 1): 80 steps x 524,288 = 41.9M tokens = 0.94 epochs" in said and "WARNING" not in said
+    race.say_epochs("ours", None, 80, 524288, None)
+    assert "= — epochs of the race data (its token count is unknown)" in capsys.readouterr().out
+
+
+def test_lowest_bpb_and_a_rise_after_it():
+    """A racer that overfits (down to 1.26 at step 200, then up to 1.49) and one that does not: each one's lowest
+    bpb and its step, a note for the first only; the target keeps its first crossing."""
+    rising = [(0, 0.0, 3.0), (100, 100.0, 1.5), (200, 200.0, 1.26), (300, 300.0, 1.35), (400, 400.0, 1.49)]
+    steady = [(0, 0.0, 3.0), (100, 100.0, 1.6), (200, 200.0, 1.42), (300, 300.0, 1.415), (400, 400.0, 1.42)]
+    results = [{"name": "ours", "tok_per_s": 1.0, "final_bpb": 1.47, "final_bpb_own": 1.49, "curve": rising,
+                "epochs": 4.71},
+               {"name": "nanochat", "tok_per_s": 1.0, "final_bpb": 1.41, "final_bpb_own": 1.42, "curve": steady}]
+    target, rows = race.summarize(results, "")
+    assert target == 1.49  # the worst final: ours, which passed it on the way down (1.5 -> 1.26), at its first crossing
+    assert rows[0]["time_to_target_s"] == pytest.approx(100.0 + 100.0 * (1.5 - 1.49) / (1.5 - 1.26))
+    assert (rows[0]["min_bpb"], rows[0]["min_bpb_step"]) == (1.26, 200)
+    assert rows[0]["rise_after_min"] == pytest.approx(0.23) and rows[0]["epochs"] == 4.71
+    assert (rows[1]["min_bpb"], rows[1]["min_bpb_step"], rows[1]["epochs"]) == (1.415, 300, None)
+    notes = race.rise_notes(rows)
+    assert notes == ["[race] ours: val bpb rose 0.230 after step 200 (1.2600 -> 1.4900 at its last evaluation): "
+                     "overfitting?; it trained 4.71 epochs of the race data"]
+    results = [{**r, "mfu": None, "peak_memory_gib": None, "train_seconds": 400.0} for r in results]
+    lines = race.table(rows, results).splitlines()
+    assert "| epochs |" in lines[0] and "| min bpb @ step |" in lines[0]
+    assert " | 4.71 | " in lines[2] and " | 1.2600 @ 200 | " in lines[2] and " | — | 1.4100 | " in lines[3]
 
 
 @pytest.mark.slow
@@ -117,6 +269,13 @@ def test_smoke_race_writes_its_files(tmp_path, monkeypatch):
     assert (tmp_path / "race.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "race.json").read_text())["target_bpb"] == summary["target_bpb"]
     assert (tmp_path / "ours" / "train.log").is_file() and (tmp_path / "work" / "ours" / "result.json").is_file()
+    manifest = json.loads((tmp_path / "smoke_data" / "data" / race_data.MANIFEST).read_text())
+    data_tokens = sum(manifest["tokenizers"]["ours"]["train_tokens"].values())
+    assert sorted(manifest["tokenizers"]["ours"]["train_tokens"]) == ["shard_00000.parquet", "shard_00001.parquet"]
+    for r, row in zip(summary["racers"], summary["table"]):
+        assert r["data_tokens"] == data_tokens and r["epochs"] == pytest.approx(20 * 512 / data_tokens)
+        assert row["epochs"] == r["epochs"] and 0 < r["epochs"] < 1
+        assert row["min_bpb"] == min(p[2] for p in r["curve"])
 
 
 def test_racers_share_the_gpus_one_each():
@@ -224,6 +383,8 @@ def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, caps
                    "--gpus=0,1"])
     said = capsys.readouterr().out
     assert "[race] warning: racers side by side share this host's CPU" in said
+    assert said.count("tokens.json") == 1 and "epochs unknown" in said  # no manifest: said once, not a failure
+    assert said.count("= — epochs of the race data") == 3
     assert f"its log: {out / 'work' / 'bad' / 'train.log'}" in said and "[race] bad (GPU " in said
     table = [line for line in said.splitlines() if " | " in line and "GPU" in line]
     assert [line.split(" (GPU")[0] for line in table] == ["a", "b"]
@@ -239,7 +400,8 @@ def test_finished_racers_are_not_run_again(tmp_path, monkeypatch):
     cfg = race.RaceConfig(out=str(tmp_path), steps=3)
     work = tmp_path / "work" / "ours"
     work.mkdir(parents=True)
-    (work / "result.json").write_text(json.dumps({"name": "ours", "settings": race.racer_settings(cfg, racer)}))
+    (work / "result.json").write_text(json.dumps({"name": "ours", "steps": 3,
+                                                  "settings": race.racer_settings(cfg, racer)}))
     monkeypatch.setattr(race, "run_logged", lambda *a, **k: pytest.fail("a finished racer ran again"))
     assert race.run_racer(cfg, racer, tmp_path, tmp_path / "work")["name"] == "ours"
     with pytest.raises(BaseException, match="ran again"):
@@ -410,3 +572,26 @@ def test_a_cut_off_racer_resumes_and_ends_where_an_uncut_one_does(tmp_path, monk
     assert [p[2] for p in cut["curve"]] == pytest.approx([p[2] for p in full["curve"]], abs=tolerance)
     assert cut["final_bpb"] == pytest.approx(full["final_bpb"], abs=tolerance)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train.attempt2.log", "train.log"]
+
+
+@pytest.mark.skipif(not PEER, reason="set PEER to a karpathy/nanochat checkout to count through its own tokenizer")
+def test_the_peers_own_tokenizer_reads_as_many_tokens_as_the_manifest_counts(tmp_path):
+    """The manifest counts the peer's tokens through its unpickled tiktoken Encoding; its trainer's loader reads them
+    through RustBPETokenizer.from_directory and encode(docs, prepend=bos): the same numbers on real text."""
+    from nanochat.data.shards import DocumentStream, list_shards, resolve_data_dir
+    stream = iter(DocumentStream(list_shards(resolve_data_dir())[:1], loop=False))
+    docs = [[next(stream)[:5000] for _ in range(40)], [next(stream)[:5000] for _ in range(30)]]
+    ranks = Tokenizer.train_from_iterator(docs[0], vocab_size=600).mergeable_ranks()
+    data, manifest = make_race_dir(tmp_path, docs, ranks)
+    counted = race_data.update_manifest(data, manifest, {"nanochat": tmp_path / "tokenizer_nanochat"}, threads=2)
+    script = ("import json, sys; import pyarrow.parquet as pq; from nanochat.tokenizer import RustBPETokenizer\n"
+              "tok = RustBPETokenizer.from_directory(sys.argv[1])\n"
+              "print(json.dumps({p: sum(map(len, tok.encode(pq.read_table(p).column('text').to_pylist(), "
+              "prepend=tok.get_bos_token_id()))) for p in sys.argv[2:]}))")
+    shards = sorted(str(p) for p in data.glob("*.parquet"))[:-1]
+    peer = race_data.check_peer(PEER)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tokenizer_nanochat"), *shards], cwd=peer,
+                         env=race_data.peer_env(peer, tmp_path / "peer_base"), capture_output=True, text=True,
+                         check=True)
+    theirs = {os.path.basename(p): n for p, n in json.loads(out.stdout.splitlines()[-1]).items()}
+    assert counted["tokenizers"]["nanochat"]["train_tokens"] == theirs and min(theirs.values()) > 5000
