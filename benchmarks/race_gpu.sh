@@ -3,12 +3,13 @@
 # the carry folders here first with benchmarks/race_prepare.sh: .race_a (training shards 0-1, the validation shard,
 # the token manifest, both tokenizers, the peer's checkout, rustbpe), .race_b (shards 2-3), .race_c (shards 4-5).
 # Each call copies the folders it carries into /root/race; make the calls back to back, so that the machine stays
-# warm between them (a fresh machine starts bare: stage again from .race_a):
+# warm between them (a fresh machine starts bare: stage again from .race_a). Carries that do not fit one call go one
+# a call: `stage` copies any .race_[b-z] it is given and says which shards are still missing, and which carry
+# brings them.
 #   bash benchmarks/race_gpu.sh stage       carry [".race_a"]: its data, tokenizers and peer -> /root/race, rustbpe
 #                                           installed and imported
-#   bash benchmarks/race_gpu.sh stage       carry [".race_b"]: its shards -> /root/race/data (each stage call says
-#                                           which shards are still missing, and which carry brings them)
-#   bash benchmarks/race_gpu.sh run ARGS    carry [".race_c"]: its shards, then, when /root/race/data holds every shard
+#   bash benchmarks/race_gpu.sh run ARGS    carry [".race_b", ".race_c"] (57 MiB together; the limit is per call):
+#                                           their shards, then, when /root/race/data holds every shard
 #                                           the manifest names (else it stops, naming the missing ones and their
 #                                           carries): python -m benchmarks.race ARGS; a run cut off at 10 minutes
 #                                           goes on in the next `run` call, finished racers kept
