@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         bar = progress_bar(total=num_iterations, initial=step, desc="base_train", unit="step")
     train_iter = iter(train_loader)
+    data_epoch = train_loader.data_epoch
     while True:
         time_frac = spent_fraction(train_seconds, cfg.max_seconds, device, is_ddp)
         last = step == num_iterations or time_frac >= 1.0
@@ -326,6 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
             tqdm.write(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                        f"{1000 * dt:.0f} ms | {tok_per_s:,.0f} tok/s | MFU {mfu} | mem {peak_memory_gib(device):.2f} GiB")
         tracker.log(step, loss=train_loss, lrm=lrm, step_ms=1000 * dt, tok_per_s=tok_per_s)
+        if train_loader.data_epoch > data_epoch:
+            data_epoch = train_loader.data_epoch
+            if master:
+                tqdm.write(f"data: step {step} trained on documents of pass {data_epoch + 1} over the training "
+                           f"shards: the model sees its documents again (validation bpb may stop falling, or rise); "
+                           f"more shards in --data_dir or fewer --num_iterations keep a run to one pass")
         bar.update(min(dt, cfg.max_seconds - bar.n) if cfg.max_seconds > 0 else 1)
     bar.close()
     gc.unfreeze()
@@ -342,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.time() - t_start, "num_params": num_params, "device": device_name(device),
         "world_size": world_size, "kernel": cfg.kernel, "attn": cfg.attn,
         "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is on for CUDA only
-        "cropped_fraction": train_loader.cropped_fraction, "checkpoint_dir": str(checkpoint_dir),
+        "cropped_fraction": train_loader.cropped_fraction, "data_passes": train_loader.data_epoch + 1,
+        "checkpoint_dir": str(checkpoint_dir),
     }
     if master:
         from nanochat.report import write_section

@@ -129,7 +129,7 @@ def test_short_run_lowers_loss_and_prints_json_last(assets, env, monkeypatch, ca
     printed = json.loads(lines[-1])
     assert RESULT_KEYS <= set(printed)
     assert printed["mfu"] is None and printed["peak_memory_gib"] == 0.0 and printed["steps"] == 30
-    assert 0 < printed["val_bpb"] < 10 and printed["median_tok_per_s"] > 0
+    assert 0 < printed["val_bpb"] < 10 and printed["median_tok_per_s"] > 0 and printed["data_passes"] >= 1
     assert printed["val_bpb"] == pytest.approx(result["val_bpb"])
     assert any(line.startswith("step 00030/30 | loss") for line in lines)
     assert sum(line.startswith("sample: '<|bos|>The capital of France is") for line in lines) == 1
@@ -148,6 +148,26 @@ def test_time_budget_ends_the_run_with_a_line_that_says_so(assets, env, monkeypa
     assert result["steps"] == len(rows) == 5  # 2 s a step: the budget is spent after step 5 (10 s >= 9 s)
     out = capsys.readouterr().out
     assert "time budget of 9 s spent after step 5 of 400: evaluating and saving this step (--max_seconds)" in out
+
+
+def test_repeated_data_is_said_once_per_pass(assets, env, monkeypatch, capsys, tmp_path):
+    """A data dir of 6 short documents repeats at once (the packer's buffer of 1000 documents holds ~170 passes of
+    them): base_train says so whenever a step trains on a newer pass, and its result counts the passes begun."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers_base_train import real_texts
+    tok_dir, _ = assets
+    small = tmp_path / "small"
+    small.mkdir()
+    texts = [t[:300] for t in real_texts(9)]
+    for i in range(3):  # 2 training shards of 3 documents, then the validation shard
+        pq.write_table(pa.table({"text": texts[3 * i:3 * i + 3]}), small / f"shard_{i:05d}.parquet")
+    result, _ = run(monkeypatch, env / "report", tiny_flags(tok_dir, small, num_iterations=6))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: step ")]
+    passes = [int(line.split(" of pass ")[1].split()[0]) for line in said]
+    assert said and said[0].startswith("data: step 1 trained on documents of pass ")
+    assert passes == sorted(set(passes)) and passes[-1] == result["data_passes"] > 2
+    assert said[0].endswith("more shards in --data_dir or fewer --num_iterations keep a run to one pass")
 
 
 def test_resume_continues_exactly(assets, env, monkeypatch):

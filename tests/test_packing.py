@@ -160,6 +160,24 @@ def test_packing_invariants_and_cropped_fraction(tmp_path):
     assert any(lengths[d] + 1 > seq_len + 1 for d in seen)  # some documents were longer than a row
 
 
+def test_data_epoch_is_the_newest_pass_packed(tmp_path):
+    """`data_epoch` is the newest pass (the epoch in the ids) of the documents in the batches handed out: 0 until a
+    document read a second time is packed, then 1; a resumed loader reports the same."""
+    write_shards(tmp_path, num_files=2, docs_per_file=16, row_group=8, max_len=30)  # train: shard 0, 16 documents
+    loader = make(tmp_path, batch_size=2, seq_len=32, buffer_size=4, tokenizer_batch_size=4, prefetch=0)
+    assert loader.data_epoch == 0
+    packed: set[int] = set()
+    while loader.data_epoch == 0:
+        x, y = next(loader)
+        docs = {t // 10_000 for t in torch.cat([x, y[:, -1:]], dim=1).flatten().tolist() if t != BOS}
+        assert not packed & docs or loader.data_epoch == 1, "a document came back while data_epoch said 0"
+        packed |= docs
+    assert len(packed) >= 16 - 4  # the first pass went by, but for what the buffer (4 documents) held
+    resumed = make(tmp_path, batch_size=2, seq_len=32, buffer_size=4, tokenizer_batch_size=4, prefetch=0,
+                   state=loader.state_dict())
+    assert resumed.data_epoch == 1
+
+
 def segments(row):
     """[(doc, tokens incl. BOS)] of a row of NumberTokenizer documents."""
     starts = [i for i, t in enumerate(row) if t == BOS] + [len(row)]

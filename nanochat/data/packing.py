@@ -11,6 +11,7 @@ after a sentence end, else after any line or sentence end, else at the row's len
 the document's own tokens, so they join back to it byte for byte. Without splitting, such a document
 is cropped to one row and its tail is lost: on Wikipedia at T=2048 that drops ~63% of the tokens.
 Cropping to fill a row is then the only way tokens are lost; `cropped_fraction` reports how many.
+The stream loops over the shards; `data_epoch` says when the batches start repeating documents.
 
 Exact resume: the packer is a deterministic function of (stream position, buffer contents). The state
 holds the stream position after the last refill and the ids (epoch, shard, row group, row, piece) of
@@ -128,6 +129,7 @@ class PackedLoader:
         self._keys: list[tuple] = []
         self._docs: dict[tuple, tuple[np.ndarray, int]] = {}
         self.batches = self.tokens_emitted = self.tokens_cropped = 0
+        self.epoch = 0  # newest pass of a document packed so far
         if state is not None:
             self._restore(state)
         self._state = self._snapshot()  # state after the last batch handed out
@@ -139,6 +141,13 @@ class PackedLoader:
         """Tokens dropped by cropping / tokens of the documents packed into the batches handed out so far."""
         emitted, cropped = self._state["tokens_emitted"], self._state["tokens_cropped"]
         return cropped / (emitted + cropped) if emitted + cropped else 0.0
+
+    @property
+    def data_epoch(self) -> int:
+        """The newest pass over the shards (0: the first) that a document of the batches handed out so far comes
+        from: above 0, the model has been shown documents it saw before (or, with fewer documents than the
+        buffer holds, copies of them side by side)."""
+        return self._state["epoch"]
 
     # -- the buffer ----------------------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], int]]:
@@ -204,6 +213,7 @@ class PackedLoader:
                 i = bisect.bisect_right(self._keys, (space, _AFTER_ALL)) - 1  # largest doc that fits
                 key = self._keys.pop(max(i, 0))  # none fits: crop the shortest
                 tokens, lost = self._docs.pop(key)
+                self.epoch = max(self.epoch, key[1])
                 n = min(len(tokens), space)
                 row[pos:pos + n] = tokens[:n]
                 pos += n
@@ -222,7 +232,7 @@ class PackedLoader:
             "version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
             "seq_len": self.seq_len, "split_long_docs": self.split_long_docs, "buffer_size": self.buffer_size,
             "tokenizer_batch_size": self.tokenizer_batch_size, "num_row_groups": len(groups),
-            "position": self.stream.position,
+            "position": self.stream.position, "epoch": self.epoch,
             "pending": [[e, *groups[g], rows] for (e, g), rows in pending.items()],
             "batches": self.batches, "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped,
         }
@@ -250,6 +260,7 @@ class PackedLoader:
         self.stream = DocumentStream(self.paths, self.rank, self.world_size, position=state["position"])
         self.batches, self.tokens_emitted = state["batches"], state["tokens_emitted"]
         self.tokens_cropped = state["tokens_cropped"]
+        self.epoch = state.get("epoch", 0)  # states saved before it was kept: 0
         if state["rank"] != self.rank:
             # Only rank 0's state was saved: continue near its position with an empty buffer (not exact).
             logger.warning(f"rank {self.rank} resumes from rank {state['rank']}'s loader state: the data position is "
