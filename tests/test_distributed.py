@@ -89,6 +89,10 @@ class RankInterleavedLoader:
         self.calls = 0
         self.cropped_fraction = 0.0
 
+    @property
+    def data_epoch(self):
+        return max(loader.data_epoch for loader in self.loaders)
+
     def __iter__(self):
         return self
 
