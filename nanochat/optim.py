@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+
 class LearningRates(NamedTuple):
     """Base rates of the four parameter kinds, before batch and width scaling."""
     matrix: float  # Muon
