@@ -13,7 +13,8 @@
 # 8192-token tokenizer (in tokenizer_cpu/, leaving tokenizer/ to the full-size runs); depth 4 at
 # context 256 with 2048-token steps then does ~3k tok/s and val bpb falls visibly within minutes. The
 # time budget (--max_seconds) keeps pretraining under 5 minutes on a slower or busy machine: the
-# learning-rate schedule follows the elapsed time, so the warmdown still completes.
+# learning-rate schedule follows the elapsed time, so the warmdown still completes. The per-layer scalars' rate
+# is 0.1, not the GPU recipe's 0.5, which trains worse at this 2048-token batch (BENCHMARKS.md, CPU figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source runs/lib.sh
@@ -55,7 +56,7 @@ fi
 stage base_train
 if stage_done "$CKPT/base/$TAG" base_train "$TAG"; then skip "$CKPT/base/$TAG"; else
   "$PY" -m scripts.base_train --tokenizer_dir "$TOK_DIR" --data_dir "$DATA_DIR" --model_tag "$TAG" \
-    --depth 4 --max_seq_len 256 --device_batch_size 8 --total_batch_size 2048 \
+    --depth 4 --max_seq_len 256 --device_batch_size 8 --total_batch_size 2048 --scalar_lr 0.1 \
     --num_iterations 400 --max_seconds "$TRAIN_SECONDS" --warmup_steps 10 \
     --eval_every 50 --eval_tokens 16384 --sample_every 400 --device_type cpu $(resume_flag "$CKPT/base/$TAG")
   stage_end
