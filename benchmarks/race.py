@@ -430,11 +430,12 @@ def earlier_run(racer: Racer, work: Path, settings: dict, gpu: int | None = None
     return None, -1
 
 
-def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: int | None = None) -> dict:
-    """Train one racer (or reuse or resume its earlier run) on GPU `gpu` (None: the default device); its result."""
+def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: int | None = None,
+              data_tokens: int | None = None) -> dict:
+    """Train one racer (or reuse or resume its earlier run) on GPU `gpu` (None: the default device); its result.
+    data_tokens: the race data's training tokens in its tokenizer (None: unknown), for its epochs."""
     work, logs = work_root / racer.name, out / racer.name
     settings = racer_settings(cfg, racer)
-    data_tokens = train_tokens(cfg.race_dir, [racer.kind])[0].get(racer.kind)  # main said why when unknown
     stored = work / "result.json"
     if stored.is_file():
         result = json.loads(stored.read_text())
@@ -679,7 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {"config": asdict(cfg), "racers": [o for o in outcomes if not isinstance(o, Failure)],
                 "failed": [{"name": f.name, "gpu": f.gpu, "error": f.message()} for f in failed]}
 
-    outcomes = run_queue(racers, gpus, lambda racer, gpu: run_racer(cfg, racer, out, work, gpu),
+    outcomes = run_queue(racers, gpus,
+                         lambda racer, gpu: run_racer(cfg, racer, out, work, gpu, data_tokens.get(racer.kind)),
                          lambda done: (out / "race.json").write_text(json.dumps(report(done), indent=1)))
     summary, failed = report(outcomes), [o for o in outcomes if isinstance(o, Failure)]
     results = summary["racers"]

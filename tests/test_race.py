@@ -367,7 +367,7 @@ def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, caps
         (tmp_path / "race" / d).mkdir(parents=True)
     monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 0)
 
-    def run_racer(cfg, racer, out, work, gpu):
+    def run_racer(cfg, racer, out, work, gpu, data_tokens=None):
         if racer.name == "bad":
             raise SystemExit(f"['scripts.base_train'] failed (exit 1); its log: {work / 'bad' / 'train.log'}")
         bpb = 2.0 if racer.name == "a" else 2.2
