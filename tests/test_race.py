@@ -474,7 +474,9 @@ def test_a_racer_cut_off_resumes_from_its_newest_checkpoint(tmp_path, monkeypatc
     work.mkdir(parents=True)
     first, second = attempt_logs(kind)
     (work / "train.log").write_text("\n".join(first) + "\n")
-    attempt = {"log": "train.log", "resume_from": -1, "started": time.time() - 60}
+    # started 61 s before now: a file's mtime comes from the kernel's coarse clock, up to a tick behind time.time(),
+    # so each attempt's wall (its log's mtime - its start) can read a few ms short
+    attempt = {"log": "train.log", "resume_from": -1, "started": time.time() - 61}
     record = {"settings": race.racer_settings(cfg, racer), "steps": 6, "eval_every": 2, "attempts": [attempt]}
     (work / "attempts.json").write_text(json.dumps(record))
     for step, complete in ((2, True), (4, True), (6, False)):
