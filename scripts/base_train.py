@@ -11,7 +11,7 @@ Depth is the one dial (`derive_schedule`, printed at start): width = depth x asp
 target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
 (horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19); Muon's weight
 decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 above width 768
-(nanochat.optim).
+(nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
 """
@@ -69,7 +69,8 @@ class TrainConfig(BuildConfig):
                                                                  "sqrt(total_batch_size / 2^19))"})
     weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
                                                                      "sqrt(batch / 2^19) x d12 horizon / horizon)"})
-    warmup_steps: int = field(default=0, metadata={"help": "steps of linear LR warmup"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "steps of linear LR warmup (default: none at a "
+                                                           "batch of 2^19 tokens or more, 40 below; none on CPU)"})
     warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the steps the LR decays over, at the end"})
     final_lr_frac: float = field(default=0.05, metadata={"help": "the LR at the end, as a fraction of its peak"})
     # evaluation, sampling, checkpoints
@@ -117,6 +118,7 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 
 
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
+SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, "warm-up and batch")
 
 
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
@@ -131,7 +133,9 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
     recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF), Muon's weight decay
     with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
-    on that curve: there both factors default to 1."""
+    on that curve: there both factors default to 1.
+    LR warmup defaults to none at B_REF and above, where starting at the full rate trained faster, and to
+    SMALL_BATCH_WARMUP steps below it, where the noisier first steps at the full rate left a lasting loss."""
     tokens, ref = horizon_tokens(cfg, vocab_size, cfg.depth), horizon_tokens(cfg, vocab_size, DEPTH_REF)
     micro = cfg.device_batch_size * cfg.max_seq_len * world_size
     if cfg.total_batch_size is None:
@@ -143,6 +147,8 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else batch_ratio ** 0.5
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = 0 if on_cpu or batch_ratio >= 1.0 else SMALL_BATCH_WARMUP
     return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale}
 
 
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     log0(f"depth {cfg.depth}: width {model_config.n_embd} | horizon {schedule['horizon_tokens']:,} tokens "
          f"(d{DEPTH_REF}: {schedule['d12_horizon_tokens']:,}) | batch {cfg.total_batch_size:,} | LRs x{lr_scale:.3f} "
          f"(matrix {rates['matrix_lr']:.4g}, embedding {rates['embedding_lr']:.4g}, unembedding "
-         f"{rates['unembedding_lr']:.4g}, scalar {rates['scalar_lr']:.4g}) | weight decay {rates['weight_decay']:.4g}")
+         f"{rates['unembedding_lr']:.4g}, scalar {rates['scalar_lr']:.4g}) | weight decay {rates['weight_decay']:.4g} | "
+         f"warmup {cfg.warmup_steps} steps")
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1
     checkpoint_dir = run_checkpoint_dir("base", cfg.model_tag)
     claim_checkpoint_dir(checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's

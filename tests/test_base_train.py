@@ -69,6 +69,11 @@ def test_depth_sets_batch_horizon_and_scales():
     assert (given.total_batch_size, given.num_iterations, s_given["lr_scale"]) == (262144, 7, 0.9)
     cpu, s_cpu = derive(4, "cpu")
     assert cpu.total_batch_size == 512 and s_cpu["lr_scale"] == s_cpu["wd_scale"] == 1.0
+    # LR warmup: none at the reference batch and above, and on CPU; SMALL_BATCH_WARMUP steps below; a given one kept
+    assert d12.warmup_steps == d20.warmup_steps == cpu.warmup_steps == 0
+    assert given.warmup_steps == base_train.SMALL_BATCH_WARMUP == 40
+    assert derive(12, "cuda", argv=["--total_batch_size=262144", "--warmup_steps=3"])[0].warmup_steps == 3
+    assert derive(12, "cuda", argv=["--total_batch_size=1048576"])[0].warmup_steps == 0
 
 
 def test_documented_command_parses_with_both_spellings():
@@ -87,7 +92,7 @@ def test_documented_command_parses_with_both_spellings():
     for f in dataclasses.fields(TrainConfig):
         value = {"int": "7", "float": "0.25", "str": "x", "bool": "true"}.get(type(f.default).__name__)
         if f.name in ("n_kv_head", "max_seq_len", "device_batch_size", "total_batch_size", "keep_last",
-                      "eval_tokens", "short_window"):
+                      "eval_tokens", "short_window", "warmup_steps"):
             value = "3"
         if f.name in ("muon_momentum_final", "batch_lr_scale", "weight_decay_scale"):
             value = "0.5"
