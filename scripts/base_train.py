@@ -12,6 +12,7 @@ target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 t
 (horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19); Muon's weight
 decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 above width 768
 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
+`--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
 """
@@ -57,6 +58,12 @@ class TrainConfig(BuildConfig):
                                                       "fractions, training stops when it is spent; 0 = off"})
     target_param_data_ratio: float = field(default=12.0, metadata={"help": "horizon: tokens per block-matrix and "
                                                                    "lm_head parameter"})
+    batch_schedule: str = field(default="", metadata={"help": "grow the batch over the run: "
+                                                              "BATCH@FRACTION,... trains BATCH tokens per step while the "
+                                                              "progress (the LR schedule's: the larger of the step and "
+                                                              "time fractions) is below FRACTION, then total_batch_size; "
+                                                              "each step's LRs x sqrt(its batch / total_batch_size); "
+                                                              "e.g. 131072@0.25,262144@0.5; empty = off"})
     split_long_docs: bool = field(default=True, metadata={"help": "split documents longer than a row into pieces "
                                                           "(else crop them to one row)"})
     # schedule (the learning rates and weight decay it scales: BuildConfig's, at the d12 reference batch)
@@ -69,8 +76,9 @@ class TrainConfig(BuildConfig):
                                                                  "sqrt(total_batch_size / 2^19))"})
     weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
                                                                      "sqrt(batch / 2^19) x d12 horizon / horizon)"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "steps of linear LR warmup (default: none at a "
-                                                           "batch of 2^19 tokens or more, 40 below; none on CPU)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "steps of linear LR warmup (default: none when "
+                                                           "the first step's batch is 2^19 tokens or more, 40 "
+                                                           "below; none on CPU)"})
     warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the steps the LR decays over, at the end"})
     final_lr_frac: float = field(default=0.05, metadata={"help": "the LR at the end, as a fraction of its peak"})
     # evaluation, sampling, checkpoints
@@ -133,9 +141,11 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
     recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF), Muon's weight decay
     with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
-    on that curve: there both factors default to 1.
-    LR warmup defaults to none at B_REF and above, where starting at the full rate trained faster, and to
-    SMALL_BATCH_WARMUP steps below it, where the noisier first steps at the full rate left a lasting loss."""
+    on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule").
+    LR warmup defaults to none when the first step's batch (the schedule's first, else B) is B_REF or more,
+    where starting at the full rate trained faster, and to SMALL_BATCH_WARMUP steps below, where the noisier
+    first steps at the full rate left a lasting loss (a schedule's first steps train like a run at that batch:
+    the same batch and, by the sqrt rule, the same rates)."""
     tokens, ref = horizon_tokens(cfg, vocab_size, cfg.depth), horizon_tokens(cfg, vocab_size, DEPTH_REF)
     micro = cfg.device_batch_size * cfg.max_seq_len * world_size
     if cfg.total_batch_size is None:
@@ -147,9 +157,55 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else batch_ratio ** 0.5
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
+    batch_schedule = parse_batch_schedule(cfg.batch_schedule, cfg.total_batch_size, micro)
+    first_batch = batch_schedule[0][0] if batch_schedule else cfg.total_batch_size
     if cfg.warmup_steps is None:
-        cfg.warmup_steps = 0 if on_cpu or batch_ratio >= 1.0 else SMALL_BATCH_WARMUP
-    return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale}
+        cfg.warmup_steps = 0 if on_cpu or first_batch >= B_REF else SMALL_BATCH_WARMUP
+    return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale,
+            "batch_schedule": batch_schedule}
+
+
+def parse_batch_schedule(spec: str, total_batch_size: int, micro_batch: int) -> list[tuple[int, float]]:
+    """--batch_schedule "BATCH@FRACTION,..." as [(batch, fraction), ...] (empty: [], every step total_batch_size).
+
+    Why grow the batch: small batches learn more per token early, large ones run more efficiently later (and
+    on more GPUs). On one H100, d12, the same 52M tokens seen once, 400 steps of 2^17 tokens reached val bpb
+    1.27 and 100 steps of 2^19 only 1.54, in about the same time. Batches must grow, stay below
+    total_batch_size (the batch after the last fraction) and fill whole micro-steps of micro_batch tokens
+    (device_batch_size x max_seq_len x world_size); fractions must grow within (0, 1)."""
+    example = "e.g. --batch_schedule=131072@0.25,262144@0.5"
+    schedule = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        batch, _, fraction = entry.partition("@")
+        try:
+            schedule.append((int(batch), float(fraction)))
+        except ValueError:
+            raise ValueError(f"--batch_schedule entry {entry!r} is not BATCH@FRACTION (tokens per step @ progress "
+                             f"below which they apply): write it as {example}") from None
+    for i, (batch, fraction) in enumerate(schedule):
+        if batch <= 0 or batch % micro_batch != 0:
+            raise ValueError(f"--batch_schedule batch {batch} must be a positive multiple of device_batch_size x "
+                             f"max_seq_len x world_size = {micro_batch}: round it to one")
+        if batch >= total_batch_size:
+            raise ValueError(f"--batch_schedule batch {batch} must be below --total_batch_size={total_batch_size}, "
+                             f"the batch after the schedule: lower it or raise --total_batch_size")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--batch_schedule fraction {fraction:g} (of batch {batch}) must lie strictly between "
+                             f"0 and 1: it is the progress of the run below which its batch applies")
+        if i > 0 and (batch <= schedule[i - 1][0] or fraction <= schedule[i - 1][1]):
+            raise ValueError(f"--batch_schedule {spec!r}: batches and fractions must both strictly increase, "
+                             f"entry by entry ({example})")
+    return schedule
+
+
+def batch_at(progress: float, schedule: list[tuple[int, float]], total_batch_size: int) -> int:
+    """Tokens of the step at `progress` (the LR schedule's fraction of the run done): the batch of the first
+    fraction it is below, else total_batch_size. It depends on the step (and time spent) alone, so a resumed
+    run takes the same batches as an uninterrupted one, and every rank the same number of micro-steps."""
+    for batch, fraction in schedule:
+        if progress < fraction:
+            return batch
+    return total_batch_size
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.total_batch_size % (tokens_per_micro * world_size) != 0:
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
                          f"max_seq_len * world_size = {tokens_per_micro * world_size}")
-    grad_accum = cfg.total_batch_size // (tokens_per_micro * world_size)
+    grad_accum = cfg.total_batch_size // (tokens_per_micro * world_size)  # at the full batch
+    batch_schedule = schedule["batch_schedule"]
 
     # model and optimizer (nanochat.build: meta device, init, kernels, precision, optimizer, compile)
     lr_scale, wd_scale = schedule["lr_scale"], schedule["wd_scale"]
@@ -195,10 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
          f"(matrix {rates['matrix_lr']:.4g}, embedding {rates['embedding_lr']:.4g}, unembedding "
          f"{rates['unembedding_lr']:.4g}, scalar {rates['scalar_lr']:.4g}) | weight decay {rates['weight_decay']:.4g} | "
          f"warmup {cfg.warmup_steps} steps")
+    if batch_schedule:
+        phases = ", ".join(f"{b:,} tokens (grad accum {b // (tokens_per_micro * world_size)}) below progress {f:g}"
+                           for b, f in batch_schedule)
+        log0(f"batch schedule: {phases}, then {cfg.total_batch_size:,} (grad accum {grad_accum}); each step's LRs "
+             f"x sqrt(its batch / {cfg.total_batch_size:,}) (--batch_schedule)")
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1
     checkpoint_dir = run_checkpoint_dir("base", cfg.model_tag)
     claim_checkpoint_dir(checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
     step = 0
+    tokens_trained = 0  # so far (steps differ in size under a batch schedule)
     loader_state = None
     val_bpb = float("nan")
     if cfg.resume_from_step >= 0:
@@ -213,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         orig_model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         step, loader_state = meta["step"], meta["loader_state"]
+        # checkpoints from before --batch_schedule hold no count: each of their steps had total_batch_size tokens
+        tokens_trained = meta.get("tokens", step * meta["train_config"]["total_batch_size"])
         val_bpb = meta.get("val_bpb", val_bpb)
         log0(f"resumed from {checkpoint_dir} step {step}")
     resumed_at = step if cfg.resume_from_step >= 0 else None
@@ -253,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             loader_state = {"ranks": gathered}
         meta = {"step": at_step, "model_config": asdict(model_config), "train_config": asdict(cfg),
                 "loader_state": loader_state, "tokenizer_dir": str(resolve_tokenizer_dir(cfg.tokenizer_dir)),
-                "val_bpb": val_bpb}
+                "val_bpb": val_bpb, "tokens": tokens_trained}
         optim_state = optimizer.state_dict() if master or sharded else None  # replicated: rank 0's copy suffices
         save_checkpoint(checkpoint_dir, at_step, orig_model.state_dict(), optim_state, meta,
                         rank=rank, world_size=world_size, keep_last=cfg.keep_last,
@@ -261,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tqdm import tqdm
     step_times: list[float] = []
+    step_tok_s: list[float] = []  # per step: steps differ in size under a batch schedule
     losses: list[float] = []
     compile_seconds = 0.0
     train_seconds = 0.0  # time in training steps (compile included), for --max_seconds
@@ -294,22 +360,25 @@ def main(argv: list[str] | None = None) -> dict:
         synchronize(device)
         t0 = time.perf_counter()
         progress = max(step, int(time_frac * num_iterations))
+        batch = batch_at(progress / num_iterations, batch_schedule, cfg.total_batch_size)
+        step_accum = batch // (tokens_per_micro * world_size)
         lrm = lr_multiplier(progress, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+        lrm *= (batch / cfg.total_batch_size) ** 0.5  # derive_schedule's sqrt rule, relative to the full batch (logged)
         optimizer.set_lr_multiplier(lrm)
         optimizer.set_muon_momentum(muon_momentum(step, cfg.muon_momentum_warmup, end=cfg.muon_momentum_peak,
                                                   num_iterations=num_iterations, warmdown_ratio=cfg.warmdown_ratio,
                                                   final=cfg.muon_momentum_final))
         optimizer.set_weight_decay_multiplier(weight_decay_multiplier(progress, num_iterations, cfg.wd_schedule))
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
+        for _ in range(step_accum):
             x, y = next(train_iter)
             with autocast:
                 loss = model(x, y)
             loss_sum += loss.detach()
-            (loss / grad_accum).backward()
+            (loss / step_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = loss_sum / grad_accum
+        train_loss = loss_sum / step_accum
         if is_ddp:  # SUM then divide: gloo in older torch has no ReduceOp.AVG
             torch.distributed.all_reduce(train_loss)
             train_loss /= world_size
@@ -318,22 +387,26 @@ def main(argv: list[str] | None = None) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         step += 1
-        if step == 1 and cfg.compile:  # the first step carries the compilation: kept out of the median
+        tokens_trained += batch
+        tok_per_s = batch / dt
+        if step == 1 and cfg.compile:  # the first step carries the compilation: kept out of the medians
             compile_seconds = dt
         else:
             step_times.append(dt)
+            step_tok_s.append(tok_per_s)
         if step == 1 or step % GC_EVERY == 0:
             collect_garbage_by_hand()
         losses.append(train_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates "
                                      f"(--matrix_lr, --embedding_lr) or check the data")
-        tok_per_s = cfg.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tok_per_s / (peak * world_size):.1f}%" if peak else "n/a"
         if master:
+            scheduled = f" | batch {batch:,}" if batch_schedule else ""
             tqdm.write(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
-                       f"{1000 * dt:.0f} ms | {tok_per_s:,.0f} tok/s | MFU {mfu} | mem {peak_memory_gib(device):.2f} GiB")
-        tracker.log(step, loss=train_loss, lrm=lrm, step_ms=1000 * dt, tok_per_s=tok_per_s)
+                       f"{1000 * dt:.0f} ms | {tok_per_s:,.0f} tok/s | MFU {mfu} | mem {peak_memory_gib(device):.2f} GiB"
+                       f"{scheduled}")
+        tracker.log(step, loss=train_loss, lrm=lrm, step_ms=1000 * dt, tok_per_s=tok_per_s, batch=batch)
         if train_loader.data_epoch > data_epoch:
             data_epoch = train_loader.data_epoch
             if master:
@@ -346,9 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
     gc.enable()
 
     median_dt = statistics.median(step_times) if step_times else float("nan")
-    median_tok_s = cfg.total_batch_size / median_dt if step_times else float("nan")
+    median_tok_s = statistics.median(step_tok_s) if step_tok_s else float("nan")
     result = {
-        "val_bpb": val_bpb, "final_loss": losses[-1] if losses else None, "steps": step,
+        "val_bpb": val_bpb, "final_loss": losses[-1] if losses else None, "steps": step, "tokens": tokens_trained,
         "median_tok_per_s": median_tok_s, "median_step_ms": 1000 * median_dt,
         "mfu": flops_per_token * median_tok_s / (peak * world_size) if peak else None,
         "peak_memory_gib": peak_memory_gib(device), "compile_seconds": compile_seconds,

@@ -1,5 +1,6 @@
 """scripts.base_train on the CPU: the documented command parses, a short run learns and prints its JSON
-line, a resume continues exactly (also past a torn save), bad input fails with a clear error.
+line, a resume continues exactly (also past a torn save), a batch schedule takes each step's micro-batches (also
+on resume), bad input fails with a clear error.
 
 Runs call `main(argv)` in-process on a tiny model (2 layers, width 64) over a tiny real-text data dir;
 per-step losses come from <report>/train_log.jsonl, which base_train appends on rank 0.
@@ -7,6 +8,7 @@ per-step losses come from <report>/train_log.jsonl, which base_train appends on 
 import dataclasses
 import math
 import json
+import statistics
 import subprocess
 import sys
 import types
@@ -213,6 +215,124 @@ def test_resume_after_a_torn_save(assets, env, monkeypatch):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(full[4:], resumed)) <= 1e-5
     assert latest_step(ckpt_dir) == 8 and not torn.exists()
     load_checkpoint(ckpt_dir, 8)
+
+
+# ------------------------------------------------------------------------------------------------- batch schedule
+
+def test_batch_schedule_parses_and_names_each_mistake():
+    parse = base_train.parse_batch_schedule
+    assert parse("", 1024, 256) == [] and parse(" ", 1024, 256) == []
+    assert parse("256@0.25, 512@0.5", 1024, 256) == [(256, 0.25), (512, 0.5)]
+    for spec, match in [
+        ("256", r"entry '256' is not BATCH@FRACTION.*131072@0.25,262144@0.5"),
+        ("256@x", r"entry '256@x' is not BATCH@FRACTION"),
+        ("a@0.5", r"entry 'a@0.5' is not BATCH@FRACTION"),
+        ("300@0.5", r"batch 300 must be a positive multiple of device_batch_size x max_seq_len x world_size = 256"),
+        ("0@0.5", r"batch 0 must be a positive multiple"),
+        ("1024@0.5", r"batch 1024 must be below --total_batch_size=1024.*raise --total_batch_size"),
+        ("256@0", r"fraction 0 \(of batch 256\) must lie strictly between 0 and 1"),
+        ("256@1", r"fraction 1 \(of batch 256\) must lie strictly between 0 and 1"),
+        ("256@nan", r"fraction nan"),
+        ("512@0.25,256@0.5", r"batches and fractions must both strictly increase"),
+        ("256@0.25,512@0.25", r"batches and fractions must both strictly increase"),
+        ("256@0.25,256@0.5", r"batches and fractions must both strictly increase"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse(spec, 1024, 256)
+
+
+def test_batch_at_switches_when_the_progress_reaches_each_fraction():
+    schedule = [(256, 0.25), (512, 0.5)]
+    at = [base_train.batch_at(p, schedule, 1024) for p in (0.0, 0.2499, 0.25, 0.4999, 0.5, 0.99, 1.0)]
+    assert at == [256, 256, 512, 512, 1024, 1024, 1024]
+    assert base_train.batch_at(0.0, [], 1024) == 1024  # no schedule: always the full batch
+
+
+def test_batch_schedule_is_checked_at_start_and_sets_the_warmup_by_its_first_batch(assets, env):
+    def derive(*argv):
+        cfg = resolve_defaults(parse_flags(TrainConfig, ["--depth=12", *argv]), "cuda", 1)
+        return cfg, base_train.derive_schedule(cfg, 32768, 1, False)
+
+    cfg, schedule = derive("--batch_schedule=131072@0.25,262144@0.5")
+    assert schedule["batch_schedule"] == [(131072, 0.25), (262144, 0.5)] and cfg.total_batch_size == 2 ** 19
+    assert schedule["lr_scale"] == 1.0  # the rates at the full batch are unchanged; the loop scales each step's
+    # the first steps train like a run at their batch (2^17 < 2^19): the warmup of a small batch; a given one kept
+    assert cfg.warmup_steps == base_train.SMALL_BATCH_WARMUP and derive()[0].warmup_steps == 0
+    assert derive("--batch_schedule=131072@0.25", "--warmup_steps=5")[0].warmup_steps == 5
+    assert derive("--total_batch_size=1048576", "--batch_schedule=524288@0.5")[0].warmup_steps == 0
+    tok_dir, data_dir = assets  # a bad schedule stops the run before any training
+    with pytest.raises(ValueError, match=r"batch 300 must be a positive multiple .* = 256"):
+        base_train.main(tiny_flags(tok_dir, data_dir, total_batch_size=1024, batch_schedule="300@0.5"))
+
+
+@pytest.fixture
+def count_micro_batches(monkeypatch):
+    """Counts the training micro-batches that base_train draws (its PackedLoader, wrapped)."""
+    drawn = {"train": 0}
+
+    class Counting(base_train.PackedLoader):
+        def __next__(self):
+            if self.split == "train":
+                drawn["train"] += 1
+            return super().__next__()
+
+    monkeypatch.setattr(base_train, "PackedLoader", Counting)
+    return drawn
+
+
+def test_batch_schedule_run_takes_each_steps_micro_batches_and_logs_its_tokens(assets, env, monkeypatch, capsys,
+                                                                               count_micro_batches):
+    """8 steps of 256@0.25,512@0.5 then 1024 tokens (256 per micro-batch): 1, 1, 2, 2, 4, 4, 4, 4 micro-batches;
+    each step's LRs x sqrt(its batch / 1024) (no warmup, no warmdown: the multiplier is that factor alone)."""
+    tok_dir, data_dir = assets
+    logged: list[str] = []
+    monkeypatch.setattr(base_train, "log0", logged.append)
+    result, rows = run(monkeypatch, env / "report", tiny_flags(
+        tok_dir, data_dir, num_iterations=8, total_batch_size=1024, batch_schedule="256@0.25,512@0.5",
+        warmdown_ratio=0.0))
+    batches = [256, 256, 512, 512, 1024, 1024, 1024, 1024]
+    assert count_micro_batches["train"] == sum(batches) // 256 == 22
+    assert [r["batch"] for r in rows] == batches and result["tokens"] == sum(batches)
+    assert [r["lrm"] for r in rows] == pytest.approx([(b / 1024) ** 0.5 for b in batches], abs=1e-12)
+    for r in rows:  # tok/s of the step's own tokens
+        assert r["tok_per_s"] * r["step_ms"] / 1000 == pytest.approx(r["batch"], rel=1e-9)
+    assert result["median_tok_per_s"] == pytest.approx(statistics.median(r["tok_per_s"] for r in rows))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[-1] for line in lines if line.startswith("step 0")] == [f"batch {b:,}" for b in batches]
+    assert ("batch schedule: 256 tokens (grad accum 1) below progress 0.25, 512 tokens (grad accum 2) below "
+            "progress 0.5, then 1,024 (grad accum 4); each step's LRs x sqrt(its batch / 1,024) (--batch_schedule)"
+            ) in logged
+
+
+def test_without_a_schedule_every_step_takes_grad_accum_micro_batches(assets, env, monkeypatch, capsys,
+                                                                       count_micro_batches):
+    tok_dir, data_dir = assets
+    result, rows = run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=3,
+                                                               total_batch_size=1024, warmdown_ratio=0.0))
+    assert count_micro_batches["train"] == 3 * 4 and result["tokens"] == 3 * 1024
+    assert [r["batch"] for r in rows] == [1024] * 3 and [r["lrm"] for r in rows] == [1.0] * 3
+    assert " | batch " not in capsys.readouterr().out  # the step lines of a run without a schedule are unchanged
+
+
+def test_resume_in_the_small_batch_phase_continues_exactly(assets, env, monkeypatch):
+    """Steps 0-5 of 256 tokens, 6-8 of 512, 9-11 of 1024; resumed at step 3, the run takes the same batches,
+    rates and data as the uninterrupted one, and counts the tokens of the steps before the resume too."""
+    tok_dir, data_dir = assets
+    flags = dict(num_iterations=12, save_every=3, keep_last="none", total_batch_size=1024,
+                 batch_schedule="256@0.5,512@0.75")
+    full_result, full = run(monkeypatch, env / "report_a", tiny_flags(tok_dir, data_dir, **flags))
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    step12 = load_file(str(ckpt_dir / "step_000012" / "model.safetensors"))
+    result, resumed = run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, resume_from_step=3,
+                                                                    overwrite=True, **flags))
+    assert [r["step"] for r in resumed] == list(range(4, 13))
+    assert [r["batch"] for r in full] == [256] * 6 + [512] * 3 + [1024] * 3
+    for a, b in zip(full[3:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, f"step {a['step']}: {a['loss']} vs {b['loss']} after resume"
+        assert (a["lrm"], a["batch"]) == (b["lrm"], b["batch"])
+    assert result["tokens"] == full_result["tokens"] == 6 * 256 + 3 * 512 + 3 * 1024
+    again = load_file(str(ckpt_dir / "step_000012" / "model.safetensors"))
+    assert max((step12[k] - again[k]).abs().max().item() for k in step12) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -171,6 +171,28 @@ def test_resume_at_the_same_world_size_continues_exactly(runs, mode):
     assert resumed["val"][-1]["val_bpb"] == pytest.approx(full["val"][-1]["val_bpb"], rel=1e-6)
 
 
+def test_batch_schedule_two_processes_match_one_process(assets, work):
+    """--batch_schedule 512@0.5 (1024 tokens after): each rank takes 1 micro-batch a step, then 2, and the run
+    matches one process that takes the ranks' batches of each step (2, then 4 micro-batches)."""
+    tok_dir, data_dir = assets
+    flags = dict(total_batch_size=1024, batch_schedule="512@0.5", num_iterations=6, save_every=0, sample_every=0)
+    two = torchrun(work, "scheduled", tiny_flags(tok_dir, data_dir, model_tag="scheduled", **flags))
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, work / "base_scheduled_reference")
+        mp.setenv("NANOCHAT_REPORT_DIR", str(work / "report" / "scheduled_reference"))
+        mp.setattr(base_train, "PackedLoader", RankInterleavedLoader)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            base_train.main(tiny_flags(tok_dir, data_dir, **flags))
+        finally:
+            torch.set_num_threads(threads)
+    one = [r for r in read_log_rows(work / "report" / "scheduled_reference") if "loss" in r]
+    assert [r["batch"] for r in two["steps"]] == [512] * 3 + [1024] * 3
+    assert_same_steps(two["steps"], one, "--batch_schedule: 2 ranks vs 1 process")
+    assert '"tokens": 4608' in two["stdout"][0]
+
+
 def test_resume_at_another_world_size_is_refused_clearly(runs, assets, work):
     tok_dir, data_dir = assets
     runs("replicated"), runs("sharded")
