@@ -86,6 +86,7 @@ KINDS = ("ours", "nanochat")
 OURS_STEP = re.compile(r"^step (\d+)/\d+ \| loss [\d.naif]+ \| lrm [\d.]+ \| (\d+) ms \| [\d,]+ tok/s \| MFU ([\d.]+)%")
 OURS_STEP_NO_MFU = re.compile(r"^step (\d+)/\d+ \| loss [\d.naif]+ \| lrm [\d.]+ \| (\d+) ms \|")
 OURS_EVAL = re.compile(r"^step (\d+) \| val bpb ([\d.]+)")
+OURS_BATCH = re.compile(r"\| batch ([\d,]+)$")  # ends a step line under --batch_schedule
 # The peer: "step 00009/00100 (9.00%) | loss: 4.1 | lrm: 1.00 | dt: 980.12ms | tok/sec: 535,000 | bf16_mfu: 41.20 |"
 PEER_STEP = re.compile(r"^step (\d+)/\d+ \(.*?\) \| loss: [\d.naif]+ \| lrm: [\d.]+ \| dt: ([\d.]+)ms \| "
                        r"tok/sec: [\d,]+ \| bf16_mfu: ([\d.]+)")
@@ -211,9 +212,9 @@ def say(name: str, gpu: int | None, message: str) -> None:
         print(f"[race] {who(name, gpu)}: {message}", flush=True)
 
 
-def epochs_of(steps: int, total_batch_size: int, data_tokens: int | None) -> float | None:
-    """Epochs of the race data that `steps` steps of `total_batch_size` tokens read (None: data tokens unknown)."""
-    return steps * total_batch_size / data_tokens if data_tokens else None
+def epochs_of(tokens: int, data_tokens: int | None) -> float | None:
+    """Epochs of the race data that training on `tokens` tokens reads (None: data tokens unknown)."""
+    return tokens / data_tokens if data_tokens else None
 
 
 def count(tokens: int) -> str:
@@ -222,8 +223,9 @@ def count(tokens: int) -> str:
 
 
 def say_epochs(name: str, gpu: int | None, steps: int, total_batch_size: int, data_tokens: int | None) -> None:
-    """A racer's tokens against the race data's, and a WARNING when that is more than one epoch."""
-    epochs = epochs_of(steps, total_batch_size, data_tokens)
+    """A racer's tokens against the race data's, and a WARNING when that is more than one epoch (an upper bound
+    for a racer with a --batch_schedule: its result counts the tokens it trained)."""
+    epochs = epochs_of(steps * total_batch_size, data_tokens)
     of = f"{epochs:.2f} epochs of the race data ({count(data_tokens)} tokens)" if epochs is not None else \
         "— epochs of the race data (its token count is unknown)"
     say(name, gpu, f"{steps} steps x {total_batch_size:,} = {count(steps * total_batch_size)} tokens = {of}")
@@ -278,17 +280,19 @@ def run_logged(argv: list[str], env: dict, cwd: Path, log: Path, mirror: Path | 
 
 
 def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.inf) -> dict:
-    """Per-step seconds and MFU, (step, bpb) evaluations, peak memory, the device's name and the last step done,
-    from a trainer's output; only the steps done and evaluations in (since, until]: one attempt's share of a resumed
-    run."""
-    dts, mfus, evals, memory, device, last = [], [], [], None, None, 0
+    """Per-step seconds, tokens (None: the race's batch) and MFU, (step, bpb) evaluations, peak memory, the device's
+    name and the last step done, from a trainer's output; only the steps done and evaluations in (since, until]: one
+    attempt's share of a resumed run."""
+    dts, tokens, mfus, evals, memory, device, last = [], [], [], [], None, None, 0
     for line in lines:
         line = line.strip()
-        step = mfu = point = None
+        step = mfu = point = batch = None
         if kind == "ours":  # its step line counts the steps done
             if m := OURS_STEP.match(line) or OURS_STEP_NO_MFU.match(line):
                 step, dt = int(m.group(1)), int(m.group(2)) / 1000
                 mfu = float(m.group(3)) if m.re is OURS_STEP else None
+                if b := OURS_BATCH.search(line):
+                    batch = int(b.group(1).replace(",", ""))
             elif m := OURS_EVAL.match(line):
                 point = (int(m.group(1)), float(m.group(2)))
             elif line.startswith("{") and '"peak_memory_gib"' in line:
@@ -305,23 +309,25 @@ def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.
                 device = m.group(1)
         if step is not None and since < step <= until:
             dts.append(dt)
+            tokens.append(batch)
             mfus += [mfu] if mfu is not None else []
             last = max(last, step)
         elif point is not None and since < point[0] <= until:
             evals.append(point)
-    return {"step_seconds": dts, "mfu": mfus, "evals": evals, "peak_memory_gib": memory, "device": device,
-            "last_step": last}
+    return {"step_seconds": dts, "step_tokens": tokens, "mfu": mfus, "evals": evals, "peak_memory_gib": memory,
+            "device": device, "last_step": last}
 
 
 def merge_attempts(kind: str, parts: list[tuple[int, list[str]]]) -> dict:
     """parse_log's stats of one run from its attempts' (resume step or -1, output lines), in order: each attempt
     gives the steps after its resume step up to the next attempt's; the peak memory is the highest, the device the
     last one named."""
-    merged = {"step_seconds": [], "mfu": [], "evals": [], "peak_memory_gib": None, "device": None, "last_step": 0}
+    merged = {"step_seconds": [], "step_tokens": [], "mfu": [], "evals": [], "peak_memory_gib": None, "device": None,
+              "last_step": 0}
     untils = [since for since, _ in parts[1:]] + [math.inf]
     for (since, lines), until in zip(parts, untils):
         stats = parse_log(kind, lines, since, until)
-        for key in ("step_seconds", "mfu", "evals"):
+        for key in ("step_seconds", "step_tokens", "mfu", "evals"):
             merged[key] += stats[key]
         memory = [m for m in (merged["peak_memory_gib"], stats["peak_memory_gib"]) if m is not None]
         merged["peak_memory_gib"] = max(memory, default=None)
@@ -441,8 +447,8 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
         result = json.loads(stored.read_text())
         if result.get("settings") == settings:
             say(racer.name, gpu, f"finished earlier with these settings ({stored}), not run again")
-            return {**result, "data_tokens": data_tokens,
-                    "epochs": epochs_of(result["steps"], cfg.total_batch_size, data_tokens)}
+            tokens = result.get("tokens", result["steps"] * cfg.total_batch_size)  # results from before "tokens"
+            return {**result, "data_tokens": data_tokens, "epochs": epochs_of(tokens, data_tokens)}
     record, resume = earlier_run(racer, work, settings, gpu)
     if record is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -477,13 +483,15 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
     points = curve(stats["evals"], kept)
     final = final_bpb(cfg, racer, work, gpu)
     median_dt = statistics.median(kept)
+    step_tokens = [t or cfg.total_batch_size for t in stats["step_tokens"]]  # a --batch_schedule's steps differ
     wall = sum((work / a["log"]).stat().st_mtime - a["started"] for a in attempts)  # each to its last line
     result = {"name": racer.name, "kind": racer.kind, "flags": racer.flags, "steps": steps,
-            "tok_per_s": cfg.total_batch_size / median_dt, "median_step_s": median_dt,
+            "tok_per_s": statistics.median(t / dt for t, dt in zip(step_tokens, kept)), "median_step_s": median_dt,
+            "tokens": sum(step_tokens),
             "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
             "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
             "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts), "curve": points,
-            "data_tokens": data_tokens, "epochs": epochs_of(steps, cfg.total_batch_size, data_tokens),
+            "data_tokens": data_tokens, "epochs": epochs_of(sum(step_tokens), data_tokens),
             "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
             "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
             "settings": settings}

@@ -53,6 +53,30 @@ def test_both_trainers_logs_give_the_same_curve(kind, lines):
     assert kept == [1.2, 1.0, 1.2] and compile_seconds == pytest.approx(43.8)  # the compile step counts as the median
     points = race.curve(stats["evals"], kept)
     assert points == [(0, 0.0, 3.3), (2, 2.2, 2.0), (3, pytest.approx(3.4), 1.5)]
+    assert stats["step_tokens"] == [None] * 3  # the race's batch
+
+
+def test_a_batch_schedules_steps_count_their_own_tokens(tmp_path, monkeypatch):
+    """Under --batch_schedule our step lines end with their batch: the racer's tokens, tok/s and epochs use it."""
+    racer, out = race.Racer("r", "ours", ["--batch_schedule=256@0.34,512@0.67"]), tmp_path / "out"
+    cfg = race.RaceConfig(out=str(out), steps=3, eval_points=3, total_batch_size=1024)
+    lines = ["step 00000 | val bpb 3.3000"]
+    for done, (ms, batch) in enumerate(((45000, 256), (1000, 512), (1000, 1024)), start=1):
+        lines.append(f"step {done:05d}/00003 | loss 9.0000 | lrm 1.000 | {ms} ms | {batch:,} tok/s | MFU 1.0% | "
+                     f"mem 2.00 GiB | batch {batch:,}")
+        lines.append(f"step {done:05d} | val bpb {3.0 - done / 2:.4f}")
+
+    def run_logged(argv, env, cwd, log, mirror=None):
+        for path in (log, mirror):
+            path.write_text("\n".join(lines) + "\n")
+
+    monkeypatch.setattr(race, "run_logged", run_logged)
+    monkeypatch.setattr(race, "final_bpb", lambda *a: {"bpb": 1.4})
+    result = race.run_racer(cfg, racer, out, out / "work", data_tokens=3584)
+    assert result["tokens"] == 256 + 512 + 1024 and result["epochs"] == pytest.approx(0.5)
+    assert result["tok_per_s"] == pytest.approx(512.0)  # the median of 256, 512, 1024 per second (compile: median)
+    again = race.run_racer(cfg, racer, out, out / "work", data_tokens=1792)  # finished: reused, its tokens kept
+    assert again["epochs"] == pytest.approx(1.0)
 
 
 def test_time_to_reach_interpolates_between_evaluations():
@@ -198,8 +222,8 @@ def test_check_staged_names_each_missing_shard_and_its_carry(tmp_path):
 
 
 def test_epochs_and_the_warning_past_one(capsys):
-    assert race.epochs_of(400, 524288, 44_560_000) == pytest.approx(209_715_200 / 44_560_000)  # 4.706
-    assert race.epochs_of(400, 524288, None) is None
+    assert race.epochs_of(400 * 524288, 44_560_000) == pytest.approx(209_715_200 / 44_560_000)  # 4.706
+    assert race.epochs_of(400 * 524288, None) is None
     race.say_epochs("ours", None, 400, 524288, 44_560_000)
     said = capsys.readouterr().out
     assert said.startswith("[race] ours: 400 steps x 524,288 = 209.7M tokens = 4.71 epochs of the race data "
