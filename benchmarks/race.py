@@ -3,7 +3,7 @@ once on the GPUs of one host, on the same data, validation text and budget; vali
 seconds for each.
 
     python -m benchmarks.race_data --out .race --peer PEER      # once: data and both tokenizers
-    python -m benchmarks.race --race_dir .race --peer PEER --steps 100 \\
+    python -m benchmarks.race --race_dir .race --peer PEER \\
         --racers "ours; nanochat; nanochat_L=nanochat:--window-pattern L --warmup-steps 0"
     python -m benchmarks.race ... --gpus all                   # one racer per GPU at a time, all GPUs busy
     python -m benchmarks.race --smoke [--peer PEER]             # tiny racers on the CPU, in minutes
@@ -108,12 +108,14 @@ class RaceConfig:
     out: str = field(default="out/race", metadata={"help": "race.json, race.png and the racers' logs"})
     work: str = field(default="", metadata={"help": "racers' checkpoints and results (default <out>/work); a racer "
                                                   "whose result there has the same settings is not run again"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps per racer (unless --seconds)"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps per racer (unless --seconds); the default 400 "
+                                               "of 131,072 tokens, 52M tokens, is the batch nanochat's rule gives "
+                                               "that horizon and stands closer to a full run than 100 of 524,288"})
     seconds: float = field(default=0.0, metadata={"help": "training seconds per racer instead of --steps"})
     probe_steps: int = field(default=15, metadata={"help": "with --seconds: steps timed to size each racer's run"})
     depth: int = 12
     max_seq_len: int = 2048
-    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, every racer"})
+    total_batch_size: int = field(default=131072, metadata={"help": "tokens per optimizer step, every racer"})
     device_batch_size: int = field(default=32, metadata={"help": "rows per micro-step, every racer"})
     save_every: int = field(default=0, metadata={"help": "racers save a checkpoint every N steps, from which one "
                                                     "cut off resumes in the next run (0: at the end only)"})

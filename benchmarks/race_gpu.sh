@@ -13,10 +13,11 @@
 #                                           the manifest names (else it stops, naming the missing ones and their
 #                                           carries): python -m benchmarks.race ARGS; a run cut off at 10 minutes
 #                                           goes on in the next `run` call, finished racers kept
-# Results land in $OUT/race (race.json, race.png, each racer's logs). A d12 racer of 100 steps takes ~3.5 minutes with
-# its compile and evaluations, one of 400 steps 8-9.5: pass --save_every 100 and a racer cut off by the call's limit
+# Results land in $OUT/race (race.json, race.png, each racer's logs). A d12 racer of the default 400 steps of 131,072
+# tokens (or 100 of 524,288) takes ~3.3 minutes with its compile and evaluations, one of 400 steps of 524,288 8-9.5
+# (two racers fit a 10-minute call): pass --save_every 100 and a racer cut off by the call's limit
 # resumes from its newest checkpoint in the next call (on the same warm machine: /root/race_work) instead of starting
-# over. The race prints each racer's epochs of the race data (6 shards: ~128 steps of 524,288 tokens an epoch) and
+# over. The race prints each racer's epochs of the race data (6 shards: ~510 steps of 131,072 tokens an epoch) and
 # warns past one.
 # On a machine of several GPUs, pass --gpus all: one racer per GPU at a time, as many at once as there are GPUs
 # (their timings side by side compare only roughly: shared CPU, PCIe and power).
