@@ -82,6 +82,8 @@ class BuildConfig:
                                                                "mean norm before orthogonalizing (MuonEq)"})
     muon_renorm: bool = field(default=True, metadata={"help": "Muon: rescale each orthogonalized update to the norm "
                                                       "of a semi-orthogonal matrix (Muon+)"})
+    muon_compile: bool | None = field(default=None, metadata={"help": "torch.compile Muon's update into fused kernels "
+                                                              "(default: on for CUDA)"})
     shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
 
     def model_config(self, vocab_size: int, depth: int | None = None, recipe: bool = True,
@@ -112,7 +114,7 @@ class BuildConfig:
                     unembedding_lr=self.unembedding_lr * lr_scale, scalar_lr=self.scalar_lr * lr_scale,
                     weight_decay=self.weight_decay * wd_scale, adam_groups=self.adam_groups,
                     muon_beta2=self.muon_beta2, muon_row_equilibrate=self.muon_row_equilibrate,
-                    muon_renorm=self.muon_renorm, shard=self.shard_optimizer)
+                    muon_renorm=self.muon_renorm, muon_compile=self.muon_compile, shard=self.shard_optimizer)
 
     def resolve_compile(self, device_type: str) -> None:
         """Fill `compile` when unset (on for CUDA, off for TE's layers) and refuse a recompute it cannot do."""
@@ -141,7 +143,8 @@ def build(cfg: BuildConfig, device: torch.device, vocab_size: int, *, lr_scale: 
     kernels.set_kernel_backend(cfg.kernel)
     apply_precision(model, cfg.precision, device, fp8_recipe=cfg.fp8_recipe, fp8_min_dim=cfg.fp8_min_dim,
                     fp8_lm_head=cfg.fp8_lm_head, fp8_fast_accum=cfg.fp8_fast_accum, fp8_skip=cfg.fp8_skip)
-    options = cfg.optimizer_options(lr_scale, wd_scale) if recipe else {"shard": cfg.shard_optimizer}
+    options = (cfg.optimizer_options(lr_scale, wd_scale) if recipe
+               else {"shard": cfg.shard_optimizer, "muon_compile": cfg.muon_compile})
     optimizer = build_optimizer(model, **options)
     cache_low_precision_weights(model, optimizer, cfg.precision)
     train_model = compile_model(model, cfg.compile_mode) if cfg.compile else model

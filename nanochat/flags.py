@@ -43,18 +43,21 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _converter(tp: Any) -> Callable[[str], Any]:
-    """The argparse `type` for a field annotation: scalars, bools, comma lists, and `none` for `X | None`.
-    Its __name__ is what argparse's error shows: "invalid int value: 'four'"."""
+    """The argparse `type` for a field annotation: scalars, bools, comma lists, and `none` for `X | None` (also
+    as an element of `list[X | None]`). Its __name__ is what argparse's error shows: "invalid int value: 'four'"."""
     inner, optional = _strip_optional(tp)
     is_list = typing.get_origin(inner) is list
-    elem = typing.get_args(inner)[0] if is_list else inner
+    elem, elem_optional = _strip_optional(typing.get_args(inner)[0]) if is_list else (inner, False)
     parse_one = _parse_bool if elem is bool else elem
+
+    def parse_element(part: str):
+        return None if elem_optional and part.lower() == "none" else parse_one(part)
 
     def conv(text: str):
         if optional and text.lower() == "none":
             return None
         if is_list:
-            return [parse_one(part) for part in text.split(",") if part != ""]
+            return [parse_element(part) for part in text.split(",") if part != ""]
         return parse_one(text)
 
     name = getattr(elem, "__name__", str(elem))
@@ -112,7 +115,7 @@ def to_argv(config: Any, names: list[str] | None = None) -> list[str]:
         if value is None:
             return "none"
         if isinstance(value, list):
-            return ",".join(str(v) for v in value)
+            return ",".join(text(v) for v in value)
         return str(value)
     names = [f.name for f in dataclasses.fields(config)] if names is None else names
     return [f"--{name}={text(getattr(config, name))}" for name in names]

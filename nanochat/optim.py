@@ -15,6 +15,7 @@ summation order).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict, defaultdict
 from typing import Callable, NamedTuple
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from nanochat.common import log0
 
 
 class LearningRates(NamedTuple):
@@ -85,6 +88,76 @@ def equilibrate_rows(G: Tensor) -> Tensor:
     return (G32 * (target / G32.norm(dim=-1, keepdim=True).clamp(min=1e-6))).to(G.dtype)
 
 
+def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
+    """start + weight * (end - start), computed in fp32 (fp64 for fp64 tensors) as torch.lerp does for a
+    Python-number weight: with a tensor weight it computes in the tensors' dtype, and for bf16 it would round
+    the weight itself (0.95 -> 0.9492)."""
+    compute = torch.promote_types(start.dtype, torch.float32)
+    return torch.lerp(start.to(compute), end.to(compute), weight).to(start.dtype)
+
+
+def _normalize_neurons(ortho: Tensor, second_moment: Tensor, beta2: Tensor) -> Tensor:
+    """ortho [K, rows, cols] with each row (cols > rows: each column) divided by the root of an EMA of its mean
+    square (`second_moment`, updated in place), then rescaled to ortho's Frobenius norm per matrix. The EMA starts
+    at zero: the rescaling cancels its missing bias correction, so early steps weigh recent updates as a
+    bias-corrected EMA would (starting at the first value instead keeps step 1's statistics at weight beta2^t)."""
+    dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2  # average along the longer side: per output neuron
+    mean_sq = ortho.float().square().mean(dim=dim, keepdim=True)
+    second_moment.copy_(_lerp(second_moment, mean_sq, 1 - beta2))
+    scaled = ortho.float() * second_moment.clamp(min=1e-10).rsqrt()
+    norm_ratio = (ortho.float().norm(dim=(-2, -1), keepdim=True)
+                  / scaled.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))
+    return (scaled * norm_ratio).to(ortho.dtype)
+
+
+def muon_update(params: Tensor, grads: Tensor, momentum_buffer: Tensor, second_moment: Tensor | None,
+                lr: Tensor, momentum: Tensor, weight_decay: Tensor, beta2: Tensor, *, nesterov: bool,
+                row_equilibrate: bool, renormalize: bool, cautious_wd: bool, decay: bool) -> None:
+    """One Muon step (see `Muon`) of K matrices of one shape, stacked [K, rows, cols]: updates `params`,
+    `momentum_buffer` and `second_moment` (per-neuron EMA [K, rows, 1] or [K, 1, cols]; None = off) in place.
+
+    It reads nothing but its arguments, so torch.compile can fuse the elementwise work and reductions around
+    the matmuls into a few kernels (`compiled_muon_update`); run as is, it is the eager path. lr (before the
+    aspect factor), momentum, weight_decay and beta2 are 0-D float64 tensors: compiled, a new value is not a
+    recompile; eager, float64 arithmetic rounds them as the Python floats of the per-parameter loop this
+    replaced did. The flags are static (a compiled graph per combination): decay = weight_decay != 0.
+    """
+    rows, cols = params.shape[-2:]
+    momentum_buffer.copy_(_lerp(momentum_buffer, grads, 1 - momentum))  # buf = mu * buf + (1 - mu) * g
+    update = _lerp(grads, momentum_buffer, momentum) if nesterov else momentum_buffer
+    if row_equilibrate:
+        update = equilibrate_rows(update)
+    ortho = orthogonalize(update)
+    if renormalize:
+        norm = ortho.float().norm(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
+        ortho = (ortho.float() * (min(rows, cols) ** 0.5 / norm)).to(ortho.dtype)
+    if second_moment is not None:
+        ortho = _normalize_neurons(ortho, second_moment, beta2)
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    ortho = ortho.to(params.dtype)
+    if decay:
+        step_decay = params * (lr * weight_decay)
+        if cautious_wd:
+            step_decay = step_decay * ((ortho * params) > 0)  # p -= lr*o shrinks |p| here too
+        params.sub_(step_decay)
+    params.addcmul_(ortho, -lr)  # p -= lr * o, rounded once (as add_ with alpha=-lr)
+
+
+@functools.cache
+def compiled_muon_update() -> Callable[..., None]:
+    """muon_update under torch.compile: the whole step one graph (fullgraph), static shapes (a graph per matrix
+    shape: four for our GPT)."""
+    return torch.compile(muon_update, fullgraph=True, dynamic=False)
+
+
+class _Stacked(NamedTuple):
+    """The optimizer state of the parameters of one shape, stacked: what muon_update works on in place."""
+    params: tuple[Tensor, ...]
+    momentum: Tensor  # [K, rows, cols]
+    second_moment: Tensor | None  # [K, rows, 1] or [K, 1, cols]; None without per-neuron normalization
+    views: tuple[Tensor, ...]  # the per-parameter state entries: slices of the two above
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Polar Express), for 2-D parameters only.
 
@@ -92,7 +165,9 @@ class Muon(torch.optim.Optimizer):
     optionally renormalize (below) and normalize per neuron (beta2 > 0, below), scale the rate by
     sqrt(max(1, rows/cols)) so tall and wide matrices take comparable per-element steps, optional decoupled
     weight decay (rate * weight_decay; "cautious" = only where the update pushes the weight toward zero as
-    well), then p -= rate * update. Matrices of one shape are orthogonalized together as one batched matmul.
+    well), then p -= rate * update. Matrices of one shape are updated together, stacked, by `muon_update`:
+    one batched matmul per iteration, and under torch.compile (`compile`, default on CUDA) a few fused kernels
+    instead of dozens of small ones per matrix.
 
     Row equilibration (MuonEq, arXiv 2603.28254): every row of the momentum is rescaled to the matrix's mean
     row norm before orthogonalizing. A few large rows otherwise dominate the spectrum, and the 5-step
@@ -106,11 +181,14 @@ class Muon(torch.optim.Optimizer):
     rows' (or, for wide matrices, the columns') update sizes, which come out uneven. An EMA (beta2) of each
     row's mean squared update divides it out, then the whole update is rescaled to its norm before, so the
     step size stays Muon's and only its distribution over neurons changes.
+
+    State: per parameter "momentum_buffer" and "neuron_second_moment" (state_dict() and checkpoints keep
+    that layout); between steps they are views of one stacked tensor per shape.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, cautious_wd: bool = True, beta2: float = 0.0,
-                 row_equilibrate: bool = False, renormalize: bool = False):
+                 row_equilibrate: bool = False, renormalize: bool = False, compile: bool | None = None):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -121,66 +199,78 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
                                       weight_decay=weight_decay, cautious_wd=cautious_wd, beta2=beta2,
                                       row_equilibrate=row_equilibrate, renormalize=renormalize))
+        self.compile = compile  # None: on for CUDA parameters, decided (and logged) at the first step
+        self._update: Callable[..., None] | None = None
+        self._scalars: dict[torch.device, tuple[Tensor, ...]] = {}
+        self._stacks: dict[tuple[int, torch.Size], _Stacked] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("Muon.step does not take a closure")
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape[p.shape].append(p)
+            if not by_shape:
+                continue
+            device = next(iter(by_shape.values()))[0].device
+            update = self._update_function(device)
+            scalars = self._scalar_tensors(group, device)
             for shape, params in by_shape.items():
-                self._update_same_shape(group, params, shape)
+                momentum, second_moment = self._stacked_state((index, shape), params, group["beta2"] > 0.0)
+                stacked = torch.stack(params)
+                update(stacked, torch.stack([p.grad for p in params]), momentum, second_moment, *scalars,
+                       nesterov=group["nesterov"], row_equilibrate=group["row_equilibrate"],
+                       renormalize=group["renormalize"], cautious_wd=group["cautious_wd"],
+                       decay=group["weight_decay"] != 0.0)
+                torch._foreach_copy_(params, list(stacked.unbind(0)))
 
-    def _update_same_shape(self, group: dict, params: list[Tensor], shape: torch.Size) -> None:
-        grads = [p.grad for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            bufs.append(state["momentum_buffer"])
-        mu = group["momentum"]
-        torch._foreach_lerp_(bufs, grads, 1.0 - mu)  # buf = mu * buf + (1 - mu) * g
-        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        stacked = torch.stack(updates)
-        if group["row_equilibrate"]:
-            stacked = equilibrate_rows(stacked)
-        ortho = orthogonalize(stacked)
-        if group["renormalize"]:
-            norm = ortho.float().norm(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
-            ortho = (ortho.float() * (min(shape) ** 0.5 / norm)).to(ortho.dtype)
-        if group["beta2"] > 0.0:
-            ortho = self._normalize_neurons(group["beta2"], params, ortho)
-        lr = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
-        wd = group["weight_decay"]
-        for p, o in zip(params, ortho.unbind(0)):
-            o = o.to(p.dtype)
-            if wd != 0.0:
-                decay = p * (lr * wd)
-                if group["cautious_wd"]:
-                    decay = decay * ((o * p) > 0)  # p -= lr*o shrinks |p| here too
-                p.sub_(decay)
-            p.add_(o, alpha=-lr)
+    def _update_function(self, device: torch.device) -> Callable[..., None]:
+        """muon_update, compiled or not (`compile`; None: compiled on CUDA), chosen and logged once."""
+        if self._update is None:
+            compiled = self.compile if self.compile is not None else device.type == "cuda"
+            self._update = compiled_muon_update() if compiled else muon_update
+            log0("muon: compiled update (torch.compile)" if compiled else "muon: eager update")
+        return self._update
 
-    def _normalize_neurons(self, beta2: float, params: list[Tensor], ortho: Tensor) -> Tensor:
-        """ortho [K, rows, cols] with each row (cols > rows: each column) divided by the root of an EMA of its
-        mean square, then rescaled to ortho's Frobenius norm per matrix. The EMA starts at zero: the rescaling
-        cancels its missing bias correction, so early steps weigh recent updates as a bias-corrected EMA would
-        (starting at the first value instead keeps step 1's statistics at weight beta2^t)."""
-        dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2  # average along the longer side: per output neuron
-        mean_sq = ortho.float().square().mean(dim=dim, keepdim=True)
-        for i, p in enumerate(params):
-            state = self.state[p]
-            if "neuron_second_moment" not in state:
-                state["neuron_second_moment"] = torch.zeros_like(mean_sq[i])
-            state["neuron_second_moment"].lerp_(mean_sq[i], 1.0 - beta2)
-        second = torch.stack([self.state[p]["neuron_second_moment"] for p in params])
-        scaled = ortho.float() * second.clamp(min=1e-10).rsqrt()
-        norm_ratio = ortho.float().norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10)
-        return (scaled * norm_ratio).to(ortho.dtype)
+    def _scalar_tensors(self, group: dict, device: torch.device) -> tuple[Tensor, ...]:
+        """The group's lr, momentum, weight_decay and beta2 as 0-D float64 tensors on the parameters' device, refilled
+        in place: a compiled graph guards on tensor metadata, not values, so new values are no recompile. On CUDA
+        that is four tiny fills per step, and every operand of the update, eager or compiled, is on one device."""
+        if device not in self._scalars:
+            self._scalars[device] = tuple(torch.zeros((), dtype=torch.float64, device=device) for _ in range(4))
+        values = (group["lr"], group["momentum"], group["weight_decay"], group["beta2"])
+        for tensor, value in zip(self._scalars[device], values):
+            tensor.fill_(value)
+        return self._scalars[device]
+
+    def _stacked_state(self, key: tuple[int, torch.Size], params: list[Tensor],
+                       neurons: bool) -> tuple[Tensor, Tensor | None]:
+        """The momentum buffers (and, with `neurons`, per-neuron second moments) of `params` as [K, ...] tensors,
+        with each parameter's state entries views of its slice. Stacked anew (one copy; zeros for missing
+        entries) when the entries are not those views: the first step, after load_state_dict, or when another
+        set of parameters of this shape has gradients."""
+        names = ("momentum_buffer", "neuron_second_moment") if neurons else ("momentum_buffer",)
+        entries = [self.state[p].get(name) for p in params for name in names]
+        known = self._stacks.get(key)
+        if (known is not None and len(known.params) == len(params) and all(a is b for a, b in zip(known.params, params))
+                and len(known.views) == len(entries) and all(a is b for a, b in zip(known.views, entries))):
+            return known.momentum, known.second_moment
+        rows, cols = params[0].shape
+        neuron_shape = (rows, 1) if rows >= cols else (1, cols)  # one per output neuron (the longer side)
+        zeros = {"momentum_buffer": lambda p: torch.zeros_like(p),
+                 "neuron_second_moment": lambda p: torch.zeros(neuron_shape, device=p.device)}
+        stacks = [torch.stack([self.state[p][name] if name in self.state[p] else zeros[name](p) for p in params])
+                  for name in names]
+        momentum, second_moment = stacks[0], stacks[1] if neurons else None
+        for name, stack in zip(names, stacks):
+            for p, view in zip(params, stack.unbind(0)):
+                self.state[p][name] = view
+        views = tuple(self.state[p][name] for p in params for name in names)
+        self._stacks[key] = _Stacked(tuple(params), momentum, second_moment, views)
+        return momentum, second_moment
 
 
 class MuonAdamW:
@@ -378,14 +468,15 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,
                     scalar_lr: float = FINETUNE_LRS.scalar, weight_decay: float = 0.0,
                     adam_betas: tuple[float, float] = (0.8, 0.95), adam_groups: str = "uniform",
                     muon_beta2: float = 0.0, muon_row_equilibrate: bool = False, muon_renorm: bool = False,
-                    shard: bool = False) -> MuonAdamW:
+                    muon_compile: bool | None = None, shard: bool = False) -> MuonAdamW:
     """Muon (the "matrix" group) + AdamW (every other kind of `model.param_groups()`, see ADAMW_KINDS).
 
     The embedding and lm_head LRs are scaled by (n_embd / 768) ** -0.5 above width 768: they were tuned at
     768 and AdamW's per-element step should shrink as the model widens. Narrower models keep the 768 rates
     (scaled up, the tuned rates made d2-d4 CPU runs at a 512-token batch spike). weight_decay is Muon's (cautious);
     adam_groups="tuned" also gives each AdamW kind its own betas and weight decay. muon_beta2 > 0 turns on
-    Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step. Under
+    Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step;
+    muon_compile runs its update under torch.compile (None: on CUDA). Under
     torch.distributed (world size > 1) step() synchronizes gradients itself (do not wrap the model in DDP);
     shard=True also splits the optimizer state and work across ranks.
     """
@@ -412,7 +503,7 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,
     muon = None
     if groups["matrix"]:
         muon = Muon(groups["matrix"], lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, beta2=muon_beta2,
-                    row_equilibrate=muon_row_equilibrate, renormalize=muon_renorm)
+                    row_equilibrate=muon_row_equilibrate, renormalize=muon_renorm, compile=muon_compile)
         muon.param_groups[0].update(kind="matrix", initial_lr=matrix_lr, initial_weight_decay=weight_decay)
     rates = dict(embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr)
     dmodel_scale = min(1.0, (model.config.n_embd / 768) ** -0.5)  # narrower models keep d12's rates

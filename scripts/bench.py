@@ -26,7 +26,8 @@ from nanochat.runtime import setup_torch_env
 
 
 AXES = ("arch", "kernel", "attn", "precision", "depth", "device_batch_size", "max_seq_len", "window_pattern",
-        "recompute", "compile_mode", "inductor", "fp8_recipe")  # the flags that take a list: a row per combination
+        "recompute", "compile_mode", "inductor", "muon_compile",
+        "fp8_recipe")  # the flags that take a list: a row per combination
 
 
 @dataclass
@@ -46,6 +47,8 @@ class BenchConfig(BuildConfig):
     inductor: list[str] = field(default_factory=lambda: ["default"], metadata={
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
+    muon_compile: list[bool | None] = redeclare(BuildConfig, "muon_compile", [None], "torch.compile Muon's update: "
+                                                 "true, false or none (on for CUDA), e.g. true,false for both rows")
     fp8_recipe: list[str] = redeclare(BuildConfig, "fp8_recipe", ["tensorwise"])
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
     vocab_size: int = field(default=32768, metadata={"help": "vocabulary size of the synthetic model"})
@@ -106,9 +109,15 @@ def state_and_rest(mem: dict | None) -> str:
 
 
 def compile_label(row: dict) -> str:
-    """The compile mode, plus the row's inductor settings when it has any."""
+    """The compile mode, plus the row's inductor settings and Muon's update (compiled or eager) when it sets them."""
     extra = row.get("inductor", "default")
-    return row["compile_mode"] + ("" if extra == "default" else f" + {extra}")
+    muon = muon_label(row)
+    return row["compile_mode"] + ("" if extra == "default" else f" + {extra}") + ("" if not muon else f" + {muon}")
+
+
+def muon_label(row: dict) -> str:
+    """How the row ran Muon's update when it says (--muon_compile true/false), else "" (the default: CUDA compiles)."""
+    return {True: "muon compiled", False: "muon eager"}.get(row.get("muon_compile"), "")
 
 
 def precision_label(row: dict) -> str:
@@ -157,7 +166,8 @@ def plot(rows: list[dict], path: Path) -> None:
     labels = [f"{r['arch']}/{r['kernel']}/{r['attn']}/{precision_label(r)}\nd{r['depth']} B{r['device_batch_size']} "
               f"T{r['max_seq_len']} {r['window_pattern']}" + ("" if r["recompute"] == "none" else f" {r['recompute']}")
               + ("" if r["compile_mode"] == "default" else " autotune")
-              + ("" if r.get("inductor", "default") == "default" else f"\n{r['inductor']}") for r in rows]
+              + ("" if r.get("inductor", "default") == "default" else f"\n{r['inductor']}")
+              + ("" if not muon_label(r) else f"\n{muon_label(r)}") for r in rows]
     values = [r.get("tok_per_s") or 0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
     bars = ax.bar(range(len(rows)), values, color=["tab:blue" if r["status"] == "ok" else "tab:red" for r in rows])
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(json.dumps({"out_dir": str(out_dir), "rows": [
         {k: r.get(k) for k in ("kernel", "attn", "precision", "fp8_recipe", "device_batch_size", "max_seq_len",
-                               "window_pattern", "recompute", "compile_mode", "inductor", "tok_per_s",
+                               "window_pattern", "recompute", "compile_mode", "inductor", "muon_compile", "tok_per_s",
                                "peak_memory_gib", "mfu", "status")}
         for r in rows]}))
     return result

@@ -98,7 +98,7 @@ def test_documented_command_parses_with_both_spellings():
             value = "3"
         if f.name in ("muon_momentum_final", "batch_lr_scale", "weight_decay_scale"):
             value = "0.5"
-        if f.name == "compile":
+        if f.name in ("compile", "muon_compile"):
             value = "false"
         if f.name == "fp8_skip":  # the one list flag
             value = "*.c_q,*.c_k"

@@ -178,3 +178,13 @@ def test_gpu_clocks_summarizes_busy_samples_and_throttle_reasons():
         gpu_clocks.main(["--gemm", "8x8x8", "--", "true"])
     with pytest.raises(SystemExit, match="either --gemm"):
         gpu_clocks.main([])
+
+
+def test_muon_compile_is_an_axis_shown_in_the_compile_column():
+    from nanochat.flags import parse_flags
+    cfg = parse_flags(bench.BenchConfig, ["--muon_compile=true,false"])
+    combos = bench.bench_combos({axis: getattr(cfg, axis) for axis in bench.AXES})
+    assert [c["muon_compile"] for c in combos] == [True, False]
+    assert [bench.compile_label(c) for c in combos] == ["default + muon compiled", "default + muon eager"]
+    assert parse_flags(profile_kernels.ProfileConfig, bench.row_argv(cfg, combos[1])).muon_compile is False
+    assert bench.compile_label({**combos[0], "muon_compile": None}) == "default"  # the default: not labelled

@@ -66,3 +66,11 @@ def test_compile_comes_last_and_defaults_to_off_on_the_cpu(monkeypatch):
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     with pytest.raises(ValueError, match="needs --compile true"):
         build(dataclasses.replace(cfg, compile=False, recompute="pointwise"), CPU, vocab_size=256)
+
+
+def test_muon_compile_reaches_muon_in_both_builds():
+    """--muon_compile (none: decided by the device at the first step) reaches Muon with the recipe and without."""
+    for recipe in (True, False):
+        for flag, expected in (("none", None), ("false", False), ("true", True)):
+            cfg = parse_flags(BuildConfig, [*TINY, f"--muon_compile={flag}"])
+            assert build(cfg, CPU, vocab_size=256, recipe=recipe).optimizer.muon.compile is expected

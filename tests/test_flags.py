@@ -16,6 +16,7 @@ class Config:
     kernel: list[str] = None  # type: ignore[assignment]
     batch_sizes: list[int] | None = None
     lr: float = 0.02
+    compiles: list[bool | None] = field(default_factory=list)
 
 
 @pytest.mark.parametrize("argv", [
@@ -51,6 +52,7 @@ def test_lists_and_none():
     cfg = parse_flags(Config, ["--kernel=torch,liger", "--batch-sizes=8,32"])
     assert cfg.kernel == ["torch", "liger"] and cfg.batch_sizes == [8, 32]
     assert parse_flags(Config, ["--max_seq_len=none"]).max_seq_len is None
+    assert parse_flags(Config, ["--compiles=true,none,false"]).compiles == [True, None, False]  # a bench axis
 
 
 def test_bad_values_exit_with_message(capsys):
@@ -110,7 +112,7 @@ def test_redeclare_changes_the_default_and_keeps_the_help(capsys):
 
 def test_to_argv_reads_back_as_the_same_config():
     cfg = Config(depth=4, max_seq_len=None, compile=None, value_embeds=True, kernel=["current", "liger"],
-                 batch_sizes=[8, 32], lr=0.1 + 0.2)
+                 batch_sizes=[8, 32], lr=0.1 + 0.2, compiles=[None, False])
     assert parse_flags(Config, to_argv(cfg)) == cfg
     assert to_argv(cfg, ["compile", "kernel"]) == ["--compile=none", "--kernel=current,liger"]
     assert parse_flags(Config, to_argv(Config(compile=False, kernel=[]))) == Config(compile=False, kernel=[])
