@@ -82,8 +82,8 @@ class BuildConfig:
                                                                "mean norm before orthogonalizing (MuonEq)"})
     muon_renorm: bool = field(default=True, metadata={"help": "Muon: rescale each orthogonalized update to the norm "
                                                       "of a semi-orthogonal matrix (Muon+)"})
-    muon_compile: bool | None = field(default=None, metadata={"help": "torch.compile Muon's update into fused kernels "
-                                                              "(default: on for CUDA)"})
+    muon_compile: bool | None = field(default=False, metadata={"help": "torch.compile Muon's update into fused "
+                                                               "kernels (none: on for CUDA; off until raced on a GPU)"})
     shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
 
     def model_config(self, vocab_size: int, depth: int | None = None, recipe: bool = True,

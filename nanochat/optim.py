@@ -166,7 +166,7 @@ class Muon(torch.optim.Optimizer):
     sqrt(max(1, rows/cols)) so tall and wide matrices take comparable per-element steps, optional decoupled
     weight decay (rate * weight_decay; "cautious" = only where the update pushes the weight toward zero as
     well), then p -= rate * update. Matrices of one shape are updated together, stacked, by `muon_update`:
-    one batched matmul per iteration, and under torch.compile (`compile`, default on CUDA) a few fused kernels
+    one batched matmul per iteration, and under torch.compile (`compile`: True, or None for CUDA only) a few fused kernels
     instead of dozens of small ones per matrix.
 
     Row equilibration (MuonEq, arXiv 2603.28254): every row of the momentum is rescaled to the matrix's mean
@@ -188,7 +188,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, cautious_wd: bool = True, beta2: float = 0.0,
-                 row_equilibrate: bool = False, renormalize: bool = False, compile: bool | None = None):
+                 row_equilibrate: bool = False, renormalize: bool = False, compile: bool | None = False):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -468,7 +468,7 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,
                     scalar_lr: float = FINETUNE_LRS.scalar, weight_decay: float = 0.0,
                     adam_betas: tuple[float, float] = (0.8, 0.95), adam_groups: str = "uniform",
                     muon_beta2: float = 0.0, muon_row_equilibrate: bool = False, muon_renorm: bool = False,
-                    muon_compile: bool | None = None, shard: bool = False) -> MuonAdamW:
+                    muon_compile: bool | None = False, shard: bool = False) -> MuonAdamW:
     """Muon (the "matrix" group) + AdamW (every other kind of `model.param_groups()`, see ADAMW_KINDS).
 
     The embedding and lm_head LRs are scaled by (n_embd / 768) ** -0.5 above width 768: they were tuned at
@@ -476,7 +476,7 @@ def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,
     (scaled up, the tuned rates made d2-d4 CPU runs at a 512-token batch spike). weight_decay is Muon's (cautious);
     adam_groups="tuned" also gives each AdamW kind its own betas and weight decay. muon_beta2 > 0 turns on
     Muon's per-neuron normalization, muon_row_equilibrate its MuonEq and muon_renorm its Muon+ step;
-    muon_compile runs its update under torch.compile (None: on CUDA). Under
+    muon_compile runs its update under torch.compile (None: on CUDA; off by default until measured on a GPU). Under
     torch.distributed (world size > 1) step() synchronizes gradients itself (do not wrap the model in DDP);
     shard=True also splits the optimizer state and work across ranks.
     """

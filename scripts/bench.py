@@ -47,7 +47,7 @@ class BenchConfig(BuildConfig):
     inductor: list[str] = field(default_factory=lambda: ["default"], metadata={
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
-    muon_compile: list[bool | None] = redeclare(BuildConfig, "muon_compile", [None], "torch.compile Muon's update: "
+    muon_compile: list[bool | None] = redeclare(BuildConfig, "muon_compile", [False], "torch.compile Muon's update: "
                                                  "true, false or none (on for CUDA), e.g. true,false for both rows")
     fp8_recipe: list[str] = redeclare(BuildConfig, "fp8_recipe", ["tensorwise"])
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
@@ -116,8 +116,8 @@ def compile_label(row: dict) -> str:
 
 
 def muon_label(row: dict) -> str:
-    """How the row ran Muon's update when it says (--muon_compile true/false), else "" (the default: CUDA compiles)."""
-    return {True: "muon compiled", False: "muon eager"}.get(row.get("muon_compile"), "")
+    """How the row ran Muon's update when not the default eager one (--muon_compile true or none), else ""."""
+    return {True: "muon compiled", None: "muon auto"}.get(row.get("muon_compile", False), "")
 
 
 def precision_label(row: dict) -> str:

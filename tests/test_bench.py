@@ -185,6 +185,6 @@ def test_muon_compile_is_an_axis_shown_in_the_compile_column():
     cfg = parse_flags(bench.BenchConfig, ["--muon_compile=true,false"])
     combos = bench.bench_combos({axis: getattr(cfg, axis) for axis in bench.AXES})
     assert [c["muon_compile"] for c in combos] == [True, False]
-    assert [bench.compile_label(c) for c in combos] == ["default + muon compiled", "default + muon eager"]
+    assert [bench.compile_label(c) for c in combos] == ["default + muon compiled", "default"]  # eager: the default
     assert parse_flags(profile_kernels.ProfileConfig, bench.row_argv(cfg, combos[1])).muon_compile is False
-    assert bench.compile_label({**combos[0], "muon_compile": None}) == "default"  # the default: not labelled
+    assert bench.compile_label({**combos[0], "muon_compile": None}) == "default + muon auto"
