@@ -151,13 +151,13 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     if cfg.total_batch_size is None:
         predicted = B_REF * (tokens / ref) ** 0.383
         cfg.total_batch_size = max(2 ** round(math.log2(predicted)), micro)
-    if cfg.num_iterations <= 0:
-        cfg.num_iterations = max(1, round(tokens / cfg.total_batch_size))
+    batch_schedule = parse_batch_schedule(cfg.batch_schedule, cfg.total_batch_size, micro)
+    if cfg.num_iterations <= 0:  # the steps that train the horizon's tokens, at the schedule's mean batch
+        cfg.num_iterations = max(1, round(tokens / mean_batch(batch_schedule, cfg.total_batch_size)))
     batch_ratio = cfg.total_batch_size / B_REF
     lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else batch_ratio ** 0.5
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
-    batch_schedule = parse_batch_schedule(cfg.batch_schedule, cfg.total_batch_size, micro)
     first_batch = batch_schedule[0][0] if batch_schedule else cfg.total_batch_size
     if cfg.warmup_steps is None:
         cfg.warmup_steps = 0 if on_cpu or first_batch >= B_REF else SMALL_BATCH_WARMUP
@@ -196,6 +196,14 @@ def parse_batch_schedule(spec: str, total_batch_size: int, micro_batch: int) -> 
             raise ValueError(f"--batch_schedule {spec!r}: batches and fractions must both strictly increase, "
                              f"entry by entry ({example})")
     return schedule
+
+
+def mean_batch(schedule: list[tuple[int, float]], total_batch_size: int) -> float:
+    """Tokens per step over a whole run of the schedule: each batch weighted by the fraction of steps it gets."""
+    mean, start = 0.0, 0.0
+    for batch, fraction in schedule:
+        mean, start = mean + batch * (fraction - start), fraction
+    return mean + total_batch_size * (1.0 - start)
 
 
 def batch_at(progress: float, schedule: list[tuple[int, float]], total_batch_size: int) -> int:

@@ -246,6 +246,8 @@ def test_batch_at_switches_when_the_progress_reaches_each_fraction():
     at = [base_train.batch_at(p, schedule, 1024) for p in (0.0, 0.2499, 0.25, 0.4999, 0.5, 0.99, 1.0)]
     assert at == [256, 256, 512, 512, 1024, 1024, 1024]
     assert base_train.batch_at(0.0, [], 1024) == 1024  # no schedule: always the full batch
+    assert base_train.mean_batch(schedule, 1024) == 256 * 0.25 + 512 * 0.25 + 1024 * 0.5 == 704
+    assert base_train.mean_batch([], 1024) == 1024
 
 
 def test_batch_schedule_is_checked_at_start_and_sets_the_warmup_by_its_first_batch(assets, env):
@@ -256,6 +258,8 @@ def test_batch_schedule_is_checked_at_start_and_sets_the_warmup_by_its_first_bat
     cfg, schedule = derive("--batch_schedule=131072@0.25,262144@0.5")
     assert schedule["batch_schedule"] == [(131072, 0.25), (262144, 0.5)] and cfg.total_batch_size == 2 ** 19
     assert schedule["lr_scale"] == 1.0  # the rates at the full batch are unchanged; the loop scales each step's
+    # no --num_iterations: the horizon's tokens at the schedule's mean batch (2^19 x (0.25/4 + 0.25/2 + 0.5))
+    assert cfg.num_iterations == round(schedule["horizon_tokens"] / (2 ** 19 * 0.6875))
     # the first steps train like a run at their batch (2^17 < 2^19): the warmup of a small batch; a given one kept
     assert cfg.warmup_steps == base_train.SMALL_BATCH_WARMUP and derive()[0].warmup_steps == 0
     assert derive("--batch_schedule=131072@0.25", "--warmup_steps=5")[0].warmup_steps == 5
