@@ -106,22 +106,28 @@ class RankInterleavedLoader:
             loader.close()
 
 
+def one_process(work, name: str, argv: list[str]) -> list[dict]:
+    """base_train in this process (one thread), fed the ranks' batches of each step; its log rows."""
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, work / f"base_{name}")
+        mp.setenv("NANOCHAT_REPORT_DIR", str(work / "report" / name))
+        mp.setattr(base_train, "PackedLoader", RankInterleavedLoader)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            base_train.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+    return read_log_rows(work / "report" / name)
+
+
 @pytest.fixture(scope="module")
 def reference(assets, work):
     """One process, grad_accum = 2, fed the ranks' batches; per-step and val log rows. It does not sample,
     the 2-process runs do: equal losses also show that sampling on rank 0 leaves training alone."""
     tok_dir, data_dir = assets
-    with pytest.MonkeyPatch.context() as mp:
-        isolate(mp, work / "base_reference")
-        mp.setenv("NANOCHAT_REPORT_DIR", str(work / "report" / "reference"))
-        mp.setattr(base_train, "PackedLoader", RankInterleavedLoader)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            base_train.main(tiny_flags(tok_dir, data_dir, **{**FLAGS, "save_every": 0, "sample_every": 0}))
-        finally:
-            torch.set_num_threads(threads)
-    rows = read_log_rows(work / "report" / "reference")
+    rows = one_process(work, "reference",
+                       tiny_flags(tok_dir, data_dir, **{**FLAGS, "save_every": 0, "sample_every": 0}))
     return {"steps": [r for r in rows if "loss" in r], "val": [r for r in rows if "val_bpb" in r]}
 
 
@@ -177,17 +183,7 @@ def test_batch_schedule_two_processes_match_one_process(assets, work):
     tok_dir, data_dir = assets
     flags = dict(total_batch_size=1024, batch_schedule="512@0.5", num_iterations=6, save_every=0, sample_every=0)
     two = torchrun(work, "scheduled", tiny_flags(tok_dir, data_dir, model_tag="scheduled", **flags))
-    with pytest.MonkeyPatch.context() as mp:
-        isolate(mp, work / "base_scheduled_reference")
-        mp.setenv("NANOCHAT_REPORT_DIR", str(work / "report" / "scheduled_reference"))
-        mp.setattr(base_train, "PackedLoader", RankInterleavedLoader)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            base_train.main(tiny_flags(tok_dir, data_dir, **flags))
-        finally:
-            torch.set_num_threads(threads)
-    one = [r for r in read_log_rows(work / "report" / "scheduled_reference") if "loss" in r]
+    one = [r for r in one_process(work, "scheduled_reference", tiny_flags(tok_dir, data_dir, **flags)) if "loss" in r]
     assert [r["batch"] for r in two["steps"]] == [512] * 3 + [1024] * 3
     assert_same_steps(two["steps"], one, "--batch_schedule: 2 ranks vs 1 process")
     assert '"tokens": 4608' in two["stdout"][0]
