@@ -126,7 +126,7 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 
 
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
-SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, "warm-up and batch")
+SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, race "On text seen once (S16)")
 
 
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     log0(f"data: {len(train_shards)} training shard(s) and validation shard {shards[-1].name} in {data_dir}")
     token_bytes = tokenizer.token_bytes(device=device)
     schedule = derive_schedule(cfg, tokenizer.get_vocab_size(), world_size, device.type != "cuda")
-    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len
-    if cfg.total_batch_size % (tokens_per_micro * world_size) != 0:
+    micro_batch = cfg.device_batch_size * cfg.max_seq_len * world_size  # tokens of one micro-step, all ranks
+    if cfg.total_batch_size % micro_batch != 0:
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
-                         f"max_seq_len * world_size = {tokens_per_micro * world_size}")
-    grad_accum = cfg.total_batch_size // (tokens_per_micro * world_size)  # at the full batch
+                         f"max_seq_len * world_size = {micro_batch}")
+    grad_accum = cfg.total_batch_size // micro_batch  # at the full batch
     batch_schedule = schedule["batch_schedule"]
 
     # model and optimizer (nanochat.build: meta device, init, kernels, precision, optimizer, compile)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"{rates['unembedding_lr']:.4g}, scalar {rates['scalar_lr']:.4g}) | weight decay {rates['weight_decay']:.4g} | "
          f"warmup {cfg.warmup_steps} steps")
     if batch_schedule:
-        phases = ", ".join(f"{b:,} tokens (grad accum {b // (tokens_per_micro * world_size)}) below progress {f:g}"
+        phases = ", ".join(f"{b:,} tokens (grad accum {b // micro_batch}) below progress {f:g}"
                            for b, f in batch_schedule)
         log0(f"batch schedule: {phases}, then {cfg.total_batch_size:,} (grad accum {grad_accum}); each step's LRs "
              f"x sqrt(its batch / {cfg.total_batch_size:,}) (--batch_schedule)")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate() -> float:
         val_loader = PackedLoader(tokenizer, data_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device,
                                   rank=rank, world_size=world_size, split_long_docs=cfg.split_long_docs)
-        steps = max(1, cfg.eval_tokens // (tokens_per_micro * world_size))
+        steps = max(1, cfg.eval_tokens // micro_batch)
         orig_model.eval()
         with autocast:
             bpb = evaluate_bpb(orig_model, val_loader, steps, token_bytes)
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         progress = max(step, int(time_frac * num_iterations))
         batch = batch_at(progress / num_iterations, batch_schedule, cfg.total_batch_size)
-        step_accum = batch // (tokens_per_micro * world_size)
+        step_accum = batch // micro_batch
         lrm = lr_multiplier(progress, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
         lrm *= (batch / cfg.total_batch_size) ** 0.5  # derive_schedule's sqrt rule, relative to the full batch (logged)
         optimizer.set_lr_multiplier(lrm)
