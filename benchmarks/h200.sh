@@ -218,8 +218,8 @@ te)
   python3 -c "import transformer_engine.pytorch" || { echo "no Transformer Engine: run benchmarks/te_build.sh first"; exit 1; }
   BENCH="python3 -m scripts.bench --depth 24 --device_batch_size 16 --max_seq_len 2048 --total_batch_size 262144 \
       --kernel triton --warmup 2 --steps 3"
-  TAIL=5 run bench_te 420 $BENCH --arch gpt,te --precision bf16 --timeout 200 --out_dir "$OUT/te_bf16"
-  TAIL=4 run bench_te_fp8 170 $BENCH --arch te --precision fp8 --timeout 160 --out_dir "$OUT/te_fp8"
+  TAIL=5 run bench_te 420 $BENCH --arch gpt,te --doc_mask false --precision bf16 --timeout 200 --out_dir "$OUT/te_bf16"
+  TAIL=4 run bench_te_fp8 170 $BENCH --arch te --doc_mask false --precision fp8 --timeout 160 --out_dir "$OUT/te_fp8"
   ;;
 fp8_loss24)
   # d24, 200 steps of one 16 x 2048 micro-batch at a quarter of the default learning rates: at the default ones

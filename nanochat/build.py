@@ -46,9 +46,9 @@ class BuildConfig:
     backout: bool = field(default=True, metadata={"help": "subtract a learned part of the mid-depth residual at the end"})
     qk_scale: float = field(default=1.2, metadata={"help": "q and k times this after QK-norm"})
     rope_base: float = field(default=100_000.0, metadata={"help": "rotary base frequency"})
-    unet_skips: bool = field(default=False, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
-    doc_mask: bool = field(default=False, metadata={"help": "attention (and the smear) within each document of a "
-                                                    "packed row only, documents starting at BOS (fa4, flex or sdpa)"})
+    unet_skips: bool = field(default=True, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
+    doc_mask: bool = field(default=True, metadata={"help": "attention (and the smear) within each document of a "
+                                                   "packed row only, documents starting at BOS (fa4, flex or sdpa)"})
     init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
     c_fc_init_scale: float = field(default=0.4, metadata={"help": "the MLP input matrix's initial scale factor"})
     embedding_init_std: float = field(default=0.8, metadata={"help": "initial std of the token embedding"})
@@ -82,8 +82,8 @@ class BuildConfig:
                                                                "mean norm before orthogonalizing (MuonEq)"})
     muon_renorm: bool = field(default=True, metadata={"help": "Muon: rescale each orthogonalized update to the norm "
                                                       "of a semi-orthogonal matrix (Muon+)"})
-    muon_compile: bool | None = field(default=False, metadata={"help": "torch.compile Muon's update into fused "
-                                                               "kernels (none: on for CUDA; off until raced on a GPU)"})
+    muon_compile: bool | None = field(default=None, metadata={"help": "torch.compile Muon's update into fused "
+                                                              "kernels (none: on for CUDA)"})
     shard_optimizer: bool = field(default=False, metadata={"help": "ZeRO-1: each rank keeps only its share of the optimizer state"})
 
     def model_config(self, vocab_size: int, depth: int | None = None, recipe: bool = True,

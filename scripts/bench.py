@@ -47,7 +47,7 @@ class BenchConfig(BuildConfig):
     inductor: list[str] = field(default_factory=lambda: ["default"], metadata={
         "help": "torch._inductor.config settings per row, KEY=VALUE;KEY=VALUE (default: none), e.g. "
                 "default,triton.prefer_nd_tiling=True"})
-    muon_compile: list[bool | None] = redeclare(BuildConfig, "muon_compile", [False], "torch.compile Muon's update: "
+    muon_compile: list[bool | None] = redeclare(BuildConfig, "muon_compile", [None], "torch.compile Muon's update: "
                                                  "true, false or none (on for CUDA), e.g. true,false for both rows")
     fp8_recipe: list[str] = redeclare(BuildConfig, "fp8_recipe", ["tensorwise"])
     total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step (-1: one micro-batch)"})
@@ -58,6 +58,8 @@ class BenchConfig(BuildConfig):
     timeout: int = field(default=900, metadata={"help": "seconds per row before it is marked as a timeout"})
     out_dir: str = field(default="", metadata={"help": "where the results go (default <base_dir>/bench/<timestamp>)"})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
+    doc_len: int = field(default=0, metadata={"help": "with --doc_mask (the default): a document starts every "
+                                              "doc_len tokens of the random rows; 0: one per row"})
 
 
 def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
@@ -69,7 +71,8 @@ def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
     shared = [f.name for f in fields(BuildConfig) if f.name not in AXES]
     return [f"--{k}={v}" for k, v in combo.items()] + to_argv(cfg, shared) + [
         f"--vocab_size={cfg.vocab_size}", f"--warmup={cfg.warmup}", f"--timed_steps={cfg.steps}",
-        f"--grad_accum={accum}", f"--device_type={cfg.device_type}", "--steps=1", "--expect_auto"]
+        f"--grad_accum={accum}", f"--device_type={cfg.device_type}", f"--doc_len={cfg.doc_len}", "--steps=1",
+        "--expect_auto"]
 
 
 def failure_reason(stderr: str, returncode: int) -> str:
@@ -116,8 +119,9 @@ def compile_label(row: dict) -> str:
 
 
 def muon_label(row: dict) -> str:
-    """How the row ran Muon's update when not the default eager one (--muon_compile true or none), else ""."""
-    return {True: "muon compiled", None: "muon auto"}.get(row.get("muon_compile", False), "")
+    """How the row ran Muon's update when set (--muon_compile true or false), else "" (the default: compiled on
+    CUDA)."""
+    return {True: "muon compiled", False: "muon eager"}.get(row.get("muon_compile"), "")
 
 
 def precision_label(row: dict) -> str:

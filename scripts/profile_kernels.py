@@ -59,14 +59,28 @@ class ProfileConfig(BuildConfig):
     timed_steps: int = field(default=0, metadata={"help": "time this many steps before profiling (bench mode)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     expect_auto: bool = field(default=False, metadata={"help": "also expect the kernels this config should run"})
+    doc_len: int = field(default=0, metadata={"help": "with --doc_mask: a document (token 0 as its BOS) starts "
+                                              "every doc_len tokens of a row; 0: one per row, the mask's cost "
+                                              "without the work it saves"})
+
+
+SYNTHETIC_BOS = 0  # the BOS of the random tokens' documents (--doc_mask)
+
+
+def synthetic_rows(cfg: ProfileConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random inputs and targets (the data pipeline is not what is audited); with --doc_mask the rows are
+    documents of doc_len tokens, each starting with SYNTHETIC_BOS, which appears nowhere else."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (cfg.device_batch_size, cfg.max_seq_len)
+    idx = torch.randint(SYNTHETIC_BOS + 1, cfg.vocab_size, shape, device=device, generator=gen)
+    if cfg.doc_mask:
+        idx[:, ::cfg.doc_len or cfg.max_seq_len] = SYNTHETIC_BOS
+    return idx, torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)
 
 
 def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
-    """One training step on fixed random tokens (the data pipeline is not what is audited)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (cfg.device_batch_size, cfg.max_seq_len)
-    idx = torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)
-    targets = torch.randint(0, cfg.vocab_size, shape, device=device, generator=gen)
+    """One training step on synthetic_rows."""
+    idx, targets = synthetic_rows(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
@@ -201,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         _, _, _, _, device = compute_init(cfg.device_type)
         apply_inductor_config(cfg.inductor)  # before compiling; a typo fails even without --compile
         # random weights; TE's layers run the plain block
-        _, model, optimizer = build(cfg, device, cfg.vocab_size, recipe=cfg.recipe and cfg.arch == "gpt")
+        _, model, optimizer = build(cfg, device, cfg.vocab_size, recipe=cfg.recipe and cfg.arch == "gpt",
+                                    bos_id=SYNTHETIC_BOS)
         step = make_step(cfg, model, optimizer, device)
         expects += auto_expectations(cfg, model, device) if cfg.expect_auto else []
         timing = time_steps(cfg, model, optimizer, step, device)

@@ -54,6 +54,24 @@ def test_every_build_flag_reaches_the_rows():
     assert (prof.smear, prof.matrix_lr, prof.compile, prof.fp8_skip) == (False, 0.01, False, ["*.c_q"])
 
 
+def test_synthetic_rows_are_documents_under_doc_mask():
+    """With --doc_mask (the default) a document starts every --doc_len tokens (one per row with 0) and the BOS
+    appears nowhere else; bench passes its --doc_len to each row."""
+    from nanochat.flags import parse_flags
+    for doc_len, starts in ((0, [0]), (16, [0, 16, 32, 48])):
+        cfg = parse_flags(profile_kernels.ProfileConfig, ["--max_seq_len=64", "--device_batch_size=3",
+                                                          "--vocab_size=50", f"--doc_len={doc_len}"])
+        idx, targets = profile_kernels.synthetic_rows(cfg, torch.device("cpu"))
+        assert idx.shape == targets.shape == (3, 64)
+        bos = (idx == profile_kernels.SYNTHETIC_BOS).nonzero()
+        assert sorted({int(c) for c in bos[:, 1]}) == starts and len(bos) == 3 * len(starts)
+    cfg = parse_flags(profile_kernels.ProfileConfig, ["--doc_mask=false", "--vocab_size=50"])
+    assert not (profile_kernels.synthetic_rows(cfg, torch.device("cpu"))[0] == profile_kernels.SYNTHETIC_BOS).any()
+    bcfg = parse_flags(bench.BenchConfig, ["--doc_len=256"])
+    combo = bench.bench_combos({axis: getattr(bcfg, axis) for axis in bench.AXES})[0]
+    assert parse_flags(profile_kernels.ProfileConfig, bench.row_argv(bcfg, combo)).doc_len == 256
+
+
 def test_memory_breakdown_counts_weights_grads_and_optimizer_state():
     torch.manual_seed(0)
     cfg = config_from_depth(2, vocab_size=256, sequence_len=32, aspect_ratio=64, head_dim=64)
@@ -185,6 +203,6 @@ def test_muon_compile_is_an_axis_shown_in_the_compile_column():
     cfg = parse_flags(bench.BenchConfig, ["--muon_compile=true,false"])
     combos = bench.bench_combos({axis: getattr(cfg, axis) for axis in bench.AXES})
     assert [c["muon_compile"] for c in combos] == [True, False]
-    assert [bench.compile_label(c) for c in combos] == ["default + muon compiled", "default"]  # eager: the default
+    assert [bench.compile_label(c) for c in combos] == ["default + muon compiled", "default + muon eager"]
     assert parse_flags(profile_kernels.ProfileConfig, bench.row_argv(cfg, combos[1])).muon_compile is False
-    assert bench.compile_label({**combos[0], "muon_compile": None}) == "default + muon auto"
+    assert bench.compile_label({**combos[0], "muon_compile": None}) == "default"  # the default: compiled on CUDA

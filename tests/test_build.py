@@ -25,7 +25,7 @@ def test_train_and_profile_build_the_same_model_and_optimizer():
     built = []
     for cls in (TrainConfig, ProfileConfig):
         torch.manual_seed(0)
-        built.append(build(parse_flags(cls, argv), CPU, vocab_size=256))
+        built.append(build(parse_flags(cls, argv), CPU, vocab_size=256, bos_id=0))
     (train_model, _, train_opt), (prof_model, _, prof_opt) = built
     assert train_model.config == prof_model.config
     assert train_model.config.smear is False and train_model.config.short_window == 64  # min(128, context)
@@ -36,19 +36,21 @@ def test_train_and_profile_build_the_same_model_and_optimizer():
 
 def test_scales_reach_the_optimizer_and_the_recipe_is_the_default():
     cfg = parse_flags(BuildConfig, TINY)
-    _, _, opt = build(cfg, CPU, vocab_size=256, lr_scale=2.0, wd_scale=0.5)
+    _, _, opt = build(cfg, CPU, vocab_size=256, lr_scale=2.0, wd_scale=0.5, bos_id=0)
     by_kind = groups(opt)
     assert by_kind["matrix"][:2] == (pytest.approx(2 * cfg.matrix_lr), pytest.approx(0.5 * cfg.weight_decay))
     assert by_kind["lm_head"][0] == pytest.approx(2 * cfg.unembedding_lr)  # width 64 < 768: not width-scaled
     assert cfg.optimizer_options(2.0, 0.5)["embedding_lr"] == pytest.approx(2 * cfg.embedding_lr)
-    model_config = cfg.model_config(256)
+    model_config = cfg.model_config(256, bos_id=0)
     assert model_config.smear and model_config.value_embeds and model_config.qk_scale == cfg.qk_scale
+    assert model_config.unet_skips and model_config.doc_mask and cfg.muon_compile is None  # S17's race winners
 
 
 def test_plain_build_is_the_bare_gpt_and_build_optimizers_defaults():
     cfg = parse_flags(BuildConfig, [*TINY, "--window_pattern=SL"])
-    model, _, opt = build(cfg, CPU, vocab_size=256, recipe=False)
-    plain = config_from_depth(2, vocab_size=256, sequence_len=64, aspect_ratio=32, head_dim=32, window_pattern="SL")
+    model, _, opt = build(cfg, CPU, vocab_size=256, recipe=False, bos_id=0)
+    plain = config_from_depth(2, vocab_size=256, sequence_len=64, aspect_ratio=32, head_dim=32, window_pattern="SL",
+                              doc_mask=True, bos_id=0)  # document masking is how the data is read, kept
     assert model.config == plain and model.config.layer_windows() == [32, None]  # S = half the context
     assert not model.config.smear and model.config.qk_scale == GPTConfig.qk_scale
     by_kind = groups(opt)
@@ -57,15 +59,15 @@ def test_plain_build_is_the_bare_gpt_and_build_optimizers_defaults():
 
 def test_compile_comes_last_and_defaults_to_off_on_the_cpu(monkeypatch):
     cfg = parse_flags(BuildConfig, [*TINY, "--compile=none"])
-    model, train_model, _ = build(cfg, CPU, vocab_size=256)
+    model, train_model, _ = build(cfg, CPU, vocab_size=256, bos_id=0)
     assert cfg.compile is False and train_model is model
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or torch.nn.Identity())
-    model, train_model, opt = build(dataclasses.replace(cfg, compile=True), CPU, vocab_size=256)
+    model, train_model, opt = build(dataclasses.replace(cfg, compile=True), CPU, vocab_size=256, bos_id=0)
     assert compiled == [model] and isinstance(train_model, torch.nn.Identity)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     with pytest.raises(ValueError, match="needs --compile true"):
-        build(dataclasses.replace(cfg, compile=False, recompute="pointwise"), CPU, vocab_size=256)
+        build(dataclasses.replace(cfg, compile=False, recompute="pointwise"), CPU, vocab_size=256, bos_id=0)
 
 
 def test_muon_compile_reaches_muon_in_both_builds():
@@ -73,4 +75,4 @@ def test_muon_compile_reaches_muon_in_both_builds():
     for recipe in (True, False):
         for flag, expected in (("none", None), ("false", False), ("true", True)):
             cfg = parse_flags(BuildConfig, [*TINY, f"--muon_compile={flag}"])
-            assert build(cfg, CPU, vocab_size=256, recipe=recipe).optimizer.muon.compile is expected
+            assert build(cfg, CPU, vocab_size=256, recipe=recipe, bos_id=0).optimizer.muon.compile is expected

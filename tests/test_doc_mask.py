@@ -362,9 +362,9 @@ def test_flag_parses_and_reaches_the_model_config():
     from scripts.base_train import TrainConfig
 
     argv = ["--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64", "--compile=false"]
-    assert parse_flags(TrainConfig, argv).doc_mask is False
-    cfg = parse_flags(TrainConfig, [*argv, "--doc-mask", "true"])
-    assert cfg.doc_mask is True
+    assert parse_flags(TrainConfig, [*argv, "--doc-mask", "false"]).doc_mask is False
+    cfg = parse_flags(TrainConfig, argv)
+    assert cfg.doc_mask is True  # the default since it won the race
     assert cfg.model_config(256, bos_id=7).doc_mask and cfg.model_config(256, bos_id=7).bos_id == 7
     assert cfg.model_config(256, recipe=False, bos_id=7).doc_mask  # the plain block keeps it too
     model = build_model(cfg, torch.device("cpu"), 256, bos_id=7).model
