@@ -27,7 +27,8 @@ if [ -d .baseline ]; then
     run base_d20_step "${STEP_S:-100}" env PYTHONPATH="/tmp/site:$PWD/.baseline" python3 -P "${step[@]}"
     run base_decode "${DECODE_S:-60}" env PYTHONPATH="/tmp/site:$PWD/.baseline" python3 -P "${decode[@]}"
 fi
-run d20_step "${STEP_S:-100}" python3 "${step[@]}"
+# the computation of row r and of the baseline: S17's defaults (U-net skips, document masking, compiled Muon) off
+run d20_step "${STEP_S:-100}" python3 "${step[@]}" --unet_skips false --doc_mask false --muon_compile false
 run decode "${DECODE_S:-60}" python3 "${decode[@]}"
 echo "=== summary"
 for f in gpu_tests base_d20_step d20_step base_decode decode; do [ -f "$OUT/$f.txt" ] && { echo "--- $f"; tail -n 2 "$OUT/$f.txt" | cut -c1-600; }; done

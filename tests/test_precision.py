@@ -212,12 +212,14 @@ def test_flags_parse_and_pass_through(monkeypatch):
 def test_auto_expectations_add_fp8_gemms(monkeypatch):
     import nanochat.kernels.attention as attention
     from scripts.profile_kernels import ProfileConfig, auto_expectations
-    monkeypatch.setattr(attention, "select_backend", lambda w, dtype, device, backend: "cudnn")
+    monkeypatch.setattr(attention, "select_backend",
+                        lambda w, dtype, device, backend, doc_mask: "flex" if doc_mask else "cudnn")
     model = type("M", (), {"windows": [None, 512]})()
     cuda = torch.device("cuda")
-    assert auto_expectations(ProfileConfig(precision="fp8"), model, cuda) == \
+    assert auto_expectations(ProfileConfig(precision="fp8", doc_mask=False), model, cuda) == \
         ["loss=torch", "attention=cudnn", "matmul=fp8"]
-    assert auto_expectations(ProfileConfig(), model, cuda) == ["loss=torch", "attention=cudnn"]
+    assert auto_expectations(ProfileConfig(doc_mask=False), model, cuda) == ["loss=torch", "attention=cudnn"]
+    assert auto_expectations(ProfileConfig(), model, cuda) == ["loss=torch", "attention=flex"]  # documents masked
     assert auto_expectations(ProfileConfig(kernel="current"), model, cuda)[0] == "loss=torch"  # the old name
     assert auto_expectations(ProfileConfig(arch="te", precision="nvfp4"), model, cuda) == \
         ["loss=torch", "matmul=nvfp4"]
