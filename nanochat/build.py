@@ -47,6 +47,8 @@ class BuildConfig:
     qk_scale: float = field(default=1.2, metadata={"help": "q and k times this after QK-norm"})
     rope_base: float = field(default=100_000.0, metadata={"help": "rotary base frequency"})
     unet_skips: bool = field(default=True, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
+    attn_gate: bool = field(default=False, metadata={"help": "each head's attention output times a sigmoid gate of "
+                                                     "the block input, before the output projection"})
     doc_mask: bool = field(default=True, metadata={"help": "attention (and the smear) within each document of a "
                                                    "packed row only, documents starting at BOS (fa4, flex or sdpa)"})
     init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
@@ -104,7 +106,7 @@ class BuildConfig:
             head_dim=self.head_dim, window_pattern=self.window_pattern, short_window=min(short, seq),
             value_embeds=self.value_embeds, value_embed_gate=self.value_embed_gate, smear=self.smear,
             backout=self.backout, qk_scale=self.qk_scale, rope_base=self.rope_base, unet_skips=self.unet_skips,
-            init_ramp=self.init_ramp, c_fc_init_scale=self.c_fc_init_scale,
+            attn_gate=self.attn_gate, init_ramp=self.init_ramp, c_fc_init_scale=self.c_fc_init_scale,
             embedding_init_std=self.embedding_init_std, attn_backend=self.attn, recompute=self.recompute,
             doc_mask=self.doc_mask, bos_id=bos_id, **({"n_kv_head": self.n_kv_head} if self.n_kv_head else {}))
 

@@ -194,6 +194,21 @@ def test_resume_continues_exactly(assets, env, monkeypatch):
     assert max((step12[k] - again[k]).abs().max().item() for k in step12) <= 1e-5
 
 
+def test_attn_gate_run_trains_the_gates_and_saves_them(assets, env, monkeypatch):
+    """--attn_gate true: the zero-initialized gates get gradients once c_proj is nonzero (step 2 on) and Muon moves
+    them; the checkpoint carries the option and the gate weights."""
+    tok_dir, data_dir = assets
+    _, rows = run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=3, save_every=-1,
+                                                          attn_gate="true"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    state = load_file(str(ckpt_dir / "step_000003" / "model.safetensors"))
+    gates = [state[f"blocks.{i}.attn.attn_gate_linear.weight"] for i in range(2)]
+    assert all(g.shape == (2, 12) and torch.isfinite(g).all() and g.abs().max() > 0 for g in gates)  # 2 heads
+    _, _, meta = load_checkpoint(ckpt_dir, load_optimizer=False)
+    assert meta["model_config"]["attn_gate"] is True
+
+
 def test_resume_after_a_torn_save(assets, env, monkeypatch):
     """A save killed mid-write leaves a temporary dir and no step dir: the last complete step still
     resumes exactly, and the next save sweeps the debris away."""

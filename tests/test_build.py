@@ -44,6 +44,16 @@ def test_scales_reach_the_optimizer_and_the_recipe_is_the_default():
     model_config = cfg.model_config(256, bos_id=0)
     assert model_config.smear and model_config.value_embeds and model_config.qk_scale == cfg.qk_scale
     assert model_config.unet_skips and model_config.doc_mask and cfg.muon_compile is None  # S17's race winners
+    assert not model_config.attn_gate  # a candidate, off until it wins a race
+
+
+def test_attn_gate_flag_reaches_the_recipe_model_only():
+    cfg = parse_flags(BuildConfig, [*TINY, "--attn_gate=true"])
+    model, _, opt = build(cfg, CPU, vocab_size=256, bos_id=0)
+    assert model.config.attn_gate and all(b.attn.attn_gate_linear is not None for b in model.blocks)
+    muon = {id(p) for g in opt.param_groups if g["kind"] == "matrix" for p in g["params"]}
+    assert all(id(b.attn.attn_gate_linear.weight) in muon for b in model.blocks)
+    assert not cfg.model_config(256, recipe=False, bos_id=0).attn_gate  # the plain block stays plain
 
 
 def test_plain_build_is_the_bare_gpt_and_build_optimizers_defaults():

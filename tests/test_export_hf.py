@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the export test needs transformers (
 from nanochat.conversation import render_for_completion  # noqa: E402
 from nanochat.export.hf import IMPLEMENTED_FIELDS, RUN_ONLY_FIELDS, check_exportable, export_hf  # noqa: E402
 from nanochat.inference.engine import Engine  # noqa: E402
-from nanochat.model.gpt import GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
+from nanochat.model.gpt import ATTN_GATE_CHANNELS, GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from tests.helpers_chat import _training_text  # noqa: E402
 
@@ -32,7 +32,7 @@ def every_feature_config(vocab_size: int, **overrides) -> GPTConfig:
     return GPTConfig(**{**dict(sequence_len=96, vocab_size=vocab_size, n_layer=5, n_head=4, n_kv_head=2, n_embd=64,
                                head_dim=16, window_pattern="LS", short_window=8, value_embeds=True, softcap=10.0,
                                rope_base=50_000.0, qk_scale=1.3, smear=True, backout=True, value_embed_gate="input",
-                               unet_skips=True), **overrides})
+                               unet_skips=True, attn_gate=True), **overrides})
 
 
 def random_gpt(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -144,7 +144,8 @@ def test_scalar_value_embed_gates_and_no_options(exported, tmp_path):
     idx = torch.tensor([tokenizer.encode(_training_text()[:300], prepend="<|bos|>")[:48]])
     for name, overrides in (("scalar", {"value_embed_gate": "scalar"}),
                             ("plain", {f.name: f.default for f in fields(GPTConfig) if f.name in (
-                                "rope_base", "qk_scale", "smear", "backout", "value_embed_gate", "unet_skips")})):
+                                "rope_base", "qk_scale", "smear", "backout", "value_embed_gate", "unet_skips",
+                                "attn_gate")})):
         model = random_gpt(every_feature_config(tokenizer.get_vocab_size(), **overrides))
         export_hf(model, tokenizer, tmp_path / name)
         hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).eval()
@@ -188,9 +189,10 @@ def test_export_dir_describes_itself(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
     assert {k: config[k] for k in ("window_pattern", "short_window", "value_embeds", "softcap", "n_kv_head", "smear",
-                                   "value_embed_gate", "smear_channels")} == \
+                                   "value_embed_gate", "smear_channels", "attn_gate", "attn_gate_channels")} == \
         {"window_pattern": "LS", "short_window": 8, "value_embeds": True, "softcap": 10.0, "n_kv_head": 2,
-         "smear": True, "value_embed_gate": "input", "smear_channels": SMEAR_CHANNELS}
+         "smear": True, "value_embed_gate": "input", "smear_channels": SMEAR_CHANNELS, "attn_gate": True,
+         "attn_gate_channels": ATTN_GATE_CHANNELS}
     assert not RUN_ONLY_FIELDS & set(config)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]

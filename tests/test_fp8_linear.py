@@ -15,7 +15,7 @@ import torch.nn as nn
 from nanochat.kernels.fp8_cast import HISTORY, cast_transpose, new_scaling_state
 from nanochat.model.fp8_linear import (Fp8Attention, Fp8Linear, Fp8MLP, cache_fp8_weights, cast_weight, fp8_linear,
                                        fp8_relu_squared_mlp, refresh_fp8_weights)
-from nanochat.model.gpt import GPT, MLP, CausalSelfAttention, config_from_depth
+from nanochat.model.gpt import GPT, MLP, CausalSelfAttention, causal_attend, config_from_depth
 from nanochat.optim import build_optimizer
 from nanochat.precision import apply_precision, convert_to_fp8
 
@@ -250,8 +250,8 @@ def test_backward_needs_a_multiple_of_16_tokens():
         y.sum().backward()  # ... the weight gradient's fp8 GEMM cannot
 
 
-def tiny_gpt() -> GPT:
-    cfg = config_from_depth(2, vocab_size=512, sequence_len=64, aspect_ratio=64, head_dim=64)  # width 128
+def tiny_gpt(**options) -> GPT:
+    cfg = config_from_depth(2, vocab_size=512, sequence_len=64, aspect_ratio=64, head_dim=64, **options)  # width 128
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = GPT(cfg)
@@ -294,6 +294,24 @@ def test_fp8_attention_projects_like_three_linears():
     assert "project_qkv" not in type(attn).__dict__  # by the model's code: our fp8 layer knows nothing of it
     exact = torch.nn.functional.linear(x.float(), fused).split(attn.qkv_sizes(), dim=-1)
     assert all(torch.equal(a, b) for a, b in zip(attn.project_qkv(x.float(), fused), exact))
+
+
+def test_fp8_attention_keeps_the_attention_output_gate():
+    """Fp8Attention replaces the projections only: the gate (too small for fp8) still scales each head's output.
+    Zero gate weights give every head 0.5, so the output is half the ungated one (exact: fp8 scales are powers
+    of two apart)."""
+    model = tiny_gpt(attn_gate=True)
+    names = convert_to_fp8(model, recipe="triton", min_dim=128)
+    attn = model.blocks[0].attn
+    assert type(attn) is Fp8Attention and type(attn.attn_gate_linear) is nn.Linear
+    assert not any("attn_gate" in n for n in names)
+    x = torch.randn(2, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    cos, sin = model.cos[:, :32], model.sin[:, :32]
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        attn.c_proj.weight.normal_(std=0.05)
+        gated = attn(x, cos, sin, None, causal_attend)
+        attn.attn_gate_linear = None
+        torch.testing.assert_close(gated, 0.5 * attn(x, cos, sin, None, causal_attend), atol=1e-3, rtol=1e-2)
 
 
 def _zero_scaling_states(model: nn.Module) -> None:

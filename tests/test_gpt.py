@@ -11,7 +11,8 @@ from nanochat.model.gpt import GPT, GPTConfig, KVCache, config_from_depth
 V, T = 300, 32
 # every architecture option on at once (init-only options too): the tests below run with it
 FEATURES = dict(value_embeds=True, value_embed_gate="input", smear=True, backout=True, qk_scale=1.2,
-                rope_base=100_000.0, unet_skips=True, init_ramp=True, c_fc_init_scale=0.4, embedding_init_std=0.8)
+                rope_base=100_000.0, unet_skips=True, attn_gate=True, init_ramp=True, c_fc_init_scale=0.4,
+                embedding_init_std=0.8)
 
 
 def tiny(**kw) -> GPTConfig:
@@ -36,6 +37,8 @@ def build(cfg: GPTConfig, seed: int = 0, perturb: bool = True) -> GPT:
                     block.attn.ve_gate.uniform_(0.5, 1.5)
                 if block.attn.ve_gate_linear is not None:
                     block.attn.ve_gate_linear.weight.normal_(std=0.5)
+                if block.attn.attn_gate_linear is not None:  # zero at init: every gate 0.5
+                    block.attn.attn_gate_linear.weight.normal_(std=0.5)
             for name in ("smear_lambda", "backout_lambda", "skip_lambdas"):  # zero or small at init
                 if hasattr(model, name):
                     getattr(model, name).uniform_(0.3, 0.8)
@@ -182,7 +185,11 @@ def test_param_groups_partition_parameters(features):
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert sum(p.numel() for g in groups.values() for p in g) == model.num_params()
     ve, gated = features.get("value_embeds", False), features.get("value_embed_gate") == "input"
-    assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 3 * 6 + (2 if gated else 0)
+    attn_gates = [b.attn.attn_gate_linear.weight for b in model.blocks if b.attn.attn_gate_linear is not None]
+    assert len(attn_gates) == (3 if features.get("attn_gate") else 0)
+    assert all(p.ndim == 2 for p in groups["matrix"]) and \
+        len(groups["matrix"]) == 3 * 6 + (2 if gated else 0) + len(attn_gates)
+    assert {id(p) for p in attn_gates} <= {id(p) for p in groups["matrix"]}  # Muon, like the value-embed gate
     assert groups["lm_head"] == [model.lm_head.weight] and groups["embedding"] == [model.wte.weight]
     assert len(groups["value_embed"]) == (2 if ve else 0)  # layers 0 and 2 of 3 carry value embeds
     assert groups["resid"] == [model.resid_lambdas] and groups["x0"] == [model.x0_lambdas]
@@ -265,6 +272,7 @@ def test_config_round_trips_through_a_dict():
     (dict(head_dim=31), "head_dim"),
     (dict(attn_backend="fast"), "auto, fa3"),
     (dict(recompute="all"), "none, pointwise, mlp, block"),
+    (dict(attn_gate=True, n_embd=8), r"attn_gate .* n_embd >= 12, got n_embd=8"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -422,11 +430,12 @@ def test_cuda_auto_backends_match_sdpa_in_the_model():
     assert (torch.cat(steps, 1) - full).abs().max() < 0.1  # bf16 logits, softcap 15
 
 
-@pytest.mark.parametrize("option", ["smear", "backout", "value_embed_gate", "qk_scale", "rope_base", "unet_skips"])
+@pytest.mark.parametrize("option", ["smear", "backout", "value_embed_gate", "qk_scale", "rope_base", "unet_skips",
+                                    "attn_gate"])
 def test_each_option_changes_the_output(option):
     """Each architecture option, alone on top of value embeddings, is live (same weights otherwise)."""
     changed = {"smear": True, "backout": True, "value_embed_gate": "input", "qk_scale": 1.5, "rope_base": 100.0,
-               "unet_skips": True}[option]
+               "unet_skips": True, "attn_gate": True}[option]
     plain, other = (build(tiny(n_layer=4, value_embeds=True, **kw)) for kw in ({}, {option: changed}))
     idx = tokens()
     assert (plain(idx) - other(idx)).abs().max() > 1e-3
@@ -449,6 +458,7 @@ def test_recipe_init_values():
     torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.1625, 0.125, 0.0875, 0.05]))
     assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
     assert (model.skip_lambdas == 0).all()
+    assert all((b.attn.attn_gate_linear.weight == 0).all() for b in model.blocks)  # every gate 0.5
     bound = math.sqrt(3.0 / 64)
     assert model.blocks[0].mlp.c_fc.weight.abs().max() <= 0.4 * bound < model.blocks[0].attn.c_q.weight.abs().max()
     assert abs(model.wte.weight.std().item() - 0.8) < 0.05
@@ -461,4 +471,37 @@ def test_checkpoint_config_without_the_options_builds_the_old_model():
     old = {k: v for k, v in tiny(value_embeds=True).__dict__.items() if k not in FEATURES or k == "value_embeds"}
     cfg = GPTConfig(**old)
     assert not cfg.smear and not cfg.backout and cfg.value_embed_gate == "scalar" and cfg.qk_scale == 1.0
+    assert not cfg.attn_gate
     assert {n for n, _ in build(cfg).named_parameters()} == {n for n, _ in build(tiny(value_embeds=True)).named_parameters()}
+    from nanochat.checkpoint import build_model
+    trained = build(tiny(value_embeds=True))
+    loaded = build_model(old, trained.state_dict())  # strict: no gate weights expected, none missing
+    assert torch.equal(loaded(tokens()), trained(tokens()))
+
+
+def test_attn_gate_scales_each_heads_output_by_a_sigmoid_of_the_block_input():
+    """One layer against float64 by hand: y_h = softmax attention of head h (explicit mask), times
+    sigmoid(W x[:12])_h, then c_proj. Random gate weights, so each head and position gets its own gate."""
+    model = build(tiny(attn_gate=True, window_pattern="SL", short_window=6))
+    attn = model.blocks[0].attn
+    x = gpt_mod.norm(torch.randn(2, T, 64, generator=torch.Generator().manual_seed(3)))
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    q, k, v = attn.qkv(x, cos, sin)
+    heads = reference_attention(q.double(), k.double(), v.double(), window=attn.window)  # [B, T, H, D]
+    gate = torch.sigmoid(x[..., :12].double() @ attn.attn_gate_linear.weight.double().T)  # [B, T, H]
+    assert gate.std() > 0.05  # not one gate for all
+    expected = (heads * gate[..., None]).reshape(2, T, -1) @ attn.c_proj.weight.double().T
+    got = attn(x, cos, sin, None, gpt_mod.causal_attend)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attn_gate_at_init_halves_the_attention_output():
+    """Zero gate weights (init_weights) give sigmoid(0) = 0.5 for every head: half the ungated output."""
+    model = build(tiny(attn_gate=True))
+    attn = model.blocks[0].attn
+    torch.nn.init.zeros_(attn.attn_gate_linear.weight)
+    x = gpt_mod.norm(torch.randn(2, T, 64))
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    gated = attn(x, cos, sin, None, gpt_mod.causal_attend)
+    attn.attn_gate_linear = None
+    torch.testing.assert_close(gated, 0.5 * attn(x, cos, sin, None, gpt_mod.causal_attend))

@@ -104,6 +104,12 @@ def test_fp8_filter_by_min_dim_and_lm_head():
     kept = fp8_eligible(model, min_dim=256, skip=["*.attn.c_proj", "blocks.0.*"])
     assert kept == [n for n in names if not n.endswith("attn.c_proj") and not n.startswith("blocks.0.")]
     assert len(kept) == len(names) - 3 - 6  # attn.c_proj of blocks 1-3, and all six linears of block 0
+    # the small gates (12 input channels: not a multiple of 16) stay bf16 at any --fp8_min_dim
+    with torch.device("meta"):
+        gated = GPT(config_from_depth(4, vocab_size=1000, sequence_len=64, attn_gate=True, value_embeds=True,
+                                      value_embed_gate="input"))
+    assert any("attn_gate_linear" in n for n, _ in gated.named_modules())
+    assert fp8_eligible(gated, min_dim=1) == fp8_eligible(model, min_dim=1) == names
     # dims must be multiples of 16: a 1000-wide layer never converts
     odd = nn.Sequential(nn.Linear(1024, 1000, bias=False), nn.Linear(1024, 2048, bias=False))
     assert fp8_eligible(odd, min_dim=1024) == ["1"]
@@ -162,6 +168,14 @@ def test_tegpt_without_te_names_package_and_install(monkeypatch):
         TEGPT(config_from_depth(2, vocab_size=500, sequence_len=32))
     for msg in (str(err.value), str(err_direct.value)):
         assert "transformer_engine" in msg and "pip install" in msg and "transformer-engine" in msg
+
+
+def test_tegpt_refuses_the_options_its_block_cannot_do(monkeypatch):
+    import nanochat.model.gpt_te as gpt_te
+    monkeypatch.setattr(gpt_te, "import_te", lambda: None)  # the check comes before any TE layer is built
+    for option in ({"attn_gate": True}, {"unet_skips": True}):
+        with pytest.raises(ValueError, match=rf"without \['{next(iter(option))}'\]: pass --{next(iter(option))} False"):
+            TEGPT(config_from_depth(2, vocab_size=500, sequence_len=32, **option))
 
 
 def test_te_helpers_match_our_gpt():

@@ -215,7 +215,7 @@ def stand_in_tools(monkeypatch, *engines) -> None:
     from nanochat.inference import tools
     monkeypatch.setattr(tools, "calculate", lambda expr: "7")
     for engine in engines:
-        engine.tools.python_start, engine.tools.python_end = 155, 27
+        engine.tools.python_start, engine.tools.python_end = 57, 283
 
 
 def serve_greedy(worker, prompts: list[list[int]], max_tokens: list[int], together: bool) -> list[list[int]]:

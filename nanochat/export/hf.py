@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 from nanochat.common import log0
-from nanochat.model.gpt import GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat.model.gpt import ATTN_GATE_CHANNELS, GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 MODELING_FILE = Path(__file__).with_name("modeling_nanochat.py")
 # GPTConfig fields that modeling_nanochat.py implements (same name, same meaning in config.json) ...
 IMPLEMENTED_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                       "window_pattern", "short_window", "value_embeds", "softcap", "rope_base", "qk_scale", "smear",
-                      "backout", "value_embed_gate", "unet_skips"}
+                      "backout", "value_embed_gate", "unet_skips", "attn_gate"}
 # ... and those that say how a run computed or initialized, not what the trained weights compute (left out);
 # doc_mask keeps packed training rows' documents apart: on one document, as the exported model runs, it is a no-op
 RUN_ONLY_FIELDS = {"attn_backend", "recompute", "init_ramp", "c_fc_init_scale", "embedding_init_std", "doc_mask",
@@ -82,13 +82,14 @@ def _modeling_module():
 
 
 def hf_config(cfg: GPTConfig, tokenizer: Tokenizer):
-    """The NanochatConfig of `cfg` (every implemented field, and gpt.py's channel counts of the smear and
-    value-embedding gates), with the auto_map that points transformers at modeling_nanochat.py."""
+    """The NanochatConfig of `cfg` (every implemented field, and gpt.py's channel counts of the smear,
+    value-embedding and attention output gates), with the auto_map that points transformers at modeling_nanochat.py."""
     model_config = asdict(cfg)
     check_exportable(model_config)
     module = _modeling_module()
     config = module.NanochatConfig(**{k: v for k, v in model_config.items() if k in IMPLEMENTED_FIELDS},
-                                   smear_channels=SMEAR_CHANNELS, ve_gate_channels=VE_GATE_CHANNELS)
+                                   smear_channels=SMEAR_CHANNELS, ve_gate_channels=VE_GATE_CHANNELS,
+                                   attn_gate_channels=ATTN_GATE_CHANNELS)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["NanochatForCausalLM"]
     config.bos_token_id = tokenizer.get_bos_token_id()

@@ -14,7 +14,8 @@ weighted early layer's output on its mirror layer), x += attn(norm(x)), x += mlp
 learned share of the mid-depth residual is subtracted at the end. Attention: rotary positions (rope_base), then a
 parameter-free RMSNorm of q and k (times qk_scale), grouped-query heads, a per-layer causal window
 (window_pattern), and on some layers a value embedding of the input token mixed into v through a per-head gate
-(a scalar, or computed from the block input). MLP: ReLU squared, 4x wide. Logits: final norm, lm_head,
+(a scalar, or computed from the block input); with `attn_gate`, each head's output times a sigmoid gate of the
+block input before the output projection. MLP: ReLU squared, 4x wide. Logits: final norm, lm_head,
 softcap * tanh(logits / softcap). No biases, no norm weights.
 
 The export refuses a model whose config has a field this file does not implement (nanochat/export/hf.py), so a
@@ -36,7 +37,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 class NanochatConfig(PretrainedConfig):
     """The architecture fields of nanochat's GPTConfig (same names and meaning), plus the number of input
-    channels the smear and value-embedding gates read (constants of nanochat/model/gpt.py)."""
+    channels the smear, value-embedding and attention output gates read (constants of nanochat/model/gpt.py)."""
 
     model_type = "nanochat"
 
@@ -44,14 +45,16 @@ class NanochatConfig(PretrainedConfig):
                  n_kv_head: int = 6, n_embd: int = 768, head_dim: int = 128, window_pattern: str = "L",
                  short_window: int | None = None, value_embeds: bool = False, softcap: float | None = 15.0,
                  rope_base: float = 10000.0, qk_scale: float = 1.0, smear: bool = False, backout: bool = False,
-                 value_embed_gate: str = "scalar", unet_skips: bool = False, smear_channels: int = 24,
-                 ve_gate_channels: int = 12, use_cache: bool = True, **kwargs):
+                 value_embed_gate: str = "scalar", unet_skips: bool = False, attn_gate: bool = False,
+                 smear_channels: int = 24, ve_gate_channels: int = 12, attn_gate_channels: int = 12,
+                 use_cache: bool = True, **kwargs):
         self.vocab_size, self.sequence_len = vocab_size, sequence_len
         self.n_layer, self.n_head, self.n_kv_head = n_layer, n_head, n_kv_head
         self.n_embd, self.head_dim = n_embd, head_dim
         self.window_pattern, self.short_window = window_pattern, short_window
         self.value_embeds, self.softcap, self.rope_base = value_embeds, softcap, rope_base
         self.qk_scale, self.smear, self.backout, self.unet_skips = qk_scale, smear, backout, unet_skips
+        self.attn_gate, self.attn_gate_channels = attn_gate, attn_gate_channels
         if value_embed_gate not in ("scalar", "input"):
             raise ValueError(f"value_embed_gate must be scalar or input, got {value_embed_gate!r}")
         self.value_embed_gate = value_embed_gate
@@ -104,6 +107,10 @@ class Attention(nn.Module):
             self.ve_gate = nn.Parameter(torch.ones(config.n_kv_head))
         elif config.has_value_embed(layer_idx):
             self.ve_gate_linear = nn.Linear(config.ve_gate_channels, config.n_kv_head, bias=False)
+        # attn_gate: each head's output times sigmoid(W x[..., :attn_gate_channels]), before c_proj
+        self.attn_gate_channels = config.attn_gate_channels
+        self.attn_gate_linear = (nn.Linear(config.attn_gate_channels, config.n_head, bias=False)
+                                 if config.attn_gate else None)
 
     def forward(self, x, cos, sin, ve, key_valid, cache):
         B, T, _ = x.shape
@@ -133,7 +140,10 @@ class Attention(nn.Module):
         groups = self.n_head // self.n_kv_head
         y = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
                                            attn_mask=mask[:, None])
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2)  # [B, T, heads, D]
+        if self.attn_gate_linear is not None:
+            y = y * torch.sigmoid(self.attn_gate_linear(x[..., :self.attn_gate_channels])).unsqueeze(-1).to(y.dtype)
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -19,7 +19,9 @@ subtracts a learned fraction of the mid-depth residual before the final norm; `v
 gates value embeddings per kv head from the block input; `qk_scale` sharpens attention after QK-norm;
 `rope_base`; `unet_skips` adds each early layer's output to its mirror layer's input with a learned weight;
 `doc_mask` keeps each document of a packed row to itself (every document starts with `bos_id`): attention
-does not cross a document start, nor does the smear (a BOS token gets nothing of the token before it).
+does not cross a document start, nor does the smear (a BOS token gets nothing of the token before it);
+`attn_gate` scales each head's attention output by sigmoid(W x[:12]) of the block input before c_proj, so a
+head can turn its contribution down per token (W starts at zero: every gate 0.5).
 
 One block computation serves training, prefill and the decode step: `GPT.run` takes the rotary rows and an
 `attend(attn, q, k, v)` callable, so a feature is written once and inference stays exact.
@@ -45,6 +47,7 @@ RECOMPUTE = ("none", "pointwise", "mlp", "block")
 VALUE_EMBED_GATES = ("scalar", "input")
 SMEAR_CHANNELS = 24      # the smear gate reads this many leading channels of the embedding
 VE_GATE_CHANNELS = 12    # the input-dependent value-embedding gate reads this many of the block input
+ATTN_GATE_CHANNELS = 12  # the attention output gate (attn_gate) reads this many of the block input
 
 
 @dataclass
@@ -68,6 +71,7 @@ class GPTConfig:
     backout: bool = False
     value_embed_gate: str = "scalar"  # scalar: one learned gate per kv head; input: 3 sigmoid(W x[:12]) per kv head
     unet_skips: bool = False
+    attn_gate: bool = False          # each head's output times sigmoid(W x[:12]) of the block input, before c_proj
     doc_mask: bool = False           # forwards without a KV cache stay within each document (see the module docstring)
     bos_id: int | None = None        # the token that starts every document (the tokenizer's <|bos|>); doc_mask reads it
     # initialization only (a checkpoint runs the same without them)
@@ -98,6 +102,10 @@ class GPTConfig:
                 and self.n_embd < VE_GATE_CHANNELS:
             raise ValueError(f"smear needs n_embd >= {SMEAR_CHANNELS} and the input gate >= {VE_GATE_CHANNELS}; "
                              f"got n_embd={self.n_embd}")
+        if self.attn_gate and self.n_embd < ATTN_GATE_CHANNELS:
+            raise ValueError(f"attn_gate reads the first {ATTN_GATE_CHANNELS} channels of the block input: it needs "
+                             f"n_embd >= {ATTN_GATE_CHANNELS}, got n_embd={self.n_embd}; widen the model or turn "
+                             "attn_gate off")
         ATTENTION_BACKENDS.canonical(self.attn_backend)  # an unknown name fails here, listing the choices
         if self.doc_mask:
             if self.bos_id is None or not 0 <= self.bos_id < self.vocab_size:
@@ -236,6 +244,8 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate = nn.Parameter(torch.empty(cfg.n_kv_head))
         elif cfg.has_value_embed(layer_idx):
             self.ve_gate_linear = nn.Linear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False)
+        # attn_gate: each head's output times sigmoid(W x[..., :ATTN_GATE_CHANNELS]) of the block input (Muon)
+        self.attn_gate_linear = nn.Linear(ATTN_GATE_CHANNELS, cfg.n_head, bias=False) if cfg.attn_gate else None
 
     def qkv_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """c_q, c_k and c_v stacked into one [(H + 2 Hkv) D, C] matrix for `qkv` (into `out` when given,
@@ -286,7 +296,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, ve, attend: Attend, fused_weight: torch.Tensor | None = None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin, ve, fused_weight)
-        return self.c_proj(attend(self, q, k, v).reshape(B, T, -1).to(x.dtype))
+        y = attend(self, q, k, v)  # [B, T, H, D]
+        if self.attn_gate_linear is not None:
+            gate = torch.sigmoid(self.attn_gate_linear(x[..., :ATTN_GATE_CHANNELS])).unsqueeze(-1)  # [B, T, H, 1]
+            y = y * gate.to(y.dtype)
+        return self.c_proj(y.reshape(B, T, -1).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -360,8 +374,9 @@ class GPT(nn.Module):
         (c_fc times c_fc_init_scale); output projections zero, so each block starts as the identity; embeddings
         std embedding_init_std; lm_head tiny, so the first logits are near-uniform; residual scalars 1 and x0
         scalars 0 (or, with init_ramp, 1.15 -> 1.05 and 0.20 -> 0.05 over depth); value-embed gates 1 (the
-        input gate: small positive weights, so 3 sigmoid starts near 1.5); smear off (lambda 0), backout 0.2,
-        skips 0."""
+        input gate: small positive weights, so 3 sigmoid starts near 1.5); attention output gates zero (each
+        head's output x 0.5 at first, still the identity block since c_proj is zero); smear off (lambda 0),
+        backout 0.2, skips 0."""
         cfg = self.config
         nn.init.normal_(self.wte.weight, std=cfg.embedding_init_std)
         nn.init.normal_(self.lm_head.weight, std=0.001)
@@ -376,6 +391,8 @@ class GPT(nn.Module):
                 nn.init.ones_(block.attn.ve_gate)
             if block.attn.ve_gate_linear is not None:
                 nn.init.uniform_(block.attn.ve_gate_linear.weight, 0.0, 0.02)
+            if block.attn.attn_gate_linear is not None:
+                nn.init.zeros_(block.attn.attn_gate_linear.weight)
         for table in self.value_embeds.values():  # a small perturbation of v at first
             nn.init.uniform_(table.weight, -bound, bound)
         if cfg.init_ramp:
