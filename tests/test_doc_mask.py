@@ -242,6 +242,31 @@ def test_auto_skips_backends_that_cannot_mask_documents(monkeypatch):
     assert select_backend(None, bf16, torch.device("cpu"), "flex", doc_mask=True) == "sdpa"  # flex: CUDA only
 
 
+def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
+    """Outside a compiled graph (evaluation, fine-tuning: a new row length every batch) auto takes sdpa's explicit
+    mask, not flex, which would compile per shape; a named flex, undocumented layers and fa4 are unaffected."""
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(attn_mod, "_CHOICES", {})
+    fake_available(monkeypatch, {"fa3", "cudnn", "flex", "sdpa"})
+    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "sdpa"
+    assert select_backend(512, bf16, cuda, doc_mask=True, compiled=False) == "sdpa"
+    assert select_backend(512, bf16, cuda, doc_mask=True, compiled=True) == "flex"
+    assert select_backend(None, bf16, cuda, "flex", doc_mask=True, compiled=False) == "flex"  # named: kept
+    assert select_backend(512, bf16, cuda, compiled=False) == select_backend(512, bf16, cuda) == "fa3"  # no documents
+    fake_available(monkeypatch, set(ATTENTION_BACKENDS))
+    monkeypatch.setattr(attn_mod, "_CHOICES", {})
+    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "fa4"  # varlen: no per-shape compile
+    monkeypatch.setattr(attn_mod, "_CHOICES", {})
+    fake_available(monkeypatch, {"flex", "sdpa"})
+    monkeypatch.setattr(attn_mod, "_LOGGED", set())
+    logged = []
+    monkeypatch.setattr(attn_mod, "log0", logged.append)
+    assert attn_mod._layer_backend("auto", None, bf16, "cuda", 3, True, False) == "sdpa"
+    assert attn_mod._layer_backend("auto", None, bf16, "cuda", 4, True, True) == "flex"
+    assert logged == ["attention: layer 3 window full -> sdpa, masked per document (outside a compiled graph; "
+                      "flex inside one)", "attention: layer 4 window full -> flex, masked per document"]
+
+
 @pytest.mark.parametrize("name", ["cudnn", "fa3"])
 def test_naming_a_backend_without_document_masking_is_an_error(monkeypatch, name):
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
@@ -484,8 +509,8 @@ def test_gpu_compiled_backend_matches_eager_with_documents(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_model_step_with_documents_matches_sdpa():
-    """A small GPT (SSSL, GQA 4:1) with doc_mask: auto's backends (fa4 where installed, else flex) give sdpa's
-    loss and gradients in a bf16 training step."""
+    """A small GPT (SSSL, GQA 4:1) with doc_mask: the backends auto picks in a compiled graph (fa4 where installed,
+    else flex) give sdpa's loss and gradients in a bf16 training step."""
     from tests.test_gpt import loss_and_grads
     cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
                     window_pattern="SSSL", short_window=256, smear=True, doc_mask=True, bos_id=BOS)
@@ -495,7 +520,7 @@ def test_gpu_model_step_with_documents_matches_sdpa():
     _, idx = gpu_case(seed=fresh_seed())
     idx = torch.where(idx == BOS, BOS, torch.randint(1, 512, idx.shape, device="cuda"))
     tgt = torch.roll(idx, -1, 1)
-    loss_auto, grads_auto = loss_and_grads(model, idx, tgt, "auto")
+    loss_auto, grads_auto = loss_and_grads(model, idx, tgt, chosen)  # named: auto in eager would take sdpa
     loss_sdpa, grads_sdpa = loss_and_grads(model, idx, tgt, "sdpa")
     assert abs(loss_auto - loss_sdpa) < 1e-2 * abs(loss_sdpa)
     assert (grads_auto - grads_sdpa).norm() < 3e-2 * grads_sdpa.norm()

@@ -227,7 +227,7 @@ def test_auto_expectations_add_fp8_gemms(monkeypatch):
     import nanochat.kernels.attention as attention
     from scripts.profile_kernels import ProfileConfig, auto_expectations
     monkeypatch.setattr(attention, "select_backend",
-                        lambda w, dtype, device, backend, doc_mask: "flex" if doc_mask else "cudnn")
+                        lambda w, dtype, device, backend, doc_mask, compiled: "flex" if doc_mask else "cudnn")
     model = type("M", (), {"windows": [None, 512]})()
     cuda = torch.device("cuda")
     assert auto_expectations(ProfileConfig(precision="fp8", doc_mask=False), model, cuda) == \

@@ -463,16 +463,19 @@ def check_doc_mask_backend(backend: str) -> None:
 
 
 def select_backend(window: int | None, dtype: torch.dtype, device, backend: str = "auto",
-                   doc_mask: bool = False) -> str:
+                   doc_mask: bool = False, compiled: bool = True) -> str:
     """The backend name that computes a layer with this window/dtype/device (and documents, doc_mask).
 
     auto: the first backend in ATTENTION_BACKENDS that is available and supports the layer. An
     explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
     compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
     With doc_mask, a name that cannot mask documents at all is a ValueError (check_doc_mask_backend).
+    compiled=False (a forward outside a compiled graph: evaluation, fine-tuning): auto masks documents with sdpa's
+    explicit mask instead of flex, whose document BlockMask and kernel would compile again for every new batch
+    shape (and run unfused, materializing the scores, past dynamo's recompile limit).
     """
     device = torch.device(device)
-    key = (backend, window, dtype, device.type, doc_mask)
+    key = (backend, window, dtype, device.type, doc_mask, compiled)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -482,20 +485,24 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
         choice = backend
     else:
         choice = ATTENTION_BACKENDS.pick(window, dtype, device, doc_mask)  # sdpa serves every layer
+        if doc_mask and choice == "flex" and not compiled:
+            choice = "sdpa"
     _CHOICES[key] = choice
     return choice
 
 
 @torch.compiler.assume_constant_result
 def _layer_backend(backend: str, window: int | None, dtype: torch.dtype, device_type: str, layer_idx: int,
-                   doc_mask: bool = False) -> str:
+                   doc_mask: bool = False, compiled: bool = True) -> str:
     """select_backend plus the once-per-layer log line. Under torch.compile this runs eagerly at trace
     time and its answer is baked into the graph: no graph break, no per-step Python."""
-    name = select_backend(window, dtype, device_type, backend, doc_mask)
+    name = select_backend(window, dtype, device_type, backend, doc_mask, compiled)
     if (layer_idx, window, name, doc_mask) not in _LOGGED:
         _LOGGED.add((layer_idx, window, name, doc_mask))
         note = "" if backend in ("auto", name) else f" ({backend} does not support this layer)"
         docs = ", masked per document" if doc_mask else ""
+        in_graph = name if compiled else select_backend(window, dtype, device_type, backend, doc_mask)
+        docs += "" if in_graph == name else f" (outside a compiled graph; {in_graph} inside one)"
         log0(f"attention: layer {layer_idx} window {window or 'full'} -> {name}{docs}{note}")
     return name
 
@@ -511,7 +518,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
             raise ValueError("document masking is for forwards over packed rows, not the KV-cache path (it decodes "
                              "one document per row): pass docs=None with a kv_cache")
         return _attend_cached(q, k, v, window, backend, kv_cache, layer_idx)
-    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx, docs is not None)
+    name = _layer_backend(backend, window, q.dtype, q.device.type, layer_idx, docs is not None,
+                          torch.compiler.is_compiling())
     if docs is None:
         return ATTENTION_BACKENDS[name].attend(q, k, v, window)
     return ATTENTION_BACKENDS[name].attend_docs(q, k, v, window, docs)
