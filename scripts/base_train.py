@@ -141,17 +141,18 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
     recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF), Muon's weight decay
     with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
-    on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule").
+    on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule") and
+    returns the tokens of one micro-step across ranks ("micro_batch").
     LR warmup defaults to none when the first step's batch (the schedule's first, else B) is B_REF or more,
     where starting at the full rate trained faster, and to SMALL_BATCH_WARMUP steps below, where the noisier
     first steps at the full rate left a lasting loss (a schedule's first steps train like a run at that batch:
     the same batch and, by the sqrt rule, the same rates)."""
     tokens, ref = horizon_tokens(cfg, vocab_size, cfg.depth), horizon_tokens(cfg, vocab_size, DEPTH_REF)
-    micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+    micro_batch = cfg.device_batch_size * cfg.max_seq_len * world_size  # tokens of one micro-step, all ranks
     if cfg.total_batch_size is None:
         predicted = B_REF * (tokens / ref) ** 0.383
-        cfg.total_batch_size = max(2 ** round(math.log2(predicted)), micro)
-    batch_schedule = parse_batch_schedule(cfg.batch_schedule, cfg.total_batch_size, micro)
+        cfg.total_batch_size = max(2 ** round(math.log2(predicted)), micro_batch)
+    batch_schedule = parse_batch_schedule(cfg.batch_schedule, cfg.total_batch_size, micro_batch)
     if cfg.num_iterations <= 0:  # the steps that train the horizon's tokens, at the schedule's mean batch
         cfg.num_iterations = max(1, round(tokens / mean_batch(batch_schedule, cfg.total_batch_size)))
     batch_ratio = cfg.total_batch_size / B_REF
@@ -162,7 +163,7 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     if cfg.warmup_steps is None:
         cfg.warmup_steps = 0 if on_cpu or first_batch >= B_REF else SMALL_BATCH_WARMUP
     return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale,
-            "batch_schedule": batch_schedule}
+            "batch_schedule": batch_schedule, "micro_batch": micro_batch}
 
 
 def parse_batch_schedule(spec: str, total_batch_size: int, micro_batch: int) -> list[tuple[int, float]]:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     log0(f"data: {len(train_shards)} training shard(s) and validation shard {shards[-1].name} in {data_dir}")
     token_bytes = tokenizer.token_bytes(device=device)
     schedule = derive_schedule(cfg, tokenizer.get_vocab_size(), world_size, device.type != "cuda")
-    micro_batch = cfg.device_batch_size * cfg.max_seq_len * world_size  # tokens of one micro-step, all ranks
+    micro_batch = schedule["micro_batch"]
     if cfg.total_batch_size % micro_batch != 0:
         raise ValueError(f"--total_batch_size={cfg.total_batch_size} must be a multiple of device_batch_size * "
                          f"max_seq_len * world_size = {micro_batch}")
