@@ -8,7 +8,9 @@ seconds for each.
     python -m benchmarks.race ... --gpus all                   # one racer per GPU at a time, all GPUs busy
     python -m benchmarks.race --smoke [--peer PEER]             # tiny racers on the CPU, in minutes
 
-A racer is `name=kind:flags` (`ours` alone means `ours=ours:`). Kind `ours` runs our scripts.base_train,
+A racer is `name=kind:flags` (`ours` alone means `ours=ours:`), or `name=kind@STEPS:flags` for a racer with its own
+step count (its whole schedule, warm-down included, fit to a shorter or longer horizon: a time-to-quality race
+lets each trainer pick the horizon that reaches the target first). Kind `ours` runs our scripts.base_train,
 kind `nanochat` the public nanochat's own scripts.base_train in the checkout given with --peer; each keeps
 its own defaults for everything the race does not fix. The race fixes: depth, sequence length, batch
 (tokens per step and rows per device), data (--race_dir/data: training shards, the last one validation),
@@ -101,7 +103,7 @@ ATTEMPTS = "attempts.json"  # in a racer's work dir: its settings, steps and tra
 @dataclass
 class RaceConfig:
     """Race training configurations to a validation bpb."""
-    racers: str = field(default="", metadata={"help": "';'-separated `name=kind:flags` (default: ours, and "
+    racers: str = field(default="", metadata={"help": "';'-separated `name=kind[@STEPS]:flags` (default: ours, and "
                                                       "nanochat with --peer)"})
     race_dir: str = field(default=".race", metadata={"help": "made by benchmarks.race_data: data/, tokenizer_<kind>/"})
     peer: str = field(default="", metadata={"help": "a checkout of karpathy/nanochat at 92d63d4, for kind nanochat"})
@@ -134,22 +136,26 @@ class Racer:
     name: str
     kind: str
     flags: list[str]
+    steps: int | None = None  # its own step count (`kind@STEPS`); None: the race's --steps or --seconds
 
 
 def parse_racers(spec: str, with_peer: bool) -> list[Racer]:
-    """`name=kind:flags; ...` -> racers; a bare kind names itself; names are unique."""
+    """`name=kind[@STEPS]:flags; ...` -> racers; a bare kind names itself; names are unique."""
     spec = spec.strip() or ("ours; nanochat" if with_peer else "ours")
     racers = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         head, _, flags = item.partition(":")
         name, _, kind = head.partition("=")
+        kind, _, steps = kind.partition("@")
         name, kind = name.strip(), (kind or name).strip()
+        if steps and not (steps.strip().isdigit() and int(steps) > 0):
+            raise SystemExit(f"racer {item!r}: its steps {steps!r} after '@' must be a whole number above 0")
         if kind not in KINDS:
             raise SystemExit(f"racer {item!r}: kind {kind!r} is not one of {', '.join(KINDS)} "
                              f"(write name=kind:flags, e.g. 'sssl=ours:--window_pattern SSSL')")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise SystemExit(f"racer name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
-        racers.append(Racer(name, kind, flags.split()))
+        racers.append(Racer(name, kind, flags.split(), int(steps) if steps else None))
     names = [r.name for r in racers]
     if len(set(names)) != len(names):
         raise SystemExit(f"racer names must be unique, got {names}")
@@ -395,6 +401,8 @@ def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
     """What a racer's result depends on: a stored result with the same settings can stand in for a run."""
     left_out = ("racers", "out", "work", "target", "smoke", "save_every", "gpus")
     race = {k: v for k, v in asdict(cfg).items() if k not in left_out}
+    if racer.steps:
+        race.update(steps=racer.steps, seconds=0.0)
     return {"kind": racer.kind, "flags": racer.flags, **race}
 
 
@@ -455,10 +463,10 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
     if record is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        steps = probe_steps(cfg, racer, work, gpu) if cfg.seconds > 0 else cfg.steps
+        steps = racer.steps or (probe_steps(cfg, racer, work, gpu) if cfg.seconds > 0 else cfg.steps)
         record = {"settings": settings, "steps": steps, "eval_every": max(1, steps // cfg.eval_points), "attempts": []}
     steps, attempts = record["steps"], record["attempts"]
-    if cfg.seconds > 0:  # now its steps are known
+    if cfg.seconds > 0 and not racer.steps:  # now its steps are known
         say_epochs(racer.name, gpu, steps, cfg.total_batch_size, data_tokens)
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
@@ -670,9 +678,9 @@ def main(argv: list[str] | None = None) -> dict:
     data_tokens, notes = train_tokens(race, sorted({r.kind for r in racers}))
     for note in notes:
         print(f"[race] {note}", flush=True)
-    if cfg.seconds <= 0:  # with --seconds, each racer's once its probe has sized its run
-        for racer in racers:
-            say_epochs(racer.name, None, cfg.steps, cfg.total_batch_size, data_tokens.get(racer.kind))
+    for racer in racers:  # with --seconds, a racer without its own steps once its probe has sized its run
+        if racer.steps or cfg.seconds <= 0:
+            say_epochs(racer.name, None, racer.steps or cfg.steps, cfg.total_batch_size, data_tokens.get(racer.kind))
     gpus = parse_gpus(cfg.gpus)
     if gpus != [None]:
         none_here = "" if torch.cuda.device_count() else "; no CUDA device here: racers run on their --device_type"

@@ -79,6 +79,28 @@ def test_a_batch_schedules_steps_count_their_own_tokens(tmp_path, monkeypatch):
     assert again["epochs"] == pytest.approx(1.0)
 
 
+def test_a_racer_with_its_own_steps_trains_them(tmp_path, monkeypatch):
+    """`kind@STEPS` overrides the race's --steps: the trainer is told that horizon, the result records it, and a
+    stored result of the race's horizon does not stand in for it."""
+    out, argvs = tmp_path / "out", []
+    cfg = race.RaceConfig(out=str(out), steps=4, eval_points=2, total_batch_size=1024)
+
+    def run_logged(argv, env, cwd, log, mirror=None):
+        argvs.append(argv)
+        steps = int(next(a for a in argv if a.startswith("--num_iterations=")).split("=")[1])
+        lines = [f"step {done:05d}/{steps:05d} | loss 9.0 | lrm 1.0 | 1000 ms | 1,024 tok/s | MFU 1.0% | "
+                 f"mem 2.00 GiB" for done in range(1, steps + 1)] + [f"step {steps:05d} | val bpb 1.5000"]
+        for path in (log, mirror):
+            path.write_text("\n".join(lines) + "\n")
+
+    monkeypatch.setattr(race, "run_logged", run_logged)
+    monkeypatch.setattr(race, "final_bpb", lambda *a: {"bpb": 1.5})
+    whole = race.run_racer(cfg, race.Racer("r", "ours", []), out, out / "work")
+    short = race.run_racer(cfg, race.Racer("r", "ours", [], steps=3), out, out / "work")
+    assert (whole["steps"], short["steps"]) == (4, 3) and len(argvs) == 2
+    assert "--eval_every=1" in argvs[1] and short["settings"]["steps"] == 3
+
+
 def test_time_to_reach_interpolates_between_evaluations():
     points = [(0, 0.0, 3.0), (10, 10.0, 2.0), (20, 20.0, 1.0)]
     assert race.time_to_reach(points, 1.5) == pytest.approx(15.0)
@@ -97,6 +119,11 @@ def test_racer_specs_and_peer_errors(tmp_path):
     racers = race.parse_racers("ours; sssl=ours:--window_pattern SSSL --value_embeds true", with_peer=False)
     assert [(r.name, r.kind, r.flags) for r in racers] == [
         ("ours", "ours", []), ("sssl", "ours", ["--window_pattern", "SSSL", "--value_embeds", "true"])]
+    short = race.parse_racers("short=ours@300:--unet_skips false", with_peer=False)[0]
+    assert (short.name, short.kind, short.steps, short.flags) == ("short", "ours", 300, ["--unet_skips", "false"])
+    for bad in ("x=ours@0:", "x=ours@ten:"):
+        with pytest.raises(SystemExit, match="whole number above 0"):
+            race.parse_racers(bad, with_peer=False)
     with pytest.raises(SystemExit, match="needs --peer"):
         race.parse_racers("nanochat", with_peer=False)
     with pytest.raises(SystemExit, match="kind 'theirs'"):
