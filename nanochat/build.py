@@ -49,6 +49,9 @@ class BuildConfig:
     unet_skips: bool = field(default=True, metadata={"help": "early layers' outputs added to their mirror layers' inputs"})
     attn_gate: bool = field(default=False, metadata={"help": "each head's attention output times a sigmoid gate of "
                                                      "the block input, before the output projection"})
+    bigram_embeds: bool = field(default=False, metadata={"help": "add a hashed (previous, current) token embedding "
+                                                         "(5 x vocab rows, zero at init) into every layer's input "
+                                                         "with a learned per-layer weight"})
     doc_mask: bool = field(default=True, metadata={"help": "attention (and the smear) within each document of a "
                                                    "packed row only, documents starting at BOS (fa4, flex or sdpa)"})
     init_ramp: bool = field(default=True, metadata={"help": "residual and x0 scalars start ramped over depth"})
@@ -106,9 +109,10 @@ class BuildConfig:
             head_dim=self.head_dim, window_pattern=self.window_pattern, short_window=min(short, seq),
             value_embeds=self.value_embeds, value_embed_gate=self.value_embed_gate, smear=self.smear,
             backout=self.backout, qk_scale=self.qk_scale, rope_base=self.rope_base, unet_skips=self.unet_skips,
-            attn_gate=self.attn_gate, init_ramp=self.init_ramp, c_fc_init_scale=self.c_fc_init_scale,
-            embedding_init_std=self.embedding_init_std, attn_backend=self.attn, recompute=self.recompute,
-            doc_mask=self.doc_mask, bos_id=bos_id, **({"n_kv_head": self.n_kv_head} if self.n_kv_head else {}))
+            attn_gate=self.attn_gate, bigram_embeds=self.bigram_embeds, init_ramp=self.init_ramp,
+            c_fc_init_scale=self.c_fc_init_scale, embedding_init_std=self.embedding_init_std, attn_backend=self.attn,
+            recompute=self.recompute, doc_mask=self.doc_mask, bos_id=bos_id,
+            **({"n_kv_head": self.n_kv_head} if self.n_kv_head else {}))
 
     def optimizer_options(self, lr_scale: float = 1.0, wd_scale: float = 1.0) -> dict:
         """build_optimizer's keyword arguments: every learning rate times lr_scale, the weight decay times wd_scale."""

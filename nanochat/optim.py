@@ -454,13 +454,16 @@ def assign_owners(groups: dict[str, list[Tensor]], world_size: int) -> dict[Tens
 ADAMW_KINDS: dict[str, tuple[str, float, tuple[float, float], float]] = {
     "embedding": ("embedding_lr", 1.0, (0.8, 0.995), 0.001),
     "value_embed": ("embedding_lr", 0.5, (0.8, 0.995), 0.01),
+    # the bigram table takes the value embeddings' settings: like them, a token-indexed table whose rows are a side
+    # input added under a learned scale (into v there, the residual here), not the stream's normed input as wte is
+    "bigram_embed": ("embedding_lr", 0.5, (0.8, 0.995), 0.01),
     "lm_head": ("unembedding_lr", 1.0, (0.8, 0.96), 0.01),
     "resid": ("scalar_lr", 0.01, (0.8, 0.95), 0.05),
     "x0": ("scalar_lr", 1.0, (0.96, 0.95), 0.0),
     "scalar": ("scalar_lr", 0.4, (0.8, 0.95), 0.0),
 }
 ADAM_GROUPS = ("uniform", "tuned")
-WIDTH_SCALED = ("embedding", "value_embed", "lm_head")  # AdamW rates x min(1, (n_embd / 768) ** -0.5)
+WIDTH_SCALED = ("embedding", "value_embed", "bigram_embed", "lm_head")  # AdamW rates x min(1, (n_embd / 768) ** -0.5)
 
 
 def build_optimizer(model: nn.Module, *, matrix_lr: float = FINETUNE_LRS.matrix,

@@ -53,10 +53,10 @@ def tiny_tokenizer():
 
 # the architecture options of the training recipe, on in the chat tests so that every inference path (prefill,
 # the decoder's step, the server) is checked with them: the smear's carried token, backout, gated value
-# embeddings, QK scale, rotary base, U-net skips, the attention output gate (a candidate, off by default);
-# grouped-query attention too (2 heads, 1 kv head)
+# embeddings, QK scale, rotary base, U-net skips, the attention output gate and the bigram table (candidates, off
+# by default; the bigram table also reads the carried token); grouped-query attention too (2 heads, 1 kv head)
 RECIPE = dict(value_embeds=True, value_embed_gate="input", smear=True, backout=True, qk_scale=1.2,
-              rope_base=100_000.0, unet_skips=True, attn_gate=True, n_kv_head=1)
+              rope_base=100_000.0, unet_skips=True, attn_gate=True, bigram_embeds=True, n_kv_head=1)
 
 
 def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256, noise: float = 0.3,
@@ -66,7 +66,7 @@ def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256
 
     `init_weights` zeroes some projections and gates (so a fresh model predicts near-uniform logits, where
     argmax ties would make greedy comparisons meaningless, and the smear and skips would be inert); we add
-    noise to every weight matrix and set the gates, so that the logits are spread out, each position really
+    noise to every weight matrix (the bigram table too) and set the gates, so that the logits are spread out, each position really
     depends on the context, and every option acts.
     """
     from nanochat.model.gpt import GPT, config_from_depth

@@ -209,6 +209,23 @@ def test_attn_gate_run_trains_the_gates_and_saves_them(assets, env, monkeypatch)
     assert meta["model_config"]["attn_gate"] is True
 
 
+def test_bigram_embeds_run_trains_the_table_and_saves_it(assets, env, monkeypatch):
+    """--bigram_embeds true: the zero-initialized table learns from the first step (its per-layer lambdas start at
+    0.1), the checkpoint carries the option, every row of the table and the lambdas."""
+    tok_dir, data_dir = assets
+    _, rows = run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=-1,
+                                                          bigram_embeds="true"))
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    ckpt_dir = env / "base" / "checkpoints" / "base" / "d2"
+    state = load_file(str(ckpt_dir / "step_000002" / "model.safetensors"))
+    _, _, meta = load_checkpoint(ckpt_dir, load_optimizer=False)
+    assert meta["model_config"]["bigram_embeds"] is True
+    vocab = -(-meta["model_config"]["vocab_size"] // 64) * 64
+    table, lambdas = state["bigram_embed.weight"], state["bigram_lambdas"]
+    assert table.shape == (5 * vocab, 64) and torch.isfinite(table).all() and table.abs().max() > 0
+    assert lambdas.shape == (2,) and not torch.equal(lambdas, torch.full((2,), 0.1))  # moved from step 2 on
+
+
 def test_resume_after_a_torn_save(assets, env, monkeypatch):
     """A save killed mid-write leaves a temporary dir and no step dir: the last complete step still
     resumes exactly, and the next save sweeps the debris away."""

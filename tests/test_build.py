@@ -44,7 +44,7 @@ def test_scales_reach_the_optimizer_and_the_recipe_is_the_default():
     model_config = cfg.model_config(256, bos_id=0)
     assert model_config.smear and model_config.value_embeds and model_config.qk_scale == cfg.qk_scale
     assert model_config.unet_skips and model_config.doc_mask and cfg.muon_compile is None  # S17's race winners
-    assert not model_config.attn_gate  # a candidate, off until it wins a race
+    assert not model_config.attn_gate and not model_config.bigram_embeds  # candidates, off until they win a race
 
 
 def test_attn_gate_flag_reaches_the_recipe_model_only():
@@ -86,3 +86,19 @@ def test_muon_compile_reaches_muon_in_both_builds():
         for flag, expected in (("none", None), ("false", False), ("true", True)):
             cfg = parse_flags(BuildConfig, [*TINY, f"--muon_compile={flag}"])
             assert build(cfg, CPU, vocab_size=256, recipe=recipe, bos_id=0).optimizer.muon.compile is expected
+
+
+def test_bigram_embeds_flag_reaches_the_recipe_model_and_its_optimizer_group():
+    """--bigram_embeds true: the table (5 x the padded vocab rows) in its own AdamW group with the value embeddings'
+    settings, its per-layer lambdas with x0's; the plain block stays without it."""
+    from nanochat.optim import ADAMW_KINDS
+
+    cfg = parse_flags(BuildConfig, [*TINY, "--bigram_embeds=true"])
+    model, _, opt = build(cfg, CPU, vocab_size=256, bos_id=0)
+    assert model.config.bigram_embeds and model.bigram_embed.weight.shape == (5 * 256, 64)
+    kinds = {g["kind"]: g for g in opt.param_groups}
+    assert kinds["bigram_embed"]["params"] == [model.bigram_embed.weight]
+    assert any(p is model.bigram_lambdas for p in kinds["x0"]["params"])
+    assert ADAMW_KINDS["bigram_embed"] == ADAMW_KINDS["value_embed"]
+    assert groups(opt)["bigram_embed"] == groups(opt)["value_embed"]  # rate, decay and betas (tuned, the default)
+    assert not cfg.model_config(256, recipe=False, bos_id=0).bigram_embeds

@@ -363,7 +363,8 @@ def test_compiled_gpt_with_documents_is_one_graph_and_equals_eager():
 
 def test_engine_equals_the_masked_forward_on_one_document():
     """The KV-cache paths ignore documents (one conversation per row): on a prompt that is one document (a BOS
-    only at its start), greedy decoding equals the doc-masked model's full forward, BOS stopping it."""
+    only at its start), greedy decoding equals the doc-masked model's full forward, the engine's stop tokens (BOS,
+    <|assistant_end|>) stopping both."""
     from nanochat.inference.engine import Engine
     from tests.helpers_chat import naive_generate, tiny_model, tiny_tokenizer
 
@@ -375,7 +376,7 @@ def test_engine_equals_the_masked_forward_on_one_document():
         prompt = tok.encode(text, prepend="<|bos|>")
         with torch.inference_mode():
             out, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=24, temperature=0)
-        want = naive_generate(model, prompt, max_tokens=24, stop_ids={bos})
+        want = naive_generate(model, prompt, max_tokens=24, stop_ids=engine.tools.stop_ids)
         assert out[0][:len(want)] == want
 
 

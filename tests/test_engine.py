@@ -80,6 +80,30 @@ def test_static_decoder_rows_at_different_positions(tok, model, fuse_qkv, attent
         assert s == naive_generate(model, p, max_tokens=12, stop_ids=set())
 
 
+def test_decoder_step_logits_equal_the_full_forward(tok, model):
+    """Logits, not only greedy picks: the prefill's and each decode step's equal the model's full forward over the
+    sequence so far (RECIPE's options on: what a step reads of the token before it, the smear's embedding and the
+    bigram table's row, must be what the full forward reads)."""
+    eng = Engine(model, tok)
+    ps = prompts(tok)[1:]
+    dec = StaticDecoder(model, slots=len(ps), max_seq_len=128, fuse_qkv=True)
+    seqs, logits = [list(p) for p in ps], []
+    for slot, p in enumerate(ps):
+        lg, cache = eng.prefill(p)
+        dec.load_prompt([slot], cache)
+        logits.append(lg[0])
+    logits = torch.stack(logits)
+    with torch.inference_mode():
+        for _ in range(6):
+            for seq, got in zip(seqs, logits):
+                torch.testing.assert_close(got, model(torch.tensor([seq]))[0, -1], atol=1e-4, rtol=0)
+            nxt = logits.argmax(-1)
+            for seq, token in zip(seqs, nxt.tolist()):
+                seq.append(token)
+            dec.tokens.copy_(nxt)
+            logits = dec.step().clone()  # step() hands back a buffer that the next step overwrites
+
+
 def test_step_outside_graph_is_the_same_step(tok, model):
     """The profiler's entry point computes what step() does and advances the positions the same way."""
     eng = Engine(model, tok)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the export test needs transformers (
 from nanochat.conversation import render_for_completion  # noqa: E402
 from nanochat.export.hf import IMPLEMENTED_FIELDS, RUN_ONLY_FIELDS, check_exportable, export_hf  # noqa: E402
 from nanochat.inference.engine import Engine  # noqa: E402
-from nanochat.model.gpt import ATTN_GATE_CHANNELS, GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
+from nanochat.model.gpt import ATTN_GATE_CHANNELS, BIGRAM_HASH, GPT, SMEAR_CHANNELS, GPTConfig  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from tests.helpers_chat import _training_text  # noqa: E402
 
@@ -32,7 +32,7 @@ def every_feature_config(vocab_size: int, **overrides) -> GPTConfig:
     return GPTConfig(**{**dict(sequence_len=96, vocab_size=vocab_size, n_layer=5, n_head=4, n_kv_head=2, n_embd=64,
                                head_dim=16, window_pattern="LS", short_window=8, value_embeds=True, softcap=10.0,
                                rope_base=50_000.0, qk_scale=1.3, smear=True, backout=True, value_embed_gate="input",
-                               unet_skips=True, attn_gate=True), **overrides})
+                               unet_skips=True, attn_gate=True, bigram_embeds=True), **overrides})
 
 
 def random_gpt(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -64,7 +64,8 @@ def exported(tmp_path_factory):
     text = _training_text()
     tokenizer = Tokenizer.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], VOCAB)
     tokenizer.save(root / "tokenizer")
-    model = random_gpt(every_feature_config(tokenizer.get_vocab_size()))
+    # a seed whose greedy generations below emit no tool token (our engine's calculator would change the rest)
+    model = random_gpt(every_feature_config(tokenizer.get_vocab_size()), seed=3)
     assert model.config.padded_vocab_size > model.config.vocab_size
     meta = {"model_config": asdict(model.config), "train_config": {}, "tokenizer_dir": str(root / "tokenizer")}
     save_checkpoint(root / "run", 3, model.state_dict(), None, meta, tokenizer_dir=root / "tokenizer")
@@ -124,6 +125,20 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(exported):
         assert row[:len(single)] == single.tolist()
 
 
+def test_left_padded_batch_has_each_prompts_logits_alone(exported):
+    """The logits behind generate(): a token after padding has no previous token (smear, bigram table), as a
+    prompt's first token alone has none. Padding is <|bos|>, so a reach over it would be a real (bos, bos) pair."""
+    _, _, hf_model, hf_tok, _ = exported
+    texts = ["Now is the winter of our discontent", "O"]
+    hf_tok.padding_side = "left"
+    batch = hf_tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        together = hf_model(**batch).logits
+        for row, text in zip(together, texts):
+            alone = hf_model(**hf_tok(text, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(row[-alone.size(0):], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_tokenizer_matches_ours(exported):
     _, tokenizer, _, hf_tok, _ = exported
     for text in (_training_text(), UNICODE):
@@ -145,7 +160,7 @@ def test_scalar_value_embed_gates_and_no_options(exported, tmp_path):
     for name, overrides in (("scalar", {"value_embed_gate": "scalar"}),
                             ("plain", {f.name: f.default for f in fields(GPTConfig) if f.name in (
                                 "rope_base", "qk_scale", "smear", "backout", "value_embed_gate", "unet_skips",
-                                "attn_gate")})):
+                                "attn_gate", "bigram_embeds")})):
         model = random_gpt(every_feature_config(tokenizer.get_vocab_size(), **overrides))
         export_hf(model, tokenizer, tmp_path / name)
         hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True).eval()
@@ -185,7 +200,7 @@ def test_a_field_the_export_does_not_implement_is_refused(exported, tmp_path):
 
 
 def test_export_dir_describes_itself(exported):
-    _, tokenizer, _, _, out = exported
+    model, tokenizer, _, _, out = exported
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
     assert {k: config[k] for k in ("window_pattern", "short_window", "value_embeds", "softcap", "n_kv_head", "smear",
@@ -193,6 +208,8 @@ def test_export_dir_describes_itself(exported):
         {"window_pattern": "LS", "short_window": 8, "value_embeds": True, "softcap": 10.0, "n_kv_head": 2,
          "smear": True, "value_embed_gate": "input", "smear_channels": SMEAR_CHANNELS, "attn_gate": True,
          "attn_gate_channels": ATTN_GATE_CHANNELS}
+    rows = 5 * model.config.padded_vocab_size  # every row of the table, padding included: the hash reads their number
+    assert (config["bigram_embeds"], config["bigram_rows"], config["bigram_hash"]) == (True, rows, list(BIGRAM_HASH))
     assert not RUN_ONLY_FIELDS & set(config)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]

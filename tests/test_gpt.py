@@ -11,8 +11,8 @@ from nanochat.model.gpt import GPT, GPTConfig, KVCache, config_from_depth
 V, T = 300, 32
 # every architecture option on at once (init-only options too): the tests below run with it
 FEATURES = dict(value_embeds=True, value_embed_gate="input", smear=True, backout=True, qk_scale=1.2,
-                rope_base=100_000.0, unet_skips=True, attn_gate=True, init_ramp=True, c_fc_init_scale=0.4,
-                embedding_init_std=0.8)
+                rope_base=100_000.0, unet_skips=True, attn_gate=True, bigram_embeds=True, init_ramp=True,
+                c_fc_init_scale=0.4, embedding_init_std=0.8)
 
 
 def tiny(**kw) -> GPTConfig:
@@ -39,11 +39,13 @@ def build(cfg: GPTConfig, seed: int = 0, perturb: bool = True) -> GPT:
                     block.attn.ve_gate_linear.weight.normal_(std=0.5)
                 if block.attn.attn_gate_linear is not None:  # zero at init: every gate 0.5
                     block.attn.attn_gate_linear.weight.normal_(std=0.5)
-            for name in ("smear_lambda", "backout_lambda", "skip_lambdas"):  # zero or small at init
+            for name in ("smear_lambda", "backout_lambda", "skip_lambdas", "bigram_lambdas"):  # zero or small at init
                 if hasattr(model, name):
                     getattr(model, name).uniform_(0.3, 0.8)
             if hasattr(model, "smear_gate"):
                 model.smear_gate.weight.normal_(std=0.5)
+            if hasattr(model, "bigram_embed"):  # zero at init
+                model.bigram_embed.weight.normal_(std=0.5)
             model.lm_head.weight.normal_(std=0.05)
             model.x0_lambdas.uniform_(0.1, 0.5)
             model.resid_lambdas.uniform_(0.8, 1.2)
@@ -180,7 +182,7 @@ def test_estimate_flops_hand_count():
 def test_param_groups_partition_parameters(features):
     model = build(tiny(n_layer=3, **features), perturb=False)
     groups = model.param_groups()
-    assert set(groups) == {"matrix", "embedding", "value_embed", "lm_head", "resid", "x0", "scalar"}
+    assert set(groups) == {"matrix", "embedding", "value_embed", "bigram_embed", "lm_head", "resid", "x0", "scalar"}
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert sum(p.numel() for g in groups.values() for p in g) == model.num_params()
@@ -192,7 +194,10 @@ def test_param_groups_partition_parameters(features):
     assert {id(p) for p in attn_gates} <= {id(p) for p in groups["matrix"]}  # Muon, like the value-embed gate
     assert groups["lm_head"] == [model.lm_head.weight] and groups["embedding"] == [model.wte.weight]
     assert len(groups["value_embed"]) == (2 if ve else 0)  # layers 0 and 2 of 3 carry value embeds
-    assert groups["resid"] == [model.resid_lambdas] and groups["x0"] == [model.x0_lambdas]
+    assert groups["resid"] == [model.resid_lambdas]
+    bigram = features.get("bigram_embeds", False)  # the table alone in its group; its lambdas beside x0's
+    assert groups["bigram_embed"] == ([model.bigram_embed.weight] if bigram else [])
+    assert groups["x0"] == [model.x0_lambdas, *([model.bigram_lambdas] if bigram else [])]
     # scalar value-embed gates; or smear's lambda and gate, backout's lambda, the skip lambdas
     assert len(groups["scalar"]) == (4 if features is FEATURES else 2 if ve else 0)
 
@@ -431,11 +436,11 @@ def test_cuda_auto_backends_match_sdpa_in_the_model():
 
 
 @pytest.mark.parametrize("option", ["smear", "backout", "value_embed_gate", "qk_scale", "rope_base", "unet_skips",
-                                    "attn_gate"])
+                                    "attn_gate", "bigram_embeds"])
 def test_each_option_changes_the_output(option):
     """Each architecture option, alone on top of value embeddings, is live (same weights otherwise)."""
     changed = {"smear": True, "backout": True, "value_embed_gate": "input", "qk_scale": 1.5, "rope_base": 100.0,
-               "unet_skips": True, "attn_gate": True}[option]
+               "unet_skips": True, "attn_gate": True, "bigram_embeds": True}[option]
     plain, other = (build(tiny(n_layer=4, value_embeds=True, **kw)) for kw in ({}, {option: changed}))
     idx = tokens()
     assert (plain(idx) - other(idx)).abs().max() > 1e-3
@@ -459,6 +464,8 @@ def test_recipe_init_values():
     assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
     assert (model.skip_lambdas == 0).all()
     assert all((b.attn.attn_gate_linear.weight == 0).all() for b in model.blocks)  # every gate 0.5
+    assert (model.bigram_embed.weight == 0).all() and model.bigram_embed.weight.shape == (5 * 320, 64)
+    torch.testing.assert_close(model.bigram_lambdas, torch.full((5,), 0.1))
     bound = math.sqrt(3.0 / 64)
     assert model.blocks[0].mlp.c_fc.weight.abs().max() <= 0.4 * bound < model.blocks[0].attn.c_q.weight.abs().max()
     assert abs(model.wte.weight.std().item() - 0.8) < 0.05
@@ -471,7 +478,7 @@ def test_checkpoint_config_without_the_options_builds_the_old_model():
     old = {k: v for k, v in tiny(value_embeds=True).__dict__.items() if k not in FEATURES or k == "value_embeds"}
     cfg = GPTConfig(**old)
     assert not cfg.smear and not cfg.backout and cfg.value_embed_gate == "scalar" and cfg.qk_scale == 1.0
-    assert not cfg.attn_gate
+    assert not cfg.attn_gate and not cfg.bigram_embeds
     assert {n for n, _ in build(cfg).named_parameters()} == {n for n, _ in build(tiny(value_embeds=True)).named_parameters()}
     from nanochat.checkpoint import build_model
     trained = build(tiny(value_embeds=True))
@@ -505,3 +512,72 @@ def test_attn_gate_at_init_halves_the_attention_output():
     gated = attn(x, cos, sin, None, gpt_mod.causal_attend)
     attn.attn_gate_linear = None
     torch.testing.assert_close(gated, 0.5 * attn(x, cos, sin, None, gpt_mod.causal_attend))
+
+
+def test_bigram_rows_hash_in_range_and_reserve_the_last_row_where_nothing_comes_before():
+    rows = tiny().bigram_rows  # 5 x the padded vocab (320)
+    assert rows == 1600
+    idx = tokens(B=3, T_=40)
+    got = gpt_mod.bigram_rows(idx, None, rows)
+    assert got.dtype == torch.int64 and got.shape == idx.shape
+    assert (got[:, 0] == rows - 1).all()  # a sequence's first token has no previous one
+    assert ((got[:, 1:] >= 0) & (got[:, 1:] < rows - 1)).all()  # hashed pairs never take the reserved row
+    a, b = gpt_mod.BIGRAM_HASH
+    assert a % 2 == 1 and b % 2 == 1
+    for i, t in ((0, 1), (1, 17), (2, 39)):
+        assert got[i, t].item() == ((a * idx[i, t].item()) ^ (b * idx[i, t - 1].item())) % (rows - 1)
+    # the tokens before the first position (a KV cache's last ones) give a decode step the full forward's rows
+    torch.testing.assert_close(gpt_mod.bigram_rows(idx[:, 5:], idx[:, 4], rows), got[:, 5:], rtol=0, atol=0)
+    torch.testing.assert_close(gpt_mod.bigram_rows(idx[:, 5:6], idx[:, 4], rows), got[:, 5:6], rtol=0, atol=0)
+    # doc_mask: a BOS is a document's start, whatever came before it
+    starts = torch.zeros_like(idx, dtype=torch.bool)
+    starts[0, 7] = starts[2, 20] = True
+    masked = gpt_mod.bigram_rows(idx, None, rows, starts)
+    assert masked[0, 7] == masked[2, 20] == rows - 1
+    assert torch.equal(masked[~starts], got[~starts])
+    assert gpt_mod.bigram_rows(idx[:, 7:], idx[:, 6], rows, starts[:, 7:])[0, 0] == rows - 1  # in a decode step too
+    # the largest vocab a table could have here: no overflow, still in range
+    big = torch.tensor([[2**20 - 1, 2**20 - 2, 2**20 - 1, 0]])
+    assert ((gpt_mod.bigram_rows(big, big[:, 0], 5 * 2**20) >= 0).all()
+            and (gpt_mod.bigram_rows(big, big[:, 0], 5 * 2**20) < 5 * 2**20 - 1).all())
+
+
+def test_bigram_rows_tell_previous_tokens_apart():
+    """For a fixed current token, different previous tokens land on different rows: all of 16, and of all 300
+    about as many as a random function gives (1599 rows: ~273 expected, 300 at best)."""
+    rows = tiny().bigram_rows
+    cur, prev = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)
+    got = gpt_mod.bigram_rows(torch.stack((prev, cur), 1), None, rows)[:, 1].view(V, V)  # [current, previous]
+    assert torch.unique(got[7, :16]).numel() == 16
+    assert min(torch.unique(row).numel() for row in got) >= 250
+    assert torch.unique(got).numel() == rows - 1  # every hashed row is reached
+
+
+def test_bigram_table_is_inert_at_init_and_learns_from_the_first_step():
+    """Zero table: the model equals the same weights without bigram_embeds. One identical optimizer step for both
+    (the same gradients for every shared weight, since the outputs are equal): the table's used rows move, only
+    those, and the outputs part."""
+    from nanochat.optim import build_optimizer
+
+    off = build(tiny(**{**FEATURES, "bigram_embeds": False})).train()
+    with torch.device("meta"):
+        on = GPT(tiny(**FEATURES))
+    on.to_empty(device="cpu")
+    on.init_weights()
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert sorted(missing) == ["bigram_embed.weight", "bigram_lambdas"] and not unexpected
+    on.train()
+    idx, tgt = tokens(), tokens(seed=2)
+    assert torch.equal(on(idx), off(idx))
+    for model in (off, on):
+        opt = build_optimizer(model, adam_groups="tuned")
+        model(idx, tgt).backward()
+        opt.step()
+    shared = on.state_dict()
+    assert all(torch.equal(shared[name], p) for name, p in off.state_dict().items())
+    table = on.bigram_embed.weight
+    used = torch.zeros(table.size(0), dtype=torch.bool)
+    used[gpt_mod.bigram_rows(idx, None, on.config.bigram_rows)] = True
+    assert (table[used] != 0).any(dim=1).all() and (table[~used] == 0).all()
+    with torch.no_grad():
+        assert (on(idx, tgt) - off(idx, tgt)).abs() > 1e-4

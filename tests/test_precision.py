@@ -173,7 +173,7 @@ def test_tegpt_without_te_names_package_and_install(monkeypatch):
 def test_tegpt_refuses_the_options_its_block_cannot_do(monkeypatch):
     import nanochat.model.gpt_te as gpt_te
     monkeypatch.setattr(gpt_te, "import_te", lambda: None)  # the check comes before any TE layer is built
-    for option in ({"attn_gate": True}, {"unet_skips": True}):
+    for option in ({"attn_gate": True}, {"unet_skips": True}, {"bigram_embeds": True}):
         with pytest.raises(ValueError, match=rf"without \['{next(iter(option))}'\]: pass --{next(iter(option))} False"):
             TEGPT(config_from_depth(2, vocab_size=500, sequence_len=32, **option))
 

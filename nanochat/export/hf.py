@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 from nanochat.common import log0
-from nanochat.model.gpt import ATTN_GATE_CHANNELS, GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat.model.gpt import ATTN_GATE_CHANNELS, BIGRAM_HASH, GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 MODELING_FILE = Path(__file__).with_name("modeling_nanochat.py")
 # GPTConfig fields that modeling_nanochat.py implements (same name, same meaning in config.json) ...
 IMPLEMENTED_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                       "window_pattern", "short_window", "value_embeds", "softcap", "rope_base", "qk_scale", "smear",
-                      "backout", "value_embed_gate", "unet_skips", "attn_gate"}
+                      "backout", "value_embed_gate", "unet_skips", "attn_gate", "bigram_embeds"}
 # ... and those that say how a run computed or initialized, not what the trained weights compute (left out);
 # doc_mask keeps packed training rows' documents apart: on one document, as the exported model runs, it is a no-op
 RUN_ONLY_FIELDS = {"attn_backend", "recompute", "init_ramp", "c_fc_init_scale", "embedding_init_std", "doc_mask",
@@ -82,14 +82,16 @@ def _modeling_module():
 
 
 def hf_config(cfg: GPTConfig, tokenizer: Tokenizer):
-    """The NanochatConfig of `cfg` (every implemented field, and gpt.py's channel counts of the smear,
-    value-embedding and attention output gates), with the auto_map that points transformers at modeling_nanochat.py."""
+    """The NanochatConfig of `cfg` (every implemented field, gpt.py's channel counts of the smear, value-embedding
+    and attention output gates, and its bigram table's rows and hash multipliers), with the auto_map that points
+    transformers at modeling_nanochat.py."""
     model_config = asdict(cfg)
     check_exportable(model_config)
     module = _modeling_module()
     config = module.NanochatConfig(**{k: v for k, v in model_config.items() if k in IMPLEMENTED_FIELDS},
                                    smear_channels=SMEAR_CHANNELS, ve_gate_channels=VE_GATE_CHANNELS,
-                                   attn_gate_channels=ATTN_GATE_CHANNELS)
+                                   attn_gate_channels=ATTN_GATE_CHANNELS, bigram_rows=cfg.bigram_rows,
+                                   bigram_hash=list(BIGRAM_HASH))
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["NanochatForCausalLM"]
     config.bos_token_id = tokenizer.get_bos_token_id()
@@ -99,7 +101,7 @@ def hf_config(cfg: GPTConfig, tokenizer: Tokenizer):
 
 def hf_weights(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict without the vocabulary's padding rows (wte, lm_head, value embeddings): the exported
-    model's vocabulary is exactly the tokenizer's."""
+    model's vocabulary is exactly the tokenizer's. The bigram table keeps all its rows: the hash reads their number."""
     vocab = model.config.vocab_size
     state = {}
     for name, tensor in model.state_dict().items():

@@ -15,8 +15,9 @@ learned share of the mid-depth residual is subtracted at the end. Attention: rot
 parameter-free RMSNorm of q and k (times qk_scale), grouped-query heads, a per-layer causal window
 (window_pattern), and on some layers a value embedding of the input token mixed into v through a per-head gate
 (a scalar, or computed from the block input); with `attn_gate`, each head's output times a sigmoid gate of the
-block input before the output projection. MLP: ReLU squared, 4x wide. Logits: final norm, lm_head,
-softcap * tanh(logits / softcap). No biases, no norm weights.
+block input before the output projection; with `bigram_embeds`, each block's input also gets a learned per-layer
+share of a row of a bigram table, the row a hash of (previous token, token). MLP: ReLU squared, 4x wide. Logits:
+final norm, lm_head, softcap * tanh(logits / softcap). No biases, no norm weights.
 
 The export refuses a model whose config has a field this file does not implement (nanochat/export/hf.py), so a
 new architecture feature has to be added here, and to the export test, before such a model can be exported.
@@ -37,7 +38,8 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 class NanochatConfig(PretrainedConfig):
     """The architecture fields of nanochat's GPTConfig (same names and meaning), plus the number of input
-    channels the smear, value-embedding and attention output gates read (constants of nanochat/model/gpt.py)."""
+    channels the smear, value-embedding and attention output gates read, and the bigram table's rows and hash
+    multipliers (constants of nanochat/model/gpt.py)."""
 
     model_type = "nanochat"
 
@@ -46,7 +48,8 @@ class NanochatConfig(PretrainedConfig):
                  short_window: int | None = None, value_embeds: bool = False, softcap: float | None = 15.0,
                  rope_base: float = 10000.0, qk_scale: float = 1.0, smear: bool = False, backout: bool = False,
                  value_embed_gate: str = "scalar", unet_skips: bool = False, attn_gate: bool = False,
-                 smear_channels: int = 24, ve_gate_channels: int = 12, attn_gate_channels: int = 12,
+                 bigram_embeds: bool = False, smear_channels: int = 24, ve_gate_channels: int = 12,
+                 attn_gate_channels: int = 12, bigram_rows: int = 0, bigram_hash: tuple[int, int] = (0, 0),
                  use_cache: bool = True, **kwargs):
         self.vocab_size, self.sequence_len = vocab_size, sequence_len
         self.n_layer, self.n_head, self.n_kv_head = n_layer, n_head, n_kv_head
@@ -59,6 +62,10 @@ class NanochatConfig(PretrainedConfig):
             raise ValueError(f"value_embed_gate must be scalar or input, got {value_embed_gate!r}")
         self.value_embed_gate = value_embed_gate
         self.smear_channels, self.ve_gate_channels = smear_channels, ve_gate_channels
+        if bigram_embeds and (bigram_rows < 2 or len(bigram_hash) != 2):
+            raise ValueError(f"bigram_embeds needs bigram_rows >= 2 and two bigram_hash multipliers, got {bigram_rows} "
+                             f"and {bigram_hash!r}: export the model again with nanochat's scripts.export_hf")
+        self.bigram_embeds, self.bigram_rows, self.bigram_hash = bigram_embeds, bigram_rows, list(bigram_hash)
         self.use_cache = use_cache  # generate() keeps keys and values between steps
         # the names transformers' utilities look for
         self.hidden_size, self.num_hidden_layers = n_embd, n_layer
@@ -193,6 +200,9 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         if config.unet_skips:
             self.skip_lambdas = nn.Parameter(torch.zeros(config.n_layer // 2))
+        if config.bigram_embeds:  # every row kept (the hash reads their number): no padding to drop
+            self.bigram_embed = nn.Embedding(config.bigram_rows, config.n_embd)
+            self.bigram_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -209,6 +219,9 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
             for name in ("smear_lambda", "backout_lambda", "skip_lambdas"):
                 if hasattr(module, name):
                     nn.init.zeros_(getattr(module, name))
+            if module.config.bigram_embeds:
+                nn.init.zeros_(module.bigram_embed.weight)
+                nn.init.constant_(module.bigram_lambdas, 0.1)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.wte
@@ -216,19 +229,23 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def smear(self, x: torch.Tensor, input_ids: torch.Tensor, key_valid: torch.Tensor, cache) -> torch.Tensor:
-        """x_t + smear_lambda sigmoid(smear_gate(x_t[:smear_channels])) x_{t-1}, x the normed embeddings. The
-        previous token of the first position comes from the cache (the last token of the previous call, kept
-        on the cache object); a first position, or one after padding, has no previous token."""
-        prev_ids = getattr(cache, "nanochat_last_tokens", None) if cache is not None else None
+    def smear(self, x: torch.Tensor, prev_ids: torch.Tensor | None, prev_valid: torch.Tensor) -> torch.Tensor:
+        """x_t + smear_lambda sigmoid(smear_gate(x_t[:smear_channels])) x_{t-1}, x the normed embeddings, x_{-1}
+        that of `prev_ids` [B, 1]; nothing where `prev_valid` [B, T] is False (see forward)."""
         before_first = torch.zeros_like(x[:, :1]) if prev_ids is None else rms_norm(self.wte(prev_ids))
         before = torch.cat((before_first, x[:, :-1]), dim=1)
-        T = x.size(1)
-        prev_valid = torch.cat((torch.zeros_like(key_valid[:, :1]), key_valid[:, :-1]), dim=1)[:, -T:]
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.config.smear_channels]))
-        if cache is not None:
-            cache.nanochat_last_tokens = input_ids[:, -1:]
         return x + gate.to(x.dtype) * before * prev_valid[..., None].to(x.dtype)
+
+    def bigram(self, input_ids: torch.Tensor, prev_ids: torch.Tensor | None,
+               prev_valid: torch.Tensor) -> torch.Tensor:
+        """Each position's bigram table row: (token * hash[0]) xor (previous token * hash[1]) mod (rows - 1), the
+        previous token of the first position `prev_ids` [B, 1]; the last row where `prev_valid` [B, T] is False."""
+        rows, (a, b) = self.config.bigram_rows, self.config.bigram_hash
+        ids = input_ids.long()
+        prev = torch.cat((ids[:, :1] if prev_ids is None else prev_ids.long(), ids[:, :-1]), dim=1)
+        row = torch.bitwise_xor(a * ids, b * prev) % (rows - 1)
+        return self.bigram_embed(row.masked_fill(~prev_valid, rows - 1))
 
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, 1, head_dim/2] in fp32 of angles position * rope_base^(-2i/head_dim)."""
@@ -258,12 +275,21 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         key_valid = attention_mask.bool()
         cos, sin = self.rotary(position_ids)
         cfg = self.config
+        # the token before the first position: the last one of the previous call, kept on the cache object; a
+        # position has a previous token where the key before it is a token (not padding, not before the start)
+        prev_ids = getattr(cache, "nanochat_last_tokens", None) if cache is not None else None
+        prev_valid = torch.cat((torch.zeros_like(key_valid[:, :1]), key_valid[:, :-1]), dim=1)[:, -T:]
+        if cache is not None:
+            cache.nanochat_last_tokens = input_ids[:, -1:]
         x = rms_norm(self.wte(input_ids))
         if cfg.smear:
-            x = self.smear(x, input_ids, key_valid, cache)
+            x = self.smear(x, prev_ids, prev_valid)
+        bigram = self.bigram(input_ids, prev_ids, prev_valid) if cfg.bigram_embeds else None
         x0, mid, skips = x, None, []
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if bigram is not None:
+                x = x + self.bigram_lambdas[i] * bigram
             if cfg.unet_skips and i >= cfg.n_layer - len(skips):  # layer i's mirror among the first half
                 x = x + self.skip_lambdas[cfg.n_layer - 1 - i] * skips[cfg.n_layer - 1 - i]
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None

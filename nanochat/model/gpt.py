@@ -21,7 +21,10 @@ gates value embeddings per kv head from the block input; `qk_scale` sharpens att
 `doc_mask` keeps each document of a packed row to itself (every document starts with `bos_id`): attention
 does not cross a document start, nor does the smear (a BOS token gets nothing of the token before it);
 `attn_gate` scales each head's attention output by sigmoid(W x[:12]) of the block input before c_proj, so a
-head can turn its contribution down per token (W starts at zero: every gate 0.5).
+head can turn its contribution down per token (W starts at zero: every gate 0.5); `bigram_embeds` adds to the
+residual at every layer, beside the x0 term, a learned per-layer share of a row of a hashed bigram table
+(BIGRAM_ROWS_PER_VOCAB x vocab rows, zero at init), the row picked by (previous token, current token): bigram
+statistics for the price of one lookup (see `bigram_rows`).
 
 One block computation serves training, prefill and the decode step: `GPT.run` takes the rotary rows and an
 `attend(attn, q, k, v)` callable, so a feature is written once and inference stays exact.
@@ -48,6 +51,8 @@ VALUE_EMBED_GATES = ("scalar", "input")
 SMEAR_CHANNELS = 24      # the smear gate reads this many leading channels of the embedding
 VE_GATE_CHANNELS = 12    # the input-dependent value-embedding gate reads this many of the block input
 ATTN_GATE_CHANNELS = 12  # the attention output gate (attn_gate) reads this many of the block input
+BIGRAM_ROWS_PER_VOCAB = 5  # bigram_embeds: the hashed table's rows per (padded) vocab entry; the last row is reserved
+BIGRAM_HASH = (0x9E3779B1, 0x85EBCA6B)  # odd multipliers of the current and the previous token (bigram_rows)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class GPTConfig:
     value_embed_gate: str = "scalar"  # scalar: one learned gate per kv head; input: 3 sigmoid(W x[:12]) per kv head
     unet_skips: bool = False
     attn_gate: bool = False          # each head's output times sigmoid(W x[:12]) of the block input, before c_proj
+    bigram_embeds: bool = False      # a hashed (previous, current) token table added into every layer's input
     doc_mask: bool = False           # forwards without a KV cache stay within each document (see the module docstring)
     bos_id: int | None = None        # the token that starts every document (the tokenizer's <|bos|>); doc_mask reads it
     # initialization only (a checkpoint runs the same without them)
@@ -117,6 +123,11 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def bigram_rows(self) -> int:
+        """Rows of the bigram table (bigram_embeds): hashed pairs in all but the last, the "no previous token" row."""
+        return BIGRAM_ROWS_PER_VOCAB * self.padded_vocab_size
 
     def layer_windows(self) -> list[int | None]:
         """Attention window per layer (None = full causal), the pattern cycled, last layer full."""
@@ -186,6 +197,23 @@ def embed(wte: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     return norm(x)
+
+
+def bigram_rows(idx: torch.Tensor, prev_tokens: torch.Tensor | None, rows: int,
+                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Each position's row of the bigram table [B, T] (int64, on idx's device): the xor of the current and the
+    previous token times BIGRAM_HASH's odd constants, mod rows - 1; the reserved last row where there is no previous
+    token: the first position when `prev_tokens` [B] (the tokens before idx[:, 0]) is None, and wherever
+    `doc_starts` [B, T] is True (doc_mask: a BOS gets nothing of the document before it, as in the smear). The
+    constants are below 2^32, so for any vocab below 2^30 the products fit int64 and the xor stays non-negative."""
+    idx = idx.long()
+    first = idx[:, :1] if prev_tokens is None else prev_tokens.long()[:, None]
+    prev = torch.cat((first, idx[:, :-1]), dim=1)
+    row = torch.bitwise_xor(BIGRAM_HASH[0] * idx, BIGRAM_HASH[1] * prev) % (rows - 1)
+    no_prev = torch.zeros_like(idx, dtype=torch.bool) if doc_starts is None else doc_starts
+    if prev_tokens is None:
+        no_prev = no_prev | (torch.arange(idx.size(1), device=idx.device) == 0)
+    return row.masked_fill(no_prev, rows - 1)
 
 
 Attend = Callable[["CausalSelfAttention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -363,6 +391,9 @@ class GPT(nn.Module):
             self.backout_lambda = nn.Parameter(torch.empty(1))
         if cfg.unet_skips:  # layer n-1-i's input += lambda_i * layer i's output, i < n // 2
             self.skip_lambdas = nn.Parameter(torch.empty(cfg.n_layer // 2))
+        if cfg.bigram_embeds:  # layer i's input += lambda_i * bigram_embed[hash(previous token, token)]
+            self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.n_embd)
+            self.bigram_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
         self.rotary_len = cfg.sequence_len * ROPE_LENGTH_FACTOR
         cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, base=cfg.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # derived, so never saved in checkpoints
@@ -376,7 +407,8 @@ class GPT(nn.Module):
         scalars 0 (or, with init_ramp, 1.15 -> 1.05 and 0.20 -> 0.05 over depth); value-embed gates 1 (the
         input gate: small positive weights, so 3 sigmoid starts near 1.5); attention output gates zero (each
         head's output x 0.5 at first, still the identity block since c_proj is zero); smear off (lambda 0),
-        backout 0.2, skips 0."""
+        backout 0.2, skips 0; the bigram table zero (the model starts as without it; the rows used get gradients
+        at once) and its per-layer scalars 0.1 (nonzero, so the table's gradient is too)."""
         cfg = self.config
         nn.init.normal_(self.wte.weight, std=cfg.embedding_init_std)
         nn.init.normal_(self.lm_head.weight, std=0.001)
@@ -409,6 +441,9 @@ class GPT(nn.Module):
             nn.init.constant_(self.backout_lambda, 0.2)
         if cfg.unet_skips:
             nn.init.zeros_(self.skip_lambdas)
+        if cfg.bigram_embeds:
+            nn.init.zeros_(self.bigram_embed.weight)
+            nn.init.constant_(self.bigram_lambdas, 0.1)
         cos, sin = rotary_tables(self.rotary_len, cfg.head_dim, device=self.cos.device, base=cfg.rope_base)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -446,16 +481,21 @@ class GPT(nn.Module):
         """The model's one block computation, for training, prefill and decoding alike: tokens idx [B, T] at
         rotary rows cos, sin (any shape that broadcasts to [B, T, 1, D/2]) -> the residual stream [B, T, C].
         `attend(attn, q, k, v)` does each layer's attention (and any caching); `prev_tokens` [B] are the
-        tokens before idx[:, 0] (smear; None: nothing before); `qkv_weights` one stacked q/k/v matrix per
-        layer (a decoder's: one projection matmul instead of three)."""
+        tokens before idx[:, 0] (smear and bigram_embeds; None: nothing before); `qkv_weights` one stacked q/k/v
+        matrix per layer (a decoder's: one projection matmul instead of three)."""
         cfg = self.config
         x = embed(self.wte, idx)
+        doc_starts = idx == cfg.bos_id if cfg.doc_mask else None
         if cfg.smear:
-            x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]),
-                            idx == cfg.bos_id if cfg.doc_mask else None)
+            x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]), doc_starts)
+        bigram = None
+        if cfg.bigram_embeds:  # no norm: the table starts at zero, and the norm of zero has no useful gradient
+            bigram = self.bigram_embed(bigram_rows(idx, prev_tokens, cfg.bigram_rows, doc_starts)).to(x.dtype)
         x0, mid, skips = x, None, []
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if bigram is not None:
+                x = x + self.bigram_lambdas[i] * bigram
             if cfg.unet_skips and i >= cfg.n_layer - len(skips):
                 x = x + self.skip_lambdas[cfg.n_layer - 1 - i] * skips[cfg.n_layer - 1 - i]
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
@@ -495,8 +535,9 @@ class GPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Optimizer groups, every parameter exactly once: "matrix" (2-D weights in blocks, Muon); for
-        AdamW "embedding" (wte), "value_embed", "lm_head", "resid" and "x0" (the per-layer lambdas) and
-        "scalar" (value-embed scalar gates, smear, backout and skip parameters)."""
+        AdamW "embedding" (wte), "value_embed", "bigram_embed" (the bigram table), "lm_head", "resid" and "x0"
+        (the per-layer lambdas; the bigram table's per-layer lambdas too: they weigh a side input into the
+        residual just as x0's do) and "scalar" (value-embed scalar gates, smear, backout and skip parameters)."""
         extra = [getattr(self, name) for name in ("smear_lambda", "backout_lambda", "skip_lambdas") if hasattr(self, name)]
         if self.config.smear:
             extra.append(self.smear_gate.weight)
@@ -504,9 +545,10 @@ class GPT(nn.Module):
             "matrix": [p for p in self.blocks.parameters() if p.ndim == 2],
             "embedding": [self.wte.weight],
             "value_embed": [t.weight for t in self.value_embeds.values()],
+            "bigram_embed": [self.bigram_embed.weight] if self.config.bigram_embeds else [],
             "lm_head": [self.lm_head.weight],
             "resid": [self.resid_lambdas],
-            "x0": [self.x0_lambdas],
+            "x0": [self.x0_lambdas, *([self.bigram_lambdas] if self.config.bigram_embeds else [])],
             "scalar": [*(p for p in self.blocks.parameters() if p.ndim < 2), *extra],
         }
         assert sum(len(g) for g in groups.values()) == len(list(self.parameters())), "param_groups misses a parameter"

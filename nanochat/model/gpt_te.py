@@ -75,7 +75,8 @@ class TEGPT(nn.Module):
             raise ValueError("--arch te does not support --recompute; use --arch gpt or --recompute none")
         plain = GPTConfig()  # TE's layer runs the plain block: these options have no place in it
         options = {"value_embeds": False, "smear": False, "backout": False, "unet_skips": False, "doc_mask": False,
-                   "attn_gate": False, "qk_scale": plain.qk_scale, "rope_base": plain.rope_base}
+                   "attn_gate": False, "bigram_embeds": False, "qk_scale": plain.qk_scale,
+                   "rope_base": plain.rope_base}
         unsupported = {k: getattr(cfg, k) for k, v in options.items() if getattr(cfg, k) != v}
         if unsupported:
             raise ValueError(f"--arch te builds the plain block (TE's TransformerLayer), without {sorted(unsupported)}: "
