@@ -66,8 +66,8 @@ def tiny_model(window_pattern: str = "L", seed: int = 0, sequence_len: int = 256
 
     `init_weights` zeroes some projections and gates (so a fresh model predicts near-uniform logits, where
     argmax ties would make greedy comparisons meaningless, and the smear and skips would be inert); we add
-    noise to every weight matrix (the bigram table too) and set the gates, so that the logits are spread out, each position really
-    depends on the context, and every option acts.
+    noise to every weight matrix (the bigram table too) and set the gates, so that the logits are spread out,
+    each position really depends on the context, and every option acts.
     """
     from nanochat.model.gpt import GPT, config_from_depth
 
