@@ -518,7 +518,7 @@ def test_bigram_rows_hash_in_range_and_reserve_the_last_row_where_nothing_comes_
     rows = tiny().bigram_rows  # 5 x the padded vocab (320)
     assert rows == 1600
     idx = tokens(B=3, T_=40)
-    got = gpt_mod.bigram_rows(idx, None, rows)
+    got = gpt_mod.bigram_row_ids(idx, None, rows)
     assert got.dtype == torch.int64 and got.shape == idx.shape
     assert (got[:, 0] == rows - 1).all()  # a sequence's first token has no previous one
     assert ((got[:, 1:] >= 0) & (got[:, 1:] < rows - 1)).all()  # hashed pairs never take the reserved row
@@ -527,19 +527,19 @@ def test_bigram_rows_hash_in_range_and_reserve_the_last_row_where_nothing_comes_
     for i, t in ((0, 1), (1, 17), (2, 39)):
         assert got[i, t].item() == ((a * idx[i, t].item()) ^ (b * idx[i, t - 1].item())) % (rows - 1)
     # the tokens before the first position (a KV cache's last ones) give a decode step the full forward's rows
-    torch.testing.assert_close(gpt_mod.bigram_rows(idx[:, 5:], idx[:, 4], rows), got[:, 5:], rtol=0, atol=0)
-    torch.testing.assert_close(gpt_mod.bigram_rows(idx[:, 5:6], idx[:, 4], rows), got[:, 5:6], rtol=0, atol=0)
+    torch.testing.assert_close(gpt_mod.bigram_row_ids(idx[:, 5:], idx[:, 4], rows), got[:, 5:], rtol=0, atol=0)
+    torch.testing.assert_close(gpt_mod.bigram_row_ids(idx[:, 5:6], idx[:, 4], rows), got[:, 5:6], rtol=0, atol=0)
     # doc_mask: a BOS is a document's start, whatever came before it
     starts = torch.zeros_like(idx, dtype=torch.bool)
     starts[0, 7] = starts[2, 20] = True
-    masked = gpt_mod.bigram_rows(idx, None, rows, starts)
+    masked = gpt_mod.bigram_row_ids(idx, None, rows, starts)
     assert masked[0, 7] == masked[2, 20] == rows - 1
     assert torch.equal(masked[~starts], got[~starts])
-    assert gpt_mod.bigram_rows(idx[:, 7:], idx[:, 6], rows, starts[:, 7:])[0, 0] == rows - 1  # in a decode step too
+    assert gpt_mod.bigram_row_ids(idx[:, 7:], idx[:, 6], rows, starts[:, 7:])[0, 0] == rows - 1  # in a decode step too
     # the largest vocab a table could have here: no overflow, still in range
     big = torch.tensor([[2**20 - 1, 2**20 - 2, 2**20 - 1, 0]])
-    assert ((gpt_mod.bigram_rows(big, big[:, 0], 5 * 2**20) >= 0).all()
-            and (gpt_mod.bigram_rows(big, big[:, 0], 5 * 2**20) < 5 * 2**20 - 1).all())
+    assert ((gpt_mod.bigram_row_ids(big, big[:, 0], 5 * 2**20) >= 0).all()
+            and (gpt_mod.bigram_row_ids(big, big[:, 0], 5 * 2**20) < 5 * 2**20 - 1).all())
 
 
 def test_bigram_rows_tell_previous_tokens_apart():
@@ -547,7 +547,7 @@ def test_bigram_rows_tell_previous_tokens_apart():
     about as many as a random function gives (1599 rows: ~273 expected, 300 at best)."""
     rows = tiny().bigram_rows
     cur, prev = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)
-    got = gpt_mod.bigram_rows(torch.stack((prev, cur), 1), None, rows)[:, 1].view(V, V)  # [current, previous]
+    got = gpt_mod.bigram_row_ids(torch.stack((prev, cur), 1), None, rows)[:, 1].view(V, V)  # [current, previous]
     assert torch.unique(got[7, :16]).numel() == 16
     assert min(torch.unique(row).numel() for row in got) >= 250
     assert torch.unique(got).numel() == rows - 1  # every hashed row is reached
@@ -577,7 +577,7 @@ def test_bigram_table_is_inert_at_init_and_learns_from_the_first_step():
     assert all(torch.equal(shared[name], p) for name, p in off.state_dict().items())
     table = on.bigram_embed.weight
     used = torch.zeros(table.size(0), dtype=torch.bool)
-    used[gpt_mod.bigram_rows(idx, None, on.config.bigram_rows)] = True
+    used[gpt_mod.bigram_row_ids(idx, None, on.config.bigram_rows)] = True
     assert (table[used] != 0).any(dim=1).all() and (table[~used] == 0).all()
     with torch.no_grad():
         assert (on(idx, tgt) - off(idx, tgt)).abs() > 1e-4

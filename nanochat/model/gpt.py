@@ -24,7 +24,7 @@ does not cross a document start, nor does the smear (a BOS token gets nothing of
 head can turn its contribution down per token (W starts at zero: every gate 0.5); `bigram_embeds` adds to the
 residual at every layer, beside the x0 term, a learned per-layer share of a row of a hashed bigram table
 (BIGRAM_ROWS_PER_VOCAB x vocab rows, zero at init), the row picked by (previous token, current token): bigram
-statistics for the price of one lookup (see `bigram_rows`).
+statistics for the price of one lookup (see `bigram_row_ids`).
 
 One block computation serves training, prefill and the decode step: `GPT.run` takes the rotary rows and an
 `attend(attn, q, k, v)` callable, so a feature is written once and inference stays exact.
@@ -52,7 +52,7 @@ SMEAR_CHANNELS = 24      # the smear gate reads this many leading channels of th
 VE_GATE_CHANNELS = 12    # the input-dependent value-embedding gate reads this many of the block input
 ATTN_GATE_CHANNELS = 12  # the attention output gate (attn_gate) reads this many of the block input
 BIGRAM_ROWS_PER_VOCAB = 5  # bigram_embeds: the hashed table's rows per (padded) vocab entry; the last row is reserved
-BIGRAM_HASH = (0x9E3779B1, 0x85EBCA6B)  # odd multipliers of the current and the previous token (bigram_rows)
+BIGRAM_HASH = (0x9E3779B1, 0x85EBCA6B)  # odd multipliers of the current and the previous token (bigram_row_ids)
 
 
 @dataclass
@@ -199,8 +199,8 @@ def embed(wte: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
-def bigram_rows(idx: torch.Tensor, prev_tokens: torch.Tensor | None, rows: int,
-                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+def bigram_row_ids(idx: torch.Tensor, prev_tokens: torch.Tensor | None, rows: int,
+                   doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Each position's row of the bigram table [B, T] (int64, on idx's device): the xor of the current and the
     previous token times BIGRAM_HASH's odd constants, mod rows - 1; the reserved last row where there is no previous
     token: the first position when `prev_tokens` [B] (the tokens before idx[:, 0]) is None, and wherever
@@ -490,7 +490,7 @@ class GPT(nn.Module):
             x = self._smear(x, None if prev_tokens is None else embed(self.wte, prev_tokens[:, None]), doc_starts)
         bigram = None
         if cfg.bigram_embeds:  # no norm: the table starts at zero, and the norm of zero has no useful gradient
-            bigram = self.bigram_embed(bigram_rows(idx, prev_tokens, cfg.bigram_rows, doc_starts)).to(x.dtype)
+            bigram = self.bigram_embed(bigram_row_ids(idx, prev_tokens, cfg.bigram_rows, doc_starts)).to(x.dtype)
         x0, mid, skips = x, None, []
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
