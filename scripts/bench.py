@@ -23,6 +23,7 @@ from nanochat.build import BuildConfig
 from nanochat.common import get_base_dir
 from nanochat.flags import parse_flags, redeclare, to_argv
 from nanochat.runtime import setup_torch_env
+from scripts.profile_kernels import ProfileConfig
 
 
 AXES = ("arch", "kernel", "attn", "precision", "depth", "device_batch_size", "max_seq_len", "window_pattern",
@@ -58,8 +59,7 @@ class BenchConfig(BuildConfig):
     timeout: int = field(default=900, metadata={"help": "seconds per row before it is marked as a timeout"})
     out_dir: str = field(default="", metadata={"help": "where the results go (default <base_dir>/bench/<timestamp>)"})
     device_type: str = field(default="auto", metadata={"help": "cuda, mps, cpu or auto"})
-    doc_len: int = field(default=0, metadata={"help": "with --doc_mask (the default): a document starts every "
-                                              "doc_len tokens of the random rows; 0: one per row"})
+    doc_len: int = redeclare(ProfileConfig, "doc_len", 0)
 
 
 def row_argv(cfg: BenchConfig, combo: dict) -> list[str]:
