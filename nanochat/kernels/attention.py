@@ -187,6 +187,10 @@ class CudnnBackend(Backend):
 
 _BLOCK_MASKS: dict[tuple, Any] = {}
 _COMPILED_FLEX: Any = None
+# Inductor routes queries shorter than 128 to its flex-decoding template, which finds no valid config when
+# T x (query heads per kv head) > 128 (an evaluation row of 80 tokens with GQA 4 fails to compile); our decode
+# path is the KV cache's, never flex, so flex always takes its main kernel.
+_FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 def _flex_block_mask(T: int, window: int | None, device: torch.device):
@@ -242,13 +246,15 @@ class FlexBackend(Backend):
     def attend(self, q, k, v, window):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         block_mask = _flex_block_mask(q.size(2), window, q.device)
-        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
+                               kernel_options=_FLEX_KERNEL_OPTIONS)
         return y.transpose(1, 2)
 
     def attend_docs(self, q, k, v, window, docs):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         block_mask = docs.derived(("flex", window), lambda: _flex_document_mask(docs.ids, window))
-        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
+                               kernel_options=_FLEX_KERNEL_OPTIONS)
         return y.transpose(1, 2)
 
 
