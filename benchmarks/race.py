@@ -58,6 +58,7 @@ the others: the race reports each failure at the end, with its logs, and exits n
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -403,7 +404,16 @@ def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
     race = {k: v for k, v in asdict(cfg).items() if k not in left_out}
     if racer.steps:
         race.update(steps=racer.steps, seconds=0.0)
+    if racer.kind == "ours":  # auto attention picks FlashAttention-4 where it is installed (race_gpu.sh stages it)
+        race.update(flash_attn_4=installed_version("flash-attn-4"))
     return {"kind": racer.kind, "flags": racer.flags, **race}
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def newest_checkpoint(kind: str, base: Path, tag: str) -> int | None:

@@ -7,7 +7,9 @@
 # a call: `stage` copies any .race_[b-z] it is given and says which shards are still missing, and which carry
 # brings them.
 #   bash benchmarks/race_gpu.sh stage       carry [".race_a"]: its data, tokenizers and peer -> /root/race, rustbpe
-#                                           installed and imported
+#                                           installed and imported; carry [".whl_fa4"] (benchmarks/prepare_fa4.sh):
+#                                           FlashAttention-4 unpacked, which our racers' auto attention then picks
+#                                           (document masks on FA4's varlen kernels; nanochat's code does not use it)
 #   bash benchmarks/race_gpu.sh run ARGS    carry [".race_b", ".race_c"] (57 MiB together; the limit is per call):
 #                                           their shards, then, when /root/race/data holds every shard
 #                                           the manifest names (else it stops, naming the missing ones and their
@@ -36,6 +38,7 @@ if [ -d .race_a ]; then
     cp -r .race_a/tokenizer_ours .race_a/tokenizer_nanochat .race_a/peer "$RACE/"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .race_a/whl/*.whl
 fi
+source benchmarks/fa4_env.sh  # FA4 from .whl_fa4, or as an earlier call unpacked it; else it says fa4 is unavailable
 for carry in .race_[b-z]; do
     if [ -d "$carry" ]; then
         cp "$carry"/data/*.parquet "$RACE/data/" && echo "$carry: $(ls "$carry/data" | tr '\n' ' ')"

@@ -459,6 +459,18 @@ def test_finished_racers_are_not_run_again(tmp_path, monkeypatch):
         race.run_racer(race.RaceConfig(out=str(tmp_path), steps=4), racer, tmp_path, tmp_path / "work")
 
 
+def test_our_racers_settings_name_the_flash_attention_4_they_ran_with(monkeypatch):
+    """Staging FA4 on a warm machine changes our racers' attention kernels (auto picks it): a result from before
+    must not stand in. The peer's code never uses FA4: its settings do not depend on it."""
+    cfg = race.RaceConfig(steps=3)
+    ours, peer = race.Racer("ours", "ours", []), race.Racer("nanochat", "nanochat", [])
+    monkeypatch.setattr(race, "installed_version", lambda package: None)
+    before = race.racer_settings(cfg, ours), race.racer_settings(cfg, peer)
+    monkeypatch.setattr(race, "installed_version", lambda package: {"flash-attn-4": "4.0.0b36"}.get(package))
+    assert (before[0]["flash_attn_4"], race.racer_settings(cfg, ours)["flash_attn_4"]) == (None, "4.0.0b36")
+    assert race.racer_settings(cfg, peer) == before[1] and "flash_attn_4" not in before[1]
+
+
 # Each trainer's lines: (steps done, ms) after a training step, (step, bpb) of an evaluation, peak memory GiB.
 FORMATS = {
     "ours": (lambda done, ms: f"step {done:05d}/00006 | loss 4.0000 | lrm 1.000 | {ms} ms | 1,000 tok/s | MFU 40.0% | "
