@@ -138,6 +138,25 @@ def test_auto_choice_logic(monkeypatch):
     assert select_backend(None, bf16, cuda) == "sdpa"
 
 
+def test_auto_takes_sdpa_for_window_layers_outside_a_compiled_graph(monkeypatch):
+    """Evaluation and fine-tuning run eagerly on rows of many lengths: flex would compile per shape (and run
+    unfused past dynamo's recompile limit), so auto's window layers take sdpa's explicit mask there; inside a
+    compiled graph flex, a named flex, and full-causal layers on cudnn are unaffected."""
+    cuda, bf16, fp32 = torch.device("cuda"), torch.bfloat16, torch.float32
+    monkeypatch.setattr(attn_mod, "_CHOICES", {})
+    fake_available(monkeypatch, {"cudnn", "flex", "sdpa"})
+    assert select_backend(512, bf16, cuda, compiled=False) == "sdpa"
+    assert select_backend(512, bf16, cuda, compiled=True) == "flex"
+    assert select_backend(None, fp32, cuda, compiled=False) == "sdpa"  # cudnn: half precision only
+    assert select_backend(None, bf16, cuda, compiled=False) == "cudnn"
+    assert select_backend(512, bf16, cuda, "flex", compiled=False) == "flex"  # named: kept
+    monkeypatch.setattr(attn_mod, "_LOGGED", set())
+    logged = []
+    monkeypatch.setattr(attn_mod, "log0", logged.append)
+    assert attn_mod._layer_backend("auto", 512, bf16, "cuda", 1, False, False) == "sdpa"
+    assert logged == ["attention: layer 1 window 512 -> sdpa (outside a compiled graph; flex inside one)"]
+
+
 def test_explicit_backend_falls_back_per_layer_when_unsupported(monkeypatch):
     fake_available(monkeypatch, {"cudnn", "flex", "sdpa"})
     assert select_backend(None, torch.bfloat16, "cuda", "cudnn") == "cudnn"

@@ -244,7 +244,7 @@ def test_auto_skips_backends_that_cannot_mask_documents(monkeypatch):
 
 def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
     """Outside a compiled graph (evaluation, fine-tuning: a new row length every batch) auto takes sdpa's explicit
-    mask, not flex, which would compile per shape; a named flex, layers without documents and fa4 are unaffected."""
+    mask, not flex, which would compile per shape; a named flex, fa3 and fa4 are unaffected."""
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
     fake_available(monkeypatch, {"fa3", "cudnn", "flex", "sdpa"})

@@ -476,9 +476,9 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
     explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
     compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
     With doc_mask, a name that cannot mask documents at all is a ValueError (check_doc_mask_backend).
-    compiled=False (a forward outside a compiled graph: evaluation, fine-tuning): auto masks documents with sdpa's
-    explicit mask instead of flex, whose document BlockMask and kernel would compile again for every new batch
-    shape (and run unfused, materializing the scores, past dynamo's recompile limit).
+    compiled=False (a forward outside a compiled graph: evaluation, fine-tuning): auto takes sdpa's explicit mask
+    instead of flex, for documents and windows alike: flex's kernel (and a document BlockMask) would compile again
+    for every new batch shape, and run unfused, materializing the scores, past dynamo's recompile limit.
     """
     device = torch.device(device)
     key = (backend, window, dtype, device.type, doc_mask, compiled)
@@ -491,7 +491,7 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
         choice = backend
     else:
         choice = ATTENTION_BACKENDS.pick(window, dtype, device, doc_mask)  # sdpa serves every layer
-        if doc_mask and choice == "flex" and not compiled:
+        if choice == "flex" and not compiled:
             choice = "sdpa"
     _CHOICES[key] = choice
     return choice
