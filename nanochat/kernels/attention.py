@@ -244,18 +244,18 @@ class FlexBackend(Backend):
         return torch.device(device).type == "cuda" and dtype in (*HALF_DTYPES, torch.float32)
 
     def attend(self, q, k, v, window):
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        block_mask = _flex_block_mask(q.size(2), window, q.device)
-        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
-                               kernel_options=_FLEX_KERNEL_OPTIONS)
-        return y.transpose(1, 2)
+        return _flex(q, k, v, _flex_block_mask(q.size(1), window, q.device))
 
     def attend_docs(self, q, k, v, window, docs):
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        block_mask = docs.derived(("flex", window), lambda: _flex_document_mask(docs.ids, window))
-        y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
-                               kernel_options=_FLEX_KERNEL_OPTIONS)
-        return y.transpose(1, 2)
+        return _flex(q, k, v, docs.derived(("flex", window), lambda: _flex_document_mask(docs.ids, window)))
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """flex_attention of q [B, T, H, D], k/v [B, T, Hkv, D] under `block_mask`, on its main kernel."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1),
+                           kernel_options=_FLEX_KERNEL_OPTIONS)
+    return y.transpose(1, 2)
 
 
 def _import_fa3() -> tuple[Any, str]:
