@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def evaluate() -> float:
         """Validation bpb through the training model: its batches have the training shape, so a compiled model
-        compiles one more graph (forward only) at the first evaluation and runs every later one fused (eagerly,
-        2^21 tokens at d12 took ~5 s in the S19 race, about twice the compiled peer's time)."""
+        compiles one more graph (forward only) at the first evaluation and runs every later one fused, where the
+        eager model took several times longer."""
         val_loader = PackedLoader(tokenizer, data_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device,
                                   rank=rank, world_size=world_size, split_long_docs=cfg.split_long_docs)
         steps = max(1, cfg.eval_tokens // micro_batch)
