@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     # model and optimizer (nanochat.build: meta device, init, kernels, precision, optimizer, compile)
     lr_scale, wd_scale = schedule["lr_scale"], schedule["wd_scale"]
     orig_model, model, optimizer = build(cfg, device, tokenizer.get_vocab_size(), lr_scale=lr_scale,
-                                         wd_scale=wd_scale,  # orig_model: uncompiled, for sampling and saving
+                                         wd_scale=wd_scale,  # orig_model: uncompiled, for eval, sampling, saving
                                          bos_id=tokenizer.get_bos_token_id())
     model_config = orig_model.config
     num_params = orig_model.num_params()
@@ -300,15 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
         log0(f"MFU n/a: no peak-FLOPS entry for {device_name(device)!r} (nanochat.common.PEAK_BF16_FLOPS)")
 
     def evaluate() -> float:
-        """Validation bpb through the training model: its batches have the training shape, so a compiled model
-        compiles one more graph (forward only) at the first evaluation and runs every later one fused, where the
-        eager model took several times longer."""
         val_loader = PackedLoader(tokenizer, data_dir, "val", cfg.device_batch_size, cfg.max_seq_len, device,
                                   rank=rank, world_size=world_size, split_long_docs=cfg.split_long_docs)
         steps = max(1, cfg.eval_tokens // micro_batch)
         orig_model.eval()
         with autocast:
-            bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
+            bpb = evaluate_bpb(orig_model, val_loader, steps, token_bytes)
         val_loader.close()
         orig_model.train()
         return bpb

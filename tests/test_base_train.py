@@ -147,35 +147,6 @@ def test_short_run_lowers_loss_and_prints_json_last(assets, env, monkeypatch, ca
     assert meta["val_bpb"] == pytest.approx(result["val_bpb"]) and meta["train_config"]["num_iterations"] == 30
 
 
-def test_evaluations_run_through_the_training_model(assets, env, monkeypatch):
-    """The training model (compiled on CUDA) evaluates too, at the training batch's shape: not the eager one."""
-    tok_dir, data_dir = assets
-    calls: list[tuple[bool, str, tuple]] = []
-
-    class Recorder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x, y, loss_reduction="mean"):
-            calls.append((torch.is_grad_enabled(), loss_reduction, tuple(x.shape)))
-            return self.inner(x, y, loss_reduction=loss_reduction)
-
-    real_build = base_train.build
-
-    def recorded_build(*args, **kwargs):
-        built = real_build(*args, **kwargs)
-        return built._replace(train_model=Recorder(built.train_model))
-
-    monkeypatch.setattr(base_train, "build", recorded_build)
-    run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=4, eval_every=2, save_every=-1))
-    training = [c for c in calls if c[0]]
-    evaluations = [c for c in calls if not c[0]]
-    assert len(training) == 4, calls  # 4 steps of one micro-batch (256 tokens of 4 x 64)
-    assert len(evaluations) == 3 * 2 and {c[1] for c in evaluations} == {"none"}, calls  # steps 0, 2, 4: 512 tokens
-    assert {c[2] for c in calls} == {(4, 64)}, "evaluation batches have the training shape"
-
-
 def test_time_budget_ends_the_run_with_a_line_that_says_so(assets, env, monkeypatch, capsys):
     tok_dir, data_dir = assets
     clock = iter(range(0, 10**6, 2))  # every perf_counter() call: 2 more seconds, so each step takes 2 s
