@@ -13,7 +13,9 @@ import types
 
 import pytest
 import torch
+import torch._dynamo.testing
 
+from nanochat import runtime
 from nanochat.kernels import attention as attn_mod
 from nanochat.kernels.attention import ATTENTION_BACKENDS, Documents, attention, select_backend
 from nanochat.model.gpt import GPTConfig
@@ -359,6 +361,34 @@ def test_compiled_gpt_with_documents_is_one_graph_and_equals_eager():
                     want = [p.grad.clone() for p in model.parameters()]
             for got, ref in zip((p.grad for p in model.parameters()), want):
                 torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_compile_model_keeps_fa4_documents_in_one_graph(monkeypatch):
+    """The training path (runtime.compile_model, no fullgraph) with fa4's documents: the offsets' data-dependent
+    length is captured, so the whole model is one frame, not a graph break in every layer (S20: each block then
+    compiled on its own, past the recompile limit, and the step ran at 0.67x). Equal to eager."""
+    monkeypatch.setattr(attn_mod, "_FA4", varlen_stand_in([]))
+    monkeypatch.setattr(ATTENTION_BACKENDS["fa4"], "is_available", lambda: (True, "ok"))
+    monkeypatch.setattr(type(ATTENTION_BACKENDS["fa4"]), "supports", lambda self, *args, **kwargs: True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, dynamic=kw["dynamic"], backend=counter))
+    model = build(tiny(n_layer=4, doc_mask=True, bos_id=BOS, attn_backend="fa4")).double().train()
+    torch._dynamo.reset()
+    idx = packed_rows([DOCS], vocab=model.config.vocab_size, gen=torch.Generator().manual_seed(fresh_seed()))
+    losses = []
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):  # the default; compile_model sets it
+        compiled = runtime.compile_model(model)
+        for fn in (model, compiled):
+            model.zero_grad()
+            losses.append(fn(idx, torch.roll(idx, -1, 1)))
+            losses[-1].backward()
+            if fn is model:
+                want = [p.grad.clone() for p in model.parameters()]
+    assert counter.frame_count == 1, f"{counter.frame_count} frames: a graph break"
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-10, rtol=0)
+    for got, ref in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9)
 
 
 def test_engine_equals_the_masked_forward_on_one_document():
