@@ -233,8 +233,10 @@ def fake_available(monkeypatch, names):
 def test_auto_skips_backends_that_cannot_mask_documents(monkeypatch):
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
-    assert select_backend(None, bf16, cuda) == "fa3" and select_backend(None, bf16, cuda, doc_mask=True) == "fa4"
-    assert select_backend(512, bf16, cuda, doc_mask=True) == "fa4"
+    assert select_backend(None, bf16, cuda) == "fa3" and select_backend(None, bf16, cuda, doc_mask=True) == "flex"
+    assert select_backend(512, bf16, cuda, doc_mask=True) == "flex"  # DOC_MASK_ORDER: flex before fa4 (S20)
+    assert select_backend(512, bf16, cuda, "fa4", doc_mask=True) == "fa4"  # named: kept
+    assert sorted(attn_mod.DOC_MASK_ORDER) == sorted(ATTENTION_BACKENDS)  # a new backend is ordered there too
     assert select_backend(None, torch.float32, cuda, doc_mask=True) == "flex"
     assert select_backend(None, bf16, torch.device("cpu"), doc_mask=True) == "sdpa"
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
@@ -257,7 +259,8 @@ def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
     assert select_backend(512, bf16, cuda, compiled=False) == select_backend(512, bf16, cuda) == "fa3"  # no documents
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
-    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "fa4"  # varlen: no per-shape compile
+    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "sdpa"
+    assert select_backend(None, bf16, cuda, "fa4", doc_mask=True, compiled=False) == "fa4"  # varlen: no recompiles
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
     fake_available(monkeypatch, {"flex", "sdpa"})
     monkeypatch.setattr(attn_mod, "_LOGGED", set())
