@@ -290,9 +290,9 @@ def run_logged(argv: list[str], env: dict, cwd: Path, log: Path, mirror: Path | 
 
 def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.inf) -> dict:
     """Per-step seconds, tokens (None: the race's batch) and MFU, (step, bpb) evaluations, peak memory, the device's
-    name and the last step done, from a trainer's output; only the steps done and evaluations in (since, until]: one
-    attempt's share of a resumed run."""
-    dts, tokens, mfus, evals, memory, device, last = [], [], [], [], None, None, 0
+    name, the last step done and our compiled model's graph breaks, from a trainer's output; only the steps done and
+    evaluations in (since, until]: one attempt's share of a resumed run."""
+    dts, tokens, mfus, evals, memory, device, last, breaks = [], [], [], [], None, None, 0, None
     for line in lines:
         line = line.strip()
         step = mfu = point = batch = None
@@ -306,7 +306,7 @@ def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.
                 point = (int(m.group(1)), float(m.group(2)))
             elif line.startswith("{") and '"peak_memory_gib"' in line:
                 report = json.loads(line)
-                memory, device = report["peak_memory_gib"], report.get("device")
+                memory, device, breaks = report["peak_memory_gib"], report.get("device"), report.get("graph_breaks")
         else:  # its step line numbers the step from 0
             if m := PEER_STEP.match(line):
                 step, dt, mfu = int(m.group(1)) + 1, float(m.group(2)) / 1000, float(m.group(3))
@@ -324,22 +324,22 @@ def parse_log(kind: str, lines: list[str], since: int = -1, until: float = math.
         elif point is not None and since < point[0] <= until:
             evals.append(point)
     return {"step_seconds": dts, "step_tokens": tokens, "mfu": mfus, "evals": evals, "peak_memory_gib": memory,
-            "device": device, "last_step": last}
+            "device": device, "last_step": last, "graph_breaks": breaks}
 
 
 def merge_attempts(kind: str, parts: list[tuple[int, list[str]]]) -> dict:
     """parse_log's stats of one run from its attempts' (resume step or -1, output lines), in order: each attempt
-    gives the steps after its resume step up to the next attempt's; the peak memory is the highest, the device the
-    last one named."""
+    gives the steps after its resume step up to the next attempt's; the peak memory and graph breaks are the
+    highest, the device the last one named."""
     merged = {"step_seconds": [], "step_tokens": [], "mfu": [], "evals": [], "peak_memory_gib": None, "device": None,
-              "last_step": 0}
+              "last_step": 0, "graph_breaks": None}
     untils = [since for since, _ in parts[1:]] + [math.inf]
     for (since, lines), until in zip(parts, untils):
         stats = parse_log(kind, lines, since, until)
         for key in ("step_seconds", "step_tokens", "mfu", "evals"):
             merged[key] += stats[key]
-        memory = [m for m in (merged["peak_memory_gib"], stats["peak_memory_gib"]) if m is not None]
-        merged["peak_memory_gib"] = max(memory, default=None)
+        for key in ("peak_memory_gib", "graph_breaks"):
+            merged[key] = max((v for v in (merged[key], stats[key]) if v is not None), default=None)
         merged["device"] = stats["device"] or merged["device"]
         merged["last_step"] = max(merged["last_step"], stats["last_step"])
     return merged
@@ -514,7 +514,7 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
             "data_tokens": data_tokens, "epochs": epochs_of(sum(step_tokens), data_tokens),
             "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
             "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
-            "settings": settings}
+            "graph_breaks": stats["graph_breaks"], "settings": settings}
     stored.write_text(json.dumps(result))
     return result
 
@@ -643,6 +643,13 @@ def rise_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+def graph_break_notes(results: list[dict]) -> list[str]:
+    """A line for each racer of ours whose compiled model broke its graph: its speed is not one compiled graph's."""
+    return [f"[race] {who(r['name'], r.get('gpu'))}: its compiled model broke its graph {r['graph_breaks']}x, so its "
+            "step ran partly outside the compiled graph (the reasons: 'broke its graph' in its train.log)"
+            for r in results if r.get("graph_breaks")]
+
+
 def smoke_setup(cfg: RaceConfig) -> RaceConfig:
     """Tiny data (3 shards of 64 documents of the default data dir) and 512-token tokenizers under --out, and
     tiny racers on the CPU."""
@@ -720,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
         agreement = max(abs(r["own_minus_ours"]) for r in results)
         print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
               f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
-        for note in rise_notes(rows):
+        for note in rise_notes(rows) + graph_break_notes(results):
             print(note, flush=True)
     elif results:
         print(f"\nno table: the --target racer {cfg.target} failed", flush=True)

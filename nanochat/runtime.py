@@ -50,6 +50,15 @@ def compile_model(model, mode: str = "default"):
     return torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
 
 
+def graph_breaks() -> dict[str, int]:
+    """Dynamo's graph breaks in this process so far: each reason (whitespace collapsed) -> how often. A compiled
+    model should have none: a break splits the step into graphs run one after another, and a break inside a
+    repeated block compiles each block on its own, past the recompile limit eagerly (S20: a step at 0.67x)."""
+    from torch._dynamo.utils import counters
+
+    return {" ".join(reason.split()): n for reason, n in counters["graph_break"].items()}
+
+
 def recompute_pointwise_in_backward() -> None:
     """`--recompute pointwise`: AOTAutograd's partitioner recomputes every elementwise op it may (norms,
     rotary, ReLU², residual mixing) in the backward instead of saving its output; matmuls and attention stay

@@ -40,7 +40,7 @@ from nanochat.flags import parse_flags
 from nanochat.model.gpt import GPT
 from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import check_precision
-from nanochat.runtime import setup_torch_env
+from nanochat.runtime import graph_breaks, setup_torch_env
 from nanochat.progress import progress_bar
 from nanochat.tokenizer import get_tokenizer, resolve_tokenizer_dir
 from nanochat.tracking import RUN_HELP, TENSORBOARD_HELP, Tracker
@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
         tok_per_s = batch / dt
         if step == 1 and cfg.compile:  # the first step carries the compilation: kept out of the medians
             compile_seconds = dt
+            for reason, n in graph_breaks().items():
+                log0(f"warning: the compiled model broke its graph {n}x (the step runs partly outside one compiled "
+                     f"graph, slower): {reason[:300]}")
         else:
             step_times.append(dt)
             step_tok_s.append(tok_per_s)
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_tok_per_s": median_tok_s, "median_step_ms": 1000 * median_dt,
         "mfu": flops_per_token * median_tok_s / (peak * world_size) if peak else None,
         "peak_memory_gib": peak_memory_gib(device), "compile_seconds": compile_seconds,
-        "train_seconds": train_seconds,
+        "graph_breaks": sum(graph_breaks().values()) if cfg.compile else None, "train_seconds": train_seconds,
         "total_seconds": time.time() - t_start, "num_params": num_params, "device": device_name(device),
         "world_size": world_size, "kernel": cfg.kernel, "attn": cfg.attn,
         "precision": cfg.precision if device.type == "cuda" else "fp32",  # autocast is on for CUDA only

@@ -18,6 +18,7 @@ import torch
 from helpers_base_train import isolate, make_assets, read_train_log, tiny_flags
 from safetensors.torch import load_file
 
+from nanochat import build as build_mod
 from nanochat.checkpoint import latest_step, load_checkpoint
 from nanochat.flags import parse_flags
 from scripts import base_train
@@ -145,6 +146,19 @@ def test_short_run_lowers_loss_and_prints_json_last(assets, env, monkeypatch, ca
     assert latest_step(ckpt_dir) == 30
     _, _, meta = load_checkpoint(ckpt_dir, load_optimizer=False)
     assert meta["val_bpb"] == pytest.approx(result["val_bpb"]) and meta["train_config"]["num_iterations"] == 30
+
+
+def test_graph_breaks_of_the_compiled_model_are_said_and_reported(assets, env, monkeypatch, capsys):
+    """A compiled run names each graph break after its first step and counts them in its result (None uncompiled)."""
+    tok_dir, data_dir = assets
+    monkeypatch.setattr(build_mod, "compile_model", lambda model, mode: model)  # Inductor on the CPU: minutes
+    monkeypatch.setattr(base_train, "graph_breaks", lambda: {"Dynamic shape operator Explanation: cu_seqlens": 11})
+    result, _ = run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=2, compile="true"))
+    out = "".join(capsys.readouterr())  # log0 writes to stderr
+    assert out.count("warning: the compiled model broke its graph 11x") == 1 and "cu_seqlens" in out
+    assert result["graph_breaks"] == 11
+    result, _ = run(monkeypatch, env / "report2", tiny_flags(tok_dir, data_dir, num_iterations=2))
+    assert result["graph_breaks"] is None and "broke its graph" not in "".join(capsys.readouterr())
 
 
 def test_time_budget_ends_the_run_with_a_line_that_says_so(assets, env, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from nanochat import runtime
 from nanochat.build import BuildConfig, build
 from nanochat.flags import parse_flags
 from nanochat.model.gpt import GPTConfig, config_from_depth
@@ -102,3 +103,18 @@ def test_bigram_embeds_flag_reaches_the_recipe_model_and_its_optimizer_group():
     assert ADAMW_KINDS["bigram_embed"] == ADAMW_KINDS["value_embed"]
     assert groups(opt)["bigram_embed"] == groups(opt)["value_embed"]  # rate, decay and betas (tuned, the default)
     assert not cfg.model_config(256, recipe=False, bos_id=0).bigram_embeds
+
+
+def test_graph_breaks_counts_each_reason_on_one_line():
+    """runtime.graph_breaks: Dynamo's break reasons so far, whitespace collapsed, with their counts."""
+    def data_dependent(x):
+        return x.nonzero().sum()
+    before = runtime.graph_breaks()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        torch.compile(data_dependent, backend="eager")(torch.ones(3))
+    new = {reason: n - before.get(reason, 0) for reason, n in runtime.graph_breaks().items()
+           if n > before.get(reason, 0)}
+    assert len(new) == 1 and list(new.values()) == [1], new
+    reason = next(iter(new))
+    assert "aten.nonzero" in reason and "\n" not in reason and "  " not in reason

@@ -40,7 +40,7 @@ OUR_LINES = [
     "step 00002 | val bpb 2.0000",
     "step 00003/00003 | loss 8.0000 | lrm 1.000 | 1200 ms | 436,906 tok/s | MFU 42.0% | mem 2.00 GiB",
     "step 00003 | val bpb 1.5000",
-    json.dumps({"val_bpb": 1.5, "peak_memory_gib": 2.0, "device": GPU_NAME}),
+    json.dumps({"val_bpb": 1.5, "peak_memory_gib": 2.0, "device": GPU_NAME, "graph_breaks": 0}),
 ]
 
 
@@ -49,6 +49,7 @@ def test_both_trainers_logs_give_the_same_curve(kind, lines):
     stats = race.parse_log(kind, lines)
     assert stats["step_seconds"] == [45.0, 1.0, 1.2] and stats["mfu"] == [1.2, 40.0, 42.0]
     assert stats["peak_memory_gib"] == 2.0 and stats["device"] == GPU_NAME
+    assert stats["graph_breaks"] == (0 if kind == "ours" else None)  # the peer does not say
     kept, compile_seconds = race.training_seconds(stats["step_seconds"])
     assert kept == [1.2, 1.0, 1.2] and compile_seconds == pytest.approx(43.8)  # the compile step counts as the median
     points = race.curve(stats["evals"], kept)
@@ -285,6 +286,11 @@ def test_lowest_bpb_and_a_rise_after_it():
     lines = race.table(rows, results).splitlines()
     assert "| epochs |" in lines[0] and "| min bpb @ step |" in lines[0]
     assert " | 4.71 | " in lines[2] and " | 1.2600 @ 200 | " in lines[2] and " | — | 1.4100 | " in lines[3]
+    assert race.graph_break_notes(results) == []
+    results[0]["graph_breaks"] = 19
+    assert race.graph_break_notes(results) == [
+        "[race] ours: its compiled model broke its graph 19x, so its step ran partly outside the compiled graph (the "
+        "reasons: 'broke its graph' in its train.log)"]
 
 
 @pytest.mark.slow
@@ -476,7 +482,7 @@ FORMATS = {
     "ours": (lambda done, ms: f"step {done:05d}/00006 | loss 4.0000 | lrm 1.000 | {ms} ms | 1,000 tok/s | MFU 40.0% | "
                               "mem 2.00 GiB",
              lambda step, bpb: f"step {step:05d} | val bpb {bpb:.4f}",
-             lambda gib: json.dumps({"val_bpb": 1.5, "peak_memory_gib": gib})),
+             lambda gib: json.dumps({"val_bpb": 1.5, "peak_memory_gib": gib, "graph_breaks": 11})),
     "nanochat": (lambda done, ms: f"step {done - 1:05d}/00006 (0.00%) | loss: 4.000 | lrm: 1.00 | dt: {ms}.00ms | "
                                   "tok/sec: 1,000 | bf16_mfu: 40.00 | epoch: 0 pq: 0 rg: 0 | total time: 0.00m",
                  lambda step, bpb: f"Step {step:05d} | Validation bpb: {bpb:.6f}",
@@ -503,6 +509,7 @@ def test_attempts_merge_into_one_curve(kind):
     assert merged["step_seconds"] == [45.0, 1.0, 1.2, 1.0, 30.0, 1.2]  # not step 5's 7.7 s of the first attempt
     assert merged["evals"] == [(0, 3.3), (2, 2.0), (4, 1.8), (6, 1.5)]
     assert len(merged["mfu"]) == 6 and merged["peak_memory_gib"] == 2.5 and merged["last_step"] == 6
+    assert merged["graph_breaks"] == (11 if kind == "ours" else None)
     kept, compile_seconds = race.training_seconds(merged["step_seconds"])
     assert kept == [1.2, 1.0, 1.2, 1.0, 1.2, 1.2] and compile_seconds == pytest.approx(72.6)
     assert race.curve(merged["evals"], kept)[-1] == (6, pytest.approx(6.8), 1.5)
