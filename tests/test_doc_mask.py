@@ -375,7 +375,8 @@ def test_compile_model_keeps_fa4_documents_in_one_graph(monkeypatch):
     monkeypatch.setattr(type(ATTENTION_BACKENDS["fa4"]), "supports", lambda self, *args, **kwargs: True)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, dynamic=kw["dynamic"], backend=counter))
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: real_compile(model, dynamic=kw["dynamic"], backend=counter))
     model = build(tiny(n_layer=4, doc_mask=True, bos_id=BOS, attn_backend="fa4")).double().train()
     torch._dynamo.reset()
     idx = packed_rows([DOCS], vocab=model.config.vocab_size, gen=torch.Generator().manual_seed(fresh_seed()))
