@@ -561,6 +561,29 @@ def test_gpu_model_step_with_documents_matches_sdpa():
     assert (grads_auto - grads_sdpa).norm() < 3e-2 * grads_sdpa.norm()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["flex", "fa4"])
+def test_gpu_compile_model_with_documents_has_no_graph_break(name):
+    """A compiled training step (runtime.compile_model, Inductor: base_train's path) of a doc-masked model on each
+    backend that masks documents adds no graph break; two batches of other documents, no recompile."""
+    ok, reason = ATTENTION_BACKENDS[name].is_available()
+    if not ok:
+        pytest.skip(f"{name} unavailable: {reason}")
+    cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
+                    window_pattern="SSSL", short_window=256, smear=True, doc_mask=True, bos_id=BOS, attn_backend=name)
+    model = build(cfg).cuda().train()
+    torch._dynamo.reset()
+    compiled = runtime.compile_model(model)
+    before = sum(runtime.graph_breaks().values())
+    for seed in (fresh_seed(), fresh_seed()):
+        _, idx = gpu_case(seed)
+        idx = torch.where(idx == BOS, BOS, torch.randint(1, 512, idx.shape, device="cuda"))
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(idx, torch.roll(idx, -1, 1)).backward()
+    assert sum(runtime.graph_breaks().values()) == before, runtime.graph_breaks()
+
+
 # ---- benchmarks/bench_attention.py --doc_len ----
 
 def test_bench_attention_times_document_masked_rows_on_cpu(monkeypatch, capsys):
