@@ -454,10 +454,11 @@ ATTENTION_BACKENDS = Registry("attention backend", "--attn", [
     SDPABackend(),
 ], auto=True)
 
-# auto's order for document masks: flex before fa4 until a training A/B shows FA4's varlen path learns as well.
-# In S20's d12 race it trained 0.02 bpb worse at equal steps than S19's flex run (its kernels pass the checks
-# against fp32; the cause is not known). A named --attn fa4 still masks documents with it.
-DOC_MASK_ORDER = ("fa3", "cudnn", "flex", "fa4", "sdpa")
+# auto's order for document masks: the registry's, with fa4 moved after flex until a training A/B shows FA4's
+# varlen path learns as well. In S20's d12 race it trained 0.02 bpb worse at equal steps than S19's flex run (its
+# kernels pass the checks against fp32; the cause is not known). A named --attn fa4 still masks documents with it.
+DOC_MASK_ORDER = [name for name in ATTENTION_BACKENDS if name != "fa4"]
+DOC_MASK_ORDER.insert(DOC_MASK_ORDER.index("flex") + 1, "fa4")
 
 _CHOICES: dict[tuple, str] = {}
 _LOGGED: set[tuple] = set()
