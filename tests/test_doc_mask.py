@@ -541,19 +541,29 @@ def test_gpu_compiled_backend_matches_eager_with_documents(name):
             assert max(rel(x, r) for x, r in zip(got, want)) < 5e-3  # equal up to summation order
 
 
+def gpu_doc_model(**kw) -> torch.nn.Module:
+    """The GPU tests' small doc-masked GPT (SSSL, GQA 4:1, vocab 512) on CUDA, in training mode."""
+    cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
+                    window_pattern="SSSL", short_window=256, smear=True, doc_mask=True, bos_id=BOS, **kw)
+    return build(cfg).cuda().train()
+
+
+def gpu_tokens(seed: int) -> torch.Tensor:
+    """gpu_case's packed rows [4, 1024] with random tokens (vocab 512) between the BOS tokens."""
+    _, idx = gpu_case(seed)
+    return torch.where(idx == BOS, BOS, torch.randint(1, 512, idx.shape, device="cuda"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_model_step_with_documents_matches_sdpa():
-    """A small GPT (SSSL, GQA 4:1) with doc_mask: the backends auto picks in a compiled graph (fa4 where installed,
-    else flex) give sdpa's loss and gradients in a bf16 training step."""
+    """A small GPT (SSSL, GQA 4:1) with doc_mask: the backend auto picks in a compiled graph (flex, DOC_MASK_ORDER;
+    fa4 where flex is missing) gives sdpa's loss and gradients in a bf16 training step."""
     from tests.test_gpt import loss_and_grads
-    cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
-                    window_pattern="SSSL", short_window=256, smear=True, doc_mask=True, bos_id=BOS)
     chosen = select_backend(256, torch.bfloat16, torch.device("cuda"), doc_mask=True)
     assert chosen in ("fa4", "flex"), chosen
-    model = build(cfg).cuda().train()
-    _, idx = gpu_case(seed=fresh_seed())
-    idx = torch.where(idx == BOS, BOS, torch.randint(1, 512, idx.shape, device="cuda"))
+    model = gpu_doc_model()
+    idx = gpu_tokens(fresh_seed())
     tgt = torch.roll(idx, -1, 1)
     loss_auto, grads_auto = loss_and_grads(model, idx, tgt, chosen)  # named: auto in eager would take sdpa
     loss_sdpa, grads_sdpa = loss_and_grads(model, idx, tgt, "sdpa")
@@ -570,15 +580,12 @@ def test_gpu_compile_model_with_documents_has_no_graph_break(name):
     ok, reason = ATTENTION_BACKENDS[name].is_available()
     if not ok:
         pytest.skip(f"{name} unavailable: {reason}")
-    cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=1, n_embd=512, head_dim=128,
-                    window_pattern="SSSL", short_window=256, smear=True, doc_mask=True, bos_id=BOS, attn_backend=name)
-    model = build(cfg).cuda().train()
+    model = gpu_doc_model(attn_backend=name)
     torch._dynamo.reset()
     compiled = runtime.compile_model(model)
     before = sum(runtime.graph_breaks().values())
     for seed in (fresh_seed(), fresh_seed()):
-        _, idx = gpu_case(seed)
-        idx = torch.where(idx == BOS, BOS, torch.randint(1, 512, idx.shape, device="cuda"))
+        idx = gpu_tokens(seed)
         with torch.autocast("cuda", dtype=torch.bfloat16), torch._dynamo.config.patch(error_on_recompile=True):
             compiled(idx, torch.roll(idx, -1, 1)).backward()
     assert sum(runtime.graph_breaks().values()) == before, runtime.graph_breaks()
