@@ -233,10 +233,9 @@ def fake_available(monkeypatch, names):
 def test_auto_skips_backends_that_cannot_mask_documents(monkeypatch):
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
-    assert select_backend(None, bf16, cuda) == "fa3" and select_backend(None, bf16, cuda, doc_mask=True) == "flex"
-    assert select_backend(512, bf16, cuda, doc_mask=True) == "flex"  # DOC_MASK_ORDER: flex before fa4 (S20)
-    assert select_backend(512, bf16, cuda, "fa4", doc_mask=True) == "fa4"  # named: kept
-    assert sorted(attn_mod.DOC_MASK_ORDER) == sorted(ATTENTION_BACKENDS)  # a new backend is ordered there too
+    assert select_backend(None, bf16, cuda) == "fa3" and select_backend(None, bf16, cuda, doc_mask=True) == "fa4"
+    assert select_backend(512, bf16, cuda, doc_mask=True) == "fa4"
+    assert select_backend(512, bf16, cuda, "flex", doc_mask=True) == "flex"  # named: kept
     assert select_backend(None, torch.float32, cuda, doc_mask=True) == "flex"
     assert select_backend(None, bf16, torch.device("cpu"), doc_mask=True) == "sdpa"
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
@@ -248,7 +247,7 @@ def test_auto_skips_backends_that_cannot_mask_documents(monkeypatch):
 
 def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
     """Outside a compiled graph (evaluation, fine-tuning: a new row length every batch) auto takes sdpa's explicit
-    mask, not flex, which would compile per shape; a named flex, fa3 and fa4 are unaffected."""
+    mask, not flex, which would compile per shape; fa4 (no compile per shape) and a named flex or fa3 are unaffected."""
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
     fake_available(monkeypatch, {"fa3", "cudnn", "flex", "sdpa"})
@@ -259,8 +258,7 @@ def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
     assert select_backend(512, bf16, cuda, compiled=False) == select_backend(512, bf16, cuda) == "fa3"  # no documents
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
-    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "sdpa"
-    assert select_backend(None, bf16, cuda, "fa4", doc_mask=True, compiled=False) == "fa4"  # varlen: no recompiles
+    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "fa4"  # varlen: no recompiles
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
     fake_available(monkeypatch, {"flex", "sdpa"})
     monkeypatch.setattr(attn_mod, "_LOGGED", set())
@@ -557,8 +555,8 @@ def gpu_tokens(seed: int) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_model_step_with_documents_matches_sdpa():
-    """A small GPT (SSSL, GQA 4:1) with doc_mask: the backend auto picks in a compiled graph (flex, DOC_MASK_ORDER;
-    fa4 where flex is missing) gives sdpa's loss and gradients in a bf16 training step."""
+    """A small GPT (SSSL, GQA 4:1) with doc_mask: the backend auto picks in a compiled graph (fa4, or flex where FA4
+    is missing) gives sdpa's loss and gradients in a bf16 training step."""
     from tests.test_gpt import loss_and_grads
     chosen = select_backend(256, torch.bfloat16, torch.device("cuda"), doc_mask=True)
     assert chosen in ("fa4", "flex"), chosen

@@ -448,17 +448,12 @@ class FA4Backend(Backend):
 # name -> backend. Order = auto's preference. Adding a backend: one class above, one line here.
 ATTENTION_BACKENDS = Registry("attention backend", "--attn", [
     FA3Backend(),
-    FA4Backend(),  # on the H100: full causal 1.09x cuDNN's, window 512 1.51x flex's (BENCHMARKS.md, attention)
+    FA4Backend(),  # H100: full causal 1.09x cuDNN's, window 512 1.51x flex's; d12 with documents 1.04x (BENCHMARKS.md)
     CudnnBackend(),
     FlexBackend(),
     SDPABackend(),
 ], auto=True)
 
-# auto's order for document masks: the registry's, with fa4 moved after flex until a training A/B shows FA4's
-# varlen path learns as well. In S20's d12 race it trained 0.02 bpb worse at equal steps than S19's flex run (its
-# kernels pass the checks against fp32; the cause is not known). A named --attn fa4 still masks documents with it.
-DOC_MASK_ORDER = [name for name in ATTENTION_BACKENDS if name != "fa4"]
-DOC_MASK_ORDER.insert(DOC_MASK_ORDER.index("flex") + 1, "fa4")
 
 _CHOICES: dict[tuple, str] = {}
 _LOGGED: set[tuple] = set()
@@ -478,7 +473,7 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
                    doc_mask: bool = False, compiled: bool = True) -> str:
     """The backend name that computes a layer with this window/dtype/device (and documents, doc_mask).
 
-    auto: the first backend in ATTENTION_BACKENDS (DOC_MASK_ORDER with doc_mask) that is available and supports
+    auto: the first backend in ATTENTION_BACKENDS that is available and supports
     the layer. An explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
     compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
     With doc_mask, a name that cannot mask documents at all is a ValueError (check_doc_mask_backend).
@@ -496,8 +491,7 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
     if backend != "auto" and ATTENTION_BACKENDS.require(backend).supports(window, dtype, device, doc_mask):
         choice = backend
     else:
-        choice = ATTENTION_BACKENDS.pick(window, dtype, device, doc_mask,  # sdpa serves every layer
-                                         order=DOC_MASK_ORDER if doc_mask else None)
+        choice = ATTENTION_BACKENDS.pick(window, dtype, device, doc_mask)  # sdpa serves every layer
         if choice == "flex" and not compiled:
             choice = "sdpa"
     _CHOICES[key] = choice
