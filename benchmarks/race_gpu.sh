@@ -10,6 +10,9 @@
 #                                           installed and imported; carry [".whl_fa4"] (benchmarks/prepare_fa4.sh):
 #                                           FlashAttention-4 unpacked, which our racers' auto attention then picks
 #                                           (document masks on FA4's varlen kernels; nanochat's code does not use it)
+#   bash benchmarks/race_gpu.sh train ARGS  one run of ours on what is staged (python -m scripts.base_train ARGS, the
+#                                           race's data and our tokenizer, no checkpoints or samples), in this script's
+#                                           environment: FA4 on the path where staged (an A/B of flags in one call)
 #   bash benchmarks/race_gpu.sh run ARGS    carry [".race_b", ".race_c"] (57 MiB together; the limit is per call):
 #                                           their shards, then, when /root/race/data holds every shard
 #                                           the manifest names (else it stops, naming the missing ones and their
@@ -27,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RACE="${RACE:-/root/race}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-part="${1:?usage: race_gpu.sh stage|run [race flags]}"
+part="${1:?usage: race_gpu.sh stage|train|run [flags]}"
 shift
 staged() {  # stops, naming each shard of the manifest that $RACE/data lacks and the carry that brings it
     python3 -c 'import sys; from benchmarks.race_data import check_staged; check_staged(sys.argv[1])' "$RACE"
@@ -61,5 +64,9 @@ case "$part" in
         python3 -m benchmarks.race --race_dir "$RACE" --peer "$RACE/peer" --out "${OUT:-out}/race" \
             --work /root/race_work "$@"
         ;;
-    *) echo "race_gpu.sh: unknown part $part (stage|run)"; exit 2 ;;
+    train)
+        python3 -m scripts.base_train --data_dir "$RACE/data" --tokenizer_dir "$RACE/tokenizer_ours" --save_every -1 \
+            --sample_every -1 "$@"
+        ;;
+    *) echo "race_gpu.sh: unknown part $part (stage|train|run)"; exit 2 ;;
 esac
