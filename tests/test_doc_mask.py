@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-import torch._dynamo.testing
+import torch._dynamo
 
 from nanochat import runtime
 from nanochat.kernels import attention as attn_mod
@@ -21,7 +21,7 @@ from nanochat.kernels.attention import ATTENTION_BACKENDS, Documents, attention,
 from nanochat.model.gpt import GPTConfig
 from tests.test_attention import reference
 from tests.test_attention_fa4 import stand_in_interface
-from tests.test_gpt import FEATURES, build, tiny
+from tests.test_gpt import FEATURES, build, count_compiled_frames, tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 BOS = 0
@@ -371,12 +371,8 @@ def test_compile_model_keeps_fa4_documents_in_one_graph(monkeypatch):
     monkeypatch.setattr(attn_mod, "_FA4", varlen_stand_in([]))
     monkeypatch.setattr(ATTENTION_BACKENDS["fa4"], "is_available", lambda: (True, "ok"))
     monkeypatch.setattr(type(ATTENTION_BACKENDS["fa4"]), "supports", lambda self, *args, **kwargs: True)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda model, **kw: real_compile(model, dynamic=kw["dynamic"], backend=counter))
+    counter = count_compiled_frames(monkeypatch, "aot_eager")
     model = build(tiny(n_layer=4, doc_mask=True, bos_id=BOS, attn_backend="fa4")).double().train()
-    torch._dynamo.reset()
     idx = packed_rows([DOCS], vocab=model.config.vocab_size, gen=torch.Generator().manual_seed(fresh_seed()))
     losses = []
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):  # the default; compile_model sets it

@@ -284,11 +284,23 @@ def test_bad_config_is_a_clear_error(kw, match):
         tiny(**kw)
 
 
+def count_compiled_frames(monkeypatch, backend: str):
+    """Dynamo reset, and torch.compile (as runtime.compile_model calls it) routed to `backend` through a counter
+    of the frames it compiles: more than one per model is a graph break."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, dynamic=kw["dynamic"],
+                                                                             backend=counter))
+    torch._dynamo.reset()
+    return counter
+
+
 @pytest.mark.parametrize("features", [{"value_embeds": True}, FEATURES, {**FEATURES, "doc_mask": True, "bos_id": 0}])
 def test_forward_compiles_without_graph_breaks(features, monkeypatch):
     """The training path (runtime.compile_model, no fullgraph: fullgraph captures what a default compile breaks
     on, as FA4's offsets in S20) compiles the model as one frame: no .item(), data-dependent branch or log call."""
-    import torch._dynamo.testing
     from nanochat import runtime
 
     model = build(tiny(window_pattern="SL", short_window=8, **features))
@@ -296,11 +308,7 @@ def test_forward_compiles_without_graph_breaks(features, monkeypatch):
     if model.config.doc_mask:
         idx[:, ::7] = 0  # documents of 7 tokens
     expected = model(idx, tgt)  # eager first: the backend choice and its log line happen here
-    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, dynamic=kw["dynamic"],
-                                                                             backend=counter))
-    torch._dynamo.reset()
+    counter = count_compiled_frames(monkeypatch, "eager")
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):  # the default; compile_model sets it
         got = runtime.compile_model(model)(idx, tgt)
     assert counter.frame_count == 1, f"{counter.frame_count} frames: a graph break"

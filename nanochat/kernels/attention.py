@@ -473,9 +473,9 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
                    doc_mask: bool = False, compiled: bool = True) -> str:
     """The backend name that computes a layer with this window/dtype/device (and documents, doc_mask).
 
-    auto: the first backend in ATTENTION_BACKENDS that is available and supports
-    the layer. An explicit name must be available (else BackendUnavailable naming why); for a layer it cannot
-    compute (e.g. cudnn and a sliding window) auto's pick is used instead, and the log line says so.
+    auto: the first backend in ATTENTION_BACKENDS that is available and supports the layer. An explicit name
+    must be available (else BackendUnavailable naming why); for a layer it cannot compute (e.g. cudnn and a
+    sliding window) auto's pick is used instead, and the log line says so.
     With doc_mask, a name that cannot mask documents at all is a ValueError (check_doc_mask_backend).
     compiled=False (a forward outside a compiled graph: evaluation, fine-tuning): auto takes sdpa's explicit mask
     instead of flex, for documents and windows alike: flex's kernel (and a document BlockMask) would compile again
