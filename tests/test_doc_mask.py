@@ -13,7 +13,6 @@ import types
 
 import pytest
 import torch
-import torch._dynamo
 
 from nanochat import runtime
 from nanochat.kernels import attention as attn_mod
@@ -258,7 +257,7 @@ def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
     assert select_backend(512, bf16, cuda, compiled=False) == select_backend(512, bf16, cuda) == "fa3"  # no documents
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
-    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "fa4"  # varlen: no recompiles
+    assert select_backend(None, bf16, cuda, doc_mask=True, compiled=False) == "fa4"  # varlen: no per-shape compile
     monkeypatch.setattr(attn_mod, "_CHOICES", {})
     fake_available(monkeypatch, {"flex", "sdpa"})
     monkeypatch.setattr(attn_mod, "_LOGGED", set())

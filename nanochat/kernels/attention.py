@@ -454,7 +454,6 @@ ATTENTION_BACKENDS = Registry("attention backend", "--attn", [
     SDPABackend(),
 ], auto=True)
 
-
 _CHOICES: dict[tuple, str] = {}
 _LOGGED: set[tuple] = set()
 
