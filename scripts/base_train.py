@@ -9,9 +9,9 @@ tok/s, MFU and peak memory; the last line is one JSON object with the run's figu
 
 Depth is the one dial (`derive_schedule`, printed at start): width = depth x aspect_ratio; the horizon is
 target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
-(horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19); Muon's weight
-decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5 above width 768
-(nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
+(horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19) above 2^19 (below,
+d12's rates); Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5
+above width 768 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
 `--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
@@ -73,7 +73,7 @@ class TrainConfig(BuildConfig):
     muon_momentum_final: float | None = field(default=0.90, metadata={"help": "Muon momentum at the end of the LR "
                                                                       "warmdown (none = stay at the peak)"})
     batch_lr_scale: float | None = field(default=None, metadata={"help": "learning-rate factor (default "
-                                                                 "sqrt(total_batch_size / 2^19))"})
+                                                                 "sqrt(total_batch_size / 2^19), at least 1)"})
     weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
                                                                      "sqrt(batch / 2^19) x d12 horizon / horizon)"})
     warmup_steps: int | None = field(default=None, metadata={"help": "steps of linear LR warmup (default: none when "
@@ -139,14 +139,15 @@ def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
 def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: bool) -> dict:
     """Fill total_batch_size and num_iterations from the depth (unless given) and return the learning-rate
     and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
-    recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF), Muon's weight decay
+    recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF) above B_REF and keep their
+    reference values below it (where the sqrt rule's smaller rates left the d12 race short of learning rate:
+    x0.5 at 2^17 ended 0.018 bpb behind x1.0 after 400 steps, BENCHMARKS.md S22), Muon's weight decay
     with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
     on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule") and
     returns the tokens of one micro-step across ranks ("micro_batch").
     LR warmup defaults to none when the first step's batch (the schedule's first, else B) is B_REF or more,
     where starting at the full rate trained faster, and to SMALL_BATCH_WARMUP steps below, where the noisier
-    first steps at the full rate left a lasting loss (a schedule's first steps train like a run at that batch:
-    the same batch and, by the sqrt rule, the same rates)."""
+    first steps at the full rate left a lasting loss (a schedule's first steps train like a run at that batch)."""
     tokens, ref = horizon_tokens(cfg, vocab_size, cfg.depth), horizon_tokens(cfg, vocab_size, DEPTH_REF)
     micro_batch = cfg.device_batch_size * cfg.max_seq_len * world_size  # tokens of one micro-step, all ranks
     if cfg.total_batch_size is None:
@@ -156,7 +157,7 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     if cfg.num_iterations <= 0:  # the steps that train the horizon's tokens, at the schedule's mean batch
         cfg.num_iterations = max(1, round(tokens / mean_batch(batch_schedule, cfg.total_batch_size)))
     batch_ratio = cfg.total_batch_size / B_REF
-    lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else batch_ratio ** 0.5
+    lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else max(1.0, batch_ratio ** 0.5)
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
     first_batch = batch_schedule[0][0] if batch_schedule else cfg.total_batch_size
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = batch_at(progress / num_iterations, batch_schedule, cfg.total_batch_size)
         step_accum = batch // micro_batch
         lrm = lr_multiplier(progress, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
-        lrm *= (batch / cfg.total_batch_size) ** 0.5  # derive_schedule's sqrt rule, relative to the full batch (logged)
+        lrm *= (batch / cfg.total_batch_size) ** 0.5  # the schedule's sqrt rule, relative to the full batch (logged)
         optimizer.set_lr_multiplier(lrm)
         optimizer.set_muon_momentum(muon_momentum(step, cfg.muon_momentum_warmup, end=cfg.muon_momentum_peak,
                                                   num_iterations=num_iterations, warmdown_ratio=cfg.warmdown_ratio,
