@@ -84,6 +84,11 @@ class TrainConfig(BuildConfig):
     # evaluation, sampling, checkpoints
     eval_every: int = field(default=250, metadata={"help": "validation bpb period in steps (and at the end); <= 0 = never"})
     eval_tokens: int | None = field(default=None, metadata={"help": "validation tokens per bpb evaluation (default 10 x 524288; 8 rows on CPU)"})
+    compile_eval: bool = field(default=False, metadata={"help": "validate through the compiled training model (one "
+                                                        "forward-only graph more) instead of the eager one, which "
+                                                        "takes ~5 s per 2^21 tokens at d12; off until checked on a "
+                                                        "GPU with FA4's document masks (on flex's it hit an illegal "
+                                                        "memory access, S20)"})
     sample_every: int = field(default=2000, metadata={"help": "sampling period in steps (and at the end); 0 = never"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint period in steps; -1 = only at the end, 0 = never"})
     keep_last: int | None = field(default=2, metadata={"help": "checkpoints kept (the newest); none = all"})
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         steps = max(1, cfg.eval_tokens // micro_batch)
         orig_model.eval()
         with autocast:
-            bpb = evaluate_bpb(orig_model, val_loader, steps, token_bytes)
+            bpb = evaluate_bpb(model if cfg.compile_eval else orig_model, val_loader, steps, token_bytes)
         val_loader.close()
         orig_model.train()
         return bpb
@@ -354,9 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
                        f"evaluating and saving this step (--max_seconds)")
         periodic = step != resumed_at or last  # the step resumed from was evaluated, sampled and saved already
         if periodic and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
+            eval_start = time.perf_counter()
             val_bpb = evaluate()  # every rank evaluates its share; evaluate_bpb all-reduces the sums
             if master:
-                tqdm.write(f"step {step:05d} | val bpb {val_bpb:.4f}")
+                tqdm.write(f"step {step:05d} | val bpb {val_bpb:.4f} | {time.perf_counter() - eval_start:.1f} s")
             tracker.log(step, val_bpb=val_bpb)
         if master and periodic and cfg.arch == "gpt" and cfg.sample_every > 0 and (
                 last or (step > 0 and step % cfg.sample_every == 0)):

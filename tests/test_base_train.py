@@ -164,6 +164,34 @@ def test_graph_breaks_of_the_compiled_model_are_said_and_reported(assets, env, m
     assert result["graph_breaks"] is None and "broke its graph" not in "".join(capsys.readouterr())
 
 
+@pytest.mark.parametrize("compile_eval", [False, True])
+def test_evaluations_run_through_the_training_model_with_compile_eval(assets, env, monkeypatch, compile_eval):
+    """--compile_eval true validates through the training model (the compiled one on CUDA), at the training batch's
+    shape; by default the eager model validates and the training model sees only training steps."""
+    tok_dir, data_dir = assets
+    calls: list[tuple[bool, str, tuple]] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, y, loss_reduction="mean"):
+            calls.append((torch.is_grad_enabled(), loss_reduction, tuple(x.shape)))
+            return self.inner(x, y, loss_reduction=loss_reduction)
+
+    real_build = base_train.build
+    monkeypatch.setattr(base_train, "build", lambda *a, **k: (lambda b: b._replace(train_model=Recorder(b.train_model)))(
+        real_build(*a, **k)))
+    run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=4, eval_every=2, save_every=-1,
+                                                compile_eval=compile_eval))
+    training = [c for c in calls if c[0]]
+    evaluations = [c for c in calls if not c[0]]
+    assert len(training) == 4, calls  # 4 steps of one micro-batch (256 tokens of 4 x 64)
+    assert len(evaluations) == (3 * 2 if compile_eval else 0), calls  # steps 0, 2, 4: 512 tokens each
+    assert {c[1] for c in evaluations} <= {"none"} and {c[2] for c in calls} == {(4, 64)}, calls
+
+
 def test_time_budget_ends_the_run_with_a_line_that_says_so(assets, env, monkeypatch, capsys):
     tok_dir, data_dir = assets
     clock = iter(range(0, 10**6, 2))  # every perf_counter() call: 2 more seconds, so each step takes 2 s

@@ -37,7 +37,7 @@ OUR_LINES = [
     "step 00000 | val bpb 3.3000",
     "step 00001/00003 | loss 10.3970 | lrm 1.000 | 45000 ms | 11,650 tok/s | MFU 1.2% | mem 2.00 GiB",
     "step 00002/00003 | loss 9.1000 | lrm 1.000 | 1000 ms | 524,288 tok/s | MFU 40.0% | mem 2.00 GiB",
-    "step 00002 | val bpb 2.0000",
+    "step 00002 | val bpb 2.0000 | 4.8 s",
     "step 00003/00003 | loss 8.0000 | lrm 1.000 | 1200 ms | 436,906 tok/s | MFU 42.0% | mem 2.00 GiB",
     "step 00003 | val bpb 1.5000",
     json.dumps({"val_bpb": 1.5, "peak_memory_gib": 2.0, "device": GPU_NAME, "graph_breaks": 0}),
