@@ -181,8 +181,12 @@ def test_evaluations_run_through_the_training_model_with_compile_eval(assets, en
             return self.inner(x, y, loss_reduction=loss_reduction)
 
     real_build = base_train.build
-    monkeypatch.setattr(base_train, "build", lambda *a, **k: (lambda b: b._replace(train_model=Recorder(b.train_model)))(
-        real_build(*a, **k)))
+
+    def recording_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        return built._replace(train_model=Recorder(built.train_model))
+
+    monkeypatch.setattr(base_train, "build", recording_build)
     run(monkeypatch, env / "report", tiny_flags(tok_dir, data_dir, num_iterations=4, eval_every=2, save_every=-1,
                                                 compile_eval=compile_eval))
     training = [c for c in calls if c[0]]
