@@ -73,7 +73,8 @@ class TrainConfig(BuildConfig):
     muon_momentum_final: float | None = field(default=0.90, metadata={"help": "Muon momentum at the end of the LR "
                                                                       "warmdown (none = stay at the peak)"})
     batch_lr_scale: float | None = field(default=None, metadata={"help": "learning-rate factor (default "
-                                                                 "sqrt(total_batch_size / 2^19), at least 1)"})
+                                                                 "(total_batch_size / 2^19)^0.5 from 2^19 up, "
+                                                                 "^-0.25 below: x1.41 at 2^17)"})
     weight_decay_scale: float | None = field(default=None, metadata={"help": "weight-decay factor (default "
                                                                      "sqrt(batch / 2^19) x d12 horizon / horizon)"})
     warmup_steps: int | None = field(default=None, metadata={"help": "steps of linear LR warmup (default: none when "
@@ -131,6 +132,7 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 
 
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
+SMALL_BATCH_LR_EXPONENT = -0.25  # LRs x (B / B_REF)^this below B_REF (BENCHMARKS.md, race S23)
 SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, race "On text seen once (S16)")
 
 
@@ -144,9 +146,10 @@ def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
 def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: bool) -> dict:
     """Fill total_batch_size and num_iterations from the depth (unless given) and return the learning-rate
     and weight-decay factors. The batch follows the horizon D as B_REF x (D / D_ref)^0.383 (D_ref: the same
-    recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF) above B_REF and keep their
-    reference values below it (where the sqrt rule's smaller rates left the d12 race short of learning rate:
-    x0.5 at 2^17 ended 0.018 bpb behind x1.0 after 400 steps, BENCHMARKS.md S22), Muon's weight decay
+    recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF) above B_REF and grow as
+    (B / B_REF)^SMALL_BATCH_LR_EXPONENT below it, the sqrt rule inverted: in the d12 race at 2^17 the sqrt
+    rule's x0.5 ended 0.018 bpb behind x1.0 (S22), x1.41 0.042 ahead of x1.0 and level with x2 (S23), while at
+    2^19 x1.41 ended 0.004 behind x1.0 (BENCHMARKS.md). Muon's weight decay
     with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
     on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule") and
     returns the tokens of one micro-step across ranks ("micro_batch").
@@ -162,7 +165,8 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     if cfg.num_iterations <= 0:  # the steps that train the horizon's tokens, at the schedule's mean batch
         cfg.num_iterations = max(1, round(tokens / mean_batch(batch_schedule, cfg.total_batch_size)))
     batch_ratio = cfg.total_batch_size / B_REF
-    lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else max(1.0, batch_ratio ** 0.5)
+    lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else \
+        batch_ratio ** (0.5 if batch_ratio >= 1 else SMALL_BATCH_LR_EXPONENT)
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
     first_batch = batch_schedule[0][0] if batch_schedule else cfg.total_batch_size

@@ -53,8 +53,8 @@ def run(monkeypatch, report_dir, argv):
 
 def test_depth_sets_batch_horizon_and_scales():
     """d12 is the reference (2^19 tokens, factors 1); d20's horizon D gives 2^19 (D/D12)^0.383 rounded to a power
-    of two, LRs x sqrt(B / 2^19) (at least x1: a smaller batch keeps d12's rates) and weight decay
-    x sqrt(B / 2^19) D12 / D; a CPU run keeps factors of 1."""
+    of two, LRs x sqrt(B / 2^19) (below 2^19 x (B / 2^19)^-0.25: a smaller batch gets larger rates) and weight
+    decay x sqrt(B / 2^19) D12 / D; a CPU run keeps factors of 1."""
     def derive(depth, device, **kw):
         cfg = resolve_defaults(parse_flags(TrainConfig, [f"--depth={depth}", *kw.get("argv", [])]), device, 1)
         return cfg, base_train.derive_schedule(cfg, 32768, 1, device != "cuda")
@@ -72,7 +72,9 @@ def test_depth_sets_batch_horizon_and_scales():
                                               "--batch_lr_scale=0.9"])
     assert (given.total_batch_size, given.num_iterations, s_given["lr_scale"]) == (262144, 7, 0.9)
     small, s_small = derive(12, "cuda", argv=["--total_batch_size=131072"])
-    assert s_small["lr_scale"] == 1.0 and s_small["wd_scale"] == pytest.approx(0.5)
+    assert s_small["lr_scale"] == pytest.approx(2 ** 0.5) and s_small["wd_scale"] == pytest.approx(0.5)
+    _, s_smaller = derive(12, "cuda", argv=["--total_batch_size=65536"])
+    assert s_smaller["lr_scale"] == pytest.approx(2 ** 0.75)
     cpu, s_cpu = derive(4, "cpu")
     assert cpu.total_batch_size == 512 and s_cpu["lr_scale"] == s_cpu["wd_scale"] == 1.0
     # LR warmup: none at the reference batch and above, and on CPU; SMALL_BATCH_WARMUP steps below; a given one kept
