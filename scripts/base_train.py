@@ -37,7 +37,8 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.model.gpt import GPT
+from nanochat.kernels.attention import select_backend
+from nanochat.model.gpt import GPT, GPTConfig
 from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import check_precision
 from nanochat.runtime import graph_breaks, setup_torch_env
@@ -85,11 +86,11 @@ class TrainConfig(BuildConfig):
     # evaluation, sampling, checkpoints
     eval_every: int = field(default=250, metadata={"help": "validation bpb period in steps (and at the end); <= 0 = never"})
     eval_tokens: int | None = field(default=None, metadata={"help": "validation tokens per bpb evaluation (default 10 x 524288; 8 rows on CPU)"})
-    compile_eval: bool = field(default=False, metadata={"help": "validate through the compiled training model (one "
-                                                        "forward-only graph more) instead of the eager one, which "
-                                                        "takes ~5 s per 2^21 tokens at d12; off until checked on a "
-                                                        "GPU with FA4's document masks (on flex's it hit an illegal "
-                                                        "memory access, S20)"})
+    compile_eval: bool | None = field(default=None, metadata={"help": "validate through the compiled training model "
+                                                               "(one forward-only graph more: 1.7 s per 2^21 tokens "
+                                                               "at d12 against eager's ~5 s); default: on where the "
+                                                               "step is compiled and no layer runs flex in it (flex's "
+                                                               "documents hit an illegal memory access there, S20)"})
     sample_every: int = field(default=2000, metadata={"help": "sampling period in steps (and at the end); 0 = never"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint period in steps; -1 = only at the end, 0 = never"})
     keep_last: int | None = field(default=2, metadata={"help": "checkpoints kept (the newest); none = all"})
@@ -134,6 +135,12 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
 SMALL_BATCH_LR_EXPONENT = -0.25  # LRs x (B / B_REF)^this below B_REF (BENCHMARKS.md, race S23)
 SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, race "On text seen once (S16)")
+
+
+def attention_picks(config: GPTConfig, device: torch.device) -> set[str]:
+    """The attention backends the compiled training step runs, one per distinct layer window."""
+    return {select_backend(window, torch.bfloat16, device, config.attn_backend, config.doc_mask)
+            for window in set(config.layer_windows())}
 
 
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
@@ -259,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
                                          wd_scale=wd_scale,  # orig_model: uncompiled, for eval, sampling, saving
                                          bos_id=tokenizer.get_bos_token_id())
     model_config = orig_model.config
+    if cfg.compile_eval is None:
+        cfg.compile_eval = model is not orig_model and "flex" not in attention_picks(model_config, device)
+    log0(f"evaluation through the {'compiled' if cfg.compile_eval else 'eager'} model (--compile_eval)")
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
     num_iterations = cfg.num_iterations

@@ -104,7 +104,7 @@ def test_documented_command_parses_with_both_spellings():
             value = "3"
         if f.name in ("muon_momentum_final", "batch_lr_scale", "weight_decay_scale"):
             value = "0.5"
-        if f.name in ("compile", "muon_compile"):
+        if f.name in ("compile", "muon_compile", "compile_eval"):
             value = "false"
         if f.name == "fp8_skip":  # the one list flag
             value = "*.c_q,*.c_k"
@@ -166,11 +166,15 @@ def test_graph_breaks_of_the_compiled_model_are_said_and_reported(assets, env, m
     assert result["graph_breaks"] is None and "broke its graph" not in "".join(capsys.readouterr())
 
 
-@pytest.mark.parametrize("compile_eval", [False, True])
-def test_evaluations_run_through_the_training_model_with_compile_eval(assets, env, monkeypatch, compile_eval):
+@pytest.mark.parametrize("compile_eval, pick, through_training_model", [
+    (False, "fa4", False), (True, "flex", True), (None, "fa4", True), (None, "flex", False)])
+def test_evaluations_run_through_the_training_model_with_compile_eval(assets, env, monkeypatch, compile_eval, pick,
+                                                                       through_training_model):
     """--compile_eval true validates through the training model (the compiled one on CUDA), at the training batch's
-    shape; by default the eager model validates and the training model sees only training steps."""
+    shape; false through the eager model, the training model seeing only training steps. Unset, it is on where the
+    training model is not the eager one and no layer's attention runs flex in it (`pick`: every layer's)."""
     tok_dir, data_dir = assets
+    monkeypatch.setattr(base_train, "select_backend", lambda *args: pick)
     calls: list[tuple[bool, str, tuple]] = []
 
     class Recorder(torch.nn.Module):
@@ -194,7 +198,7 @@ def test_evaluations_run_through_the_training_model_with_compile_eval(assets, en
     training = [c for c in calls if c[0]]
     evaluations = [c for c in calls if not c[0]]
     assert len(training) == 4, calls  # 4 steps of one micro-batch (256 tokens of 4 x 64)
-    assert len(evaluations) == (3 * 2 if compile_eval else 0), calls  # steps 0, 2, 4: 512 tokens each
+    assert len(evaluations) == (3 * 2 if through_training_model else 0), calls  # steps 0, 2, 4: 512 tokens each
     assert {c[1] for c in evaluations} <= {"none"} and {c[2] for c in calls} == {(4, 64)}, calls
 
 
