@@ -9,8 +9,8 @@ tok/s, MFU and peak memory; the last line is one JSON object with the run's figu
 
 Depth is the one dial (`derive_schedule`, printed at start): width = depth x aspect_ratio; the horizon is
 target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
-(horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19) above 2^19 (below,
-d12's rates); Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5
+(horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19) from 2^19 up and
+x (batch / 2^19)^-0.25 below; Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5
 above width 768 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
 `--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
