@@ -10,8 +10,8 @@ tok/s, MFU and peak memory; the last line is one JSON object with the run's figu
 Depth is the one dial (`derive_schedule`, printed at start): width = depth x aspect_ratio; the horizon is
 target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 tokens at d12 scaled by
 (horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19) from 2^19 up and
-x (batch / 2^19)^-0.25 below; Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates x (width / 768)^-0.5
-above width 768 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
+x (batch / 2^19)^-0.25 below; Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates
+x (width / 768)^-0.5 above width 768 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
 `--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
@@ -156,9 +156,9 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
     recipe's d12 horizon), rounded to a power of two; LRs scale with sqrt(B / B_REF) above B_REF and grow as
     (B / B_REF)^SMALL_BATCH_LR_EXPONENT below it, the sqrt rule inverted: in the d12 race at 2^17 the sqrt
     rule's x0.5 ended 0.018 bpb behind x1.0 (S22), x1.41 0.042 ahead of x1.0 and level with x2 (S23), while at
-    2^19 x1.41 ended 0.004 behind x1.0 (BENCHMARKS.md). Muon's weight decay
-    with sqrt(B / B_REF) x D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point
-    on that curve: there both factors default to 1. Also parses --batch_schedule (returned as "batch_schedule") and
+    2^19 x1.41 ended 0.004 behind x1.0 (BENCHMARKS.md). Muon's weight decay scales with sqrt(B / B_REF) x
+    D_ref / D, which keeps its per-epoch effect. A CPU run's laptop batch is no point on that curve: there both
+    factors default to 1. Also parses --batch_schedule (returned as "batch_schedule") and
     returns the tokens of one micro-step across ranks ("micro_batch").
     LR warmup defaults to none when the first step's batch (the schedule's first, else B) is B_REF or more,
     where starting at the full rate trained faster, and to SMALL_BATCH_WARMUP steps below, where the noisier
