@@ -37,8 +37,8 @@ from nanochat.data.packing import PackedLoader
 from nanochat.data.shards import list_shards, resolve_data_dir, split_shards
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.flags import parse_flags
-from nanochat.kernels.attention import select_backend
-from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.kernels.attention import layer_backends
+from nanochat.model.gpt import GPT
 from nanochat.optim import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.precision import check_precision
 from nanochat.runtime import graph_breaks, setup_torch_env
@@ -135,12 +135,6 @@ def resolve_defaults(cfg: TrainConfig, device_type: str, world_size: int) -> Tra
 B_REF, DEPTH_REF = 2 ** 19, 12  # the batch tuned at the reference depth; other depths scale from it
 SMALL_BATCH_LR_EXPONENT = -0.25  # LRs x (B / B_REF)^this below B_REF (BENCHMARKS.md, race S23)
 SMALL_BATCH_WARMUP = 40  # LR warmup steps below B_REF (BENCHMARKS.md, race "On text seen once (S16)")
-
-
-def attention_picks(config: GPTConfig, device: torch.device) -> set[str]:
-    """The attention backends the compiled training step runs, one per distinct layer window."""
-    return {select_backend(window, torch.bfloat16, device, config.attn_backend, config.doc_mask)
-            for window in set(config.layer_windows())}
 
 
 def horizon_tokens(cfg: TrainConfig, vocab_size: int, depth: int) -> int:
@@ -267,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          bos_id=tokenizer.get_bos_token_id())
     model_config = orig_model.config
     if cfg.compile_eval is None:
-        cfg.compile_eval = model is not orig_model and "flex" not in attention_picks(model_config, device)
+        cfg.compile_eval = model is not orig_model and "flex" not in layer_backends(
+            model_config.layer_windows(), device, model_config.attn_backend, model_config.doc_mask)
     log0(f"evaluation through the {'compiled' if cfg.compile_eval else 'eager'} model (--compile_eval)")
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()

@@ -151,8 +151,8 @@ def auto_expectations(cfg: ProfileConfig, model, device: torch.device) -> list[s
     attention = []
     if cfg.arch == "gpt":
         windows = getattr(model, "_orig_mod", model).windows
-        names = sorted({attention_backends.select_backend(w, torch.bfloat16, device, cfg.attn, cfg.doc_mask,
-                                                          compiled=bool(cfg.compile)) for w in windows})
+        names = sorted(attention_backends.layer_backends(windows, device, cfg.attn, cfg.doc_mask,
+                                                         compiled=bool(cfg.compile)))
         attention = [f"attention={n}" for n in names]
     matmul = [f"matmul={cfg.precision}"] if cfg.precision != "bf16" else []
     if cfg.precision == "fp8" and cfg.fp8_recipe in OUR_FP8_RECIPES:

@@ -174,7 +174,7 @@ def test_evaluations_run_through_the_training_model_with_compile_eval(assets, en
     shape; false through the eager model, the training model seeing only training steps. Unset, it is on where the
     training model is not the eager one and no layer's attention runs flex in it (`pick`: every layer's)."""
     tok_dir, data_dir = assets
-    monkeypatch.setattr(base_train, "select_backend", lambda *args: pick)
+    monkeypatch.setattr(base_train, "layer_backends", lambda windows, *args: {pick})
     calls: list[tuple[bool, str, tuple]] = []
 
     class Recorder(torch.nn.Module):

@@ -269,6 +269,18 @@ def test_auto_masks_documents_with_sdpa_outside_a_compiled_graph(monkeypatch):
                       "flex inside one)", "attention: layer 4 window full -> flex, masked per document"]
 
 
+def test_layer_backends_are_the_picks_of_each_distinct_window(monkeypatch):
+    """What base_train (flex in the graph or not) and profile_kernels (the kernels to expect) ask of a model."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attn_mod, "_CHOICES", {})
+    fake_available(monkeypatch, {"fa3", "cudnn", "flex", "sdpa"})
+    windows = [512, 512, None]
+    assert attn_mod.layer_backends(windows, cuda) == {"fa3"}
+    assert attn_mod.layer_backends(windows, cuda, doc_mask=True) == {"flex"}
+    assert attn_mod.layer_backends(windows, cuda, doc_mask=True, compiled=False) == {"sdpa"}
+    assert attn_mod.layer_backends(windows, cuda, "cudnn") == {"cudnn", "fa3"}  # cudnn has no window: auto's pick
+
+
 @pytest.mark.parametrize("name", ["cudnn", "fa3"])
 def test_naming_a_backend_without_document_masking_is_an_error(monkeypatch, name):
     fake_available(monkeypatch, set(ATTENTION_BACKENDS))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -495,6 +495,12 @@ def select_backend(window: int | None, dtype: torch.dtype, device, backend: str 
             choice = "sdpa"
     _CHOICES[key] = choice
     return choice
+
+
+def layer_backends(windows: Iterable[int | None], device, backend: str = "auto", doc_mask: bool = False,
+                   compiled: bool = True) -> set[str]:
+    """The backends select_backend picks for these layer windows in a bf16 (autocast) training step."""
+    return {select_backend(window, torch.bfloat16, device, backend, doc_mask, compiled) for window in set(windows)}
 
 
 @torch.compiler.assume_constant_result
