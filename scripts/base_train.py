@@ -12,7 +12,8 @@ target_param_data_ratio x (block matrices + lm_head) tokens; the batch is 2^19 t
 (horizon / d12's horizon)^0.383 to a power of two; every learning rate x sqrt(batch / 2^19) from 2^19 up and
 x (batch / 2^19)^-0.25 below; Muon's weight decay x sqrt(batch / 2^19) x d12's horizon / horizon; AdamW rates
 x (width / 768)^-0.5 above width 768 (nanochat.optim); no LR warmup at 2^19 tokens and above, 40 steps below.
-`--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later.
+`--batch_schedule` grows the batch over the run (off by default): small batches early, total_batch_size later, each
+step's LRs scaled by the same batch rule relative to total_batch_size.
 Each derived value can be set by its own flag instead. The model and optimizer defaults are the recipe
 measured in BENCHMARKS.md ("recipe"); each has a flag, so older settings stay one flag away.
 """
@@ -63,7 +64,9 @@ class TrainConfig(BuildConfig):
                                                               "BATCH@FRACTION,... trains BATCH tokens per step while the "
                                                               "progress (the LR schedule's: the larger of the step and "
                                                               "time fractions) is below FRACTION, then total_batch_size; "
-                                                              "each step's LRs x sqrt(its batch / total_batch_size); "
+                                                              "each step's LRs x the batch rule's factor for its batch "
+                                                              "/ for total_batch_size ((its batch / total_batch_size)"
+                                                              "^-0.25 when both are below 2^19); "
                                                               "e.g. 131072@0.25,262144@0.5; empty = off"})
     split_long_docs: bool = field(default=True, metadata={"help": "split documents longer than a row into pieces "
                                                           "(else crop them to one row)"})
@@ -167,7 +170,7 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
         cfg.num_iterations = max(1, round(tokens / mean_batch(batch_schedule, cfg.total_batch_size)))
     batch_ratio = cfg.total_batch_size / B_REF
     lr_scale = cfg.batch_lr_scale if cfg.batch_lr_scale is not None else 1.0 if on_cpu else \
-        batch_ratio ** (0.5 if batch_ratio >= 1 else SMALL_BATCH_LR_EXPONENT)
+        batch_lr_factor(cfg.total_batch_size)
     wd_scale = cfg.weight_decay_scale if cfg.weight_decay_scale is not None else \
         1.0 if on_cpu else batch_ratio ** 0.5 * ref / tokens
     first_batch = batch_schedule[0][0] if batch_schedule else cfg.total_batch_size
@@ -175,6 +178,13 @@ def derive_schedule(cfg: TrainConfig, vocab_size: int, world_size: int, on_cpu: 
         cfg.warmup_steps = 0 if on_cpu or first_batch >= B_REF else SMALL_BATCH_WARMUP
     return {"horizon_tokens": tokens, "d12_horizon_tokens": ref, "lr_scale": lr_scale, "wd_scale": wd_scale,
             "batch_schedule": batch_schedule, "micro_batch": micro_batch}
+
+
+def batch_lr_factor(batch: int) -> float:
+    """The LR multiplier the batch rule gives `batch` tokens a step, relative to B_REF's: sqrt from B_REF up,
+    ^SMALL_BATCH_LR_EXPONENT below. A --batch_schedule step takes factor(its batch) / factor(total_batch_size)."""
+    ratio = batch / B_REF
+    return ratio ** (0.5 if ratio >= 1 else SMALL_BATCH_LR_EXPONENT)
 
 
 def parse_batch_schedule(spec: str, total_batch_size: int, micro_batch: int) -> list[tuple[int, float]]:
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         phases = ", ".join(f"{b:,} tokens (grad accum {b // micro_batch}) below progress {f:g}"
                            for b, f in batch_schedule)
         log0(f"batch schedule: {phases}, then {cfg.total_batch_size:,} (grad accum {grad_accum}); each step's LRs "
-             f"x sqrt(its batch / {cfg.total_batch_size:,}) (--batch_schedule)")
+             f"x the batch rule's factor for its batch / for {cfg.total_batch_size:,} (--batch_schedule)")
     sharded = optimizer.owners is not None  # shard_optimizer with world_size > 1
     checkpoint_dir = run_checkpoint_dir("base", cfg.model_tag)
     claim_checkpoint_dir(checkpoint_dir, cfg.resume_from_step, cfg.overwrite, rank)  # not next to another run's
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = batch_at(progress / num_iterations, batch_schedule, cfg.total_batch_size)
         step_accum = batch // micro_batch
         lrm = lr_multiplier(progress, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
-        lrm *= (batch / cfg.total_batch_size) ** 0.5  # the schedule's sqrt rule, relative to the full batch (logged)
+        lrm *= batch_lr_factor(batch) / batch_lr_factor(cfg.total_batch_size)  # the batch rule, relative (logged)
         optimizer.set_lr_multiplier(lrm)
         optimizer.set_muon_momentum(muon_momentum(step, cfg.muon_momentum_warmup, end=cfg.muon_momentum_peak,
                                                   num_iterations=num_iterations, warmdown_ratio=cfg.warmdown_ratio,

@@ -374,7 +374,8 @@ def count_micro_batches(monkeypatch):
 def test_batch_schedule_run_takes_each_steps_micro_batches_and_logs_its_tokens(assets, env, monkeypatch, capsys,
                                                                                count_micro_batches):
     """8 steps of 256@0.25,512@0.5 then 1024 tokens (256 per micro-batch): 1, 1, 2, 2, 4, 4, 4, 4 micro-batches;
-    each step's LRs x sqrt(its batch / 1024) (no warmup, no warmdown: the multiplier is that factor alone)."""
+    each step's LRs x the batch rule's (its batch / 1024)^-0.25, all below 2^19 (no warmup, no warmdown: the
+    multiplier is that factor alone)."""
     tok_dir, data_dir = assets
     logged: list[str] = []
     monkeypatch.setattr(base_train, "log0", logged.append)
@@ -384,15 +385,21 @@ def test_batch_schedule_run_takes_each_steps_micro_batches_and_logs_its_tokens(a
     batches = [256, 256, 512, 512, 1024, 1024, 1024, 1024]
     assert count_micro_batches["train"] == sum(batches) // 256 == 22
     assert [r["batch"] for r in rows] == batches and result["tokens"] == sum(batches)
-    assert [r["lrm"] for r in rows] == pytest.approx([(b / 1024) ** 0.5 for b in batches], abs=1e-12)
+    assert [r["lrm"] for r in rows] == pytest.approx([(b / 1024) ** -0.25 for b in batches], abs=1e-12)
     for r in rows:  # tok/s of the step's own tokens
         assert r["tok_per_s"] * r["step_ms"] / 1000 == pytest.approx(r["batch"], rel=1e-9)
     assert result["median_tok_per_s"] == pytest.approx(statistics.median(r["tok_per_s"] for r in rows))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[-1] for line in lines if line.startswith("step 0")] == [f"batch {b:,}" for b in batches]
     assert ("batch schedule: 256 tokens (grad accum 1) below progress 0.25, 512 tokens (grad accum 2) below "
-            "progress 0.5, then 1,024 (grad accum 4); each step's LRs x sqrt(its batch / 1,024) (--batch_schedule)"
-            ) in logged
+            "progress 0.5, then 1,024 (grad accum 4); each step's LRs x the batch rule's factor for its batch / for "
+            "1,024 (--batch_schedule)") in logged
+
+
+def test_batch_lr_factor_follows_the_rule_on_both_sides_of_the_reference_batch():
+    factor = base_train.batch_lr_factor
+    assert factor(2 ** 19) == 1 and factor(2 ** 21) == pytest.approx(2) and factor(2 ** 17) == pytest.approx(2 ** 0.5)
+    assert factor(2 ** 18) / factor(2 ** 20) == pytest.approx(2 ** -0.25)  # a schedule's 2^18 step in a 2^20 run
 
 
 def test_without_a_schedule_every_step_takes_grad_accum_micro_batches(assets, env, monkeypatch, capsys,
