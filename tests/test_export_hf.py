@@ -105,9 +105,10 @@ def test_greedy_generate_matches_our_engine(exported):
     stop = engine.tools.stop_ids
     prompts = [render_for_completion(tokenizer, CHAT), tokenizer.encode("To be, or not to be", prepend="<|bos|>")]
     for prompt in prompts:
-        seqs, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
+        new = min(40, model.config.sequence_len - len(prompt))  # our engine stops at the context; HF's would go on
+        seqs, _ = engine.generate_batch(prompt, max_tokens=new, temperature=0.0)
         ours = seqs[0][len(prompt):]
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)[0, len(prompt):].tolist()
         theirs = out[:next((i for i, t in enumerate(out) if t in stop), len(out))]
         assert tokenizer.encode_special("<|python_end|>") not in ours  # our calculator would change the rest
         assert theirs == ours and len(ours) > 2 * model.config.short_window  # decode steps past the window

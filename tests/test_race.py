@@ -17,9 +17,23 @@ import torch
 
 from benchmarks import race, race_data
 from benchmarks.race_data import check_peer, split_text
+from nanochat.data.shards import DocumentStream, list_shards, resolve_data_dir
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
+
+
+def has_shards() -> bool:
+    try:
+        return bool(list_shards(resolve_data_dir()))
+    except FileNotFoundError:
+        return False
+
+
+# the smoke race cuts its tiny data out of real pretraining shards (the user's data dir or ../shared/data/pretrain)
+needs_shards = pytest.mark.skipif(not has_shards(), reason="no pretraining shards: download some "
+                                  "(`python -m nanochat.data.download -n 1`) or clone next to ../shared/data")
+
 PEER_LINES = [  # the public nanochat's own output format (scripts/base_train.py at 92d63d4)
     f"GPU: {GPU_NAME} | Peak FLOPS (BF16): 9.89e+14",
     "Step 00000 | Validation bpb: 3.300000",
@@ -294,6 +308,7 @@ def test_lowest_bpb_and_a_rise_after_it():
 
 
 @pytest.mark.slow
+@needs_shards
 def test_smoke_race_writes_its_files(tmp_path, monkeypatch):
     """The two tiny racers side by side on "GPUs" 0 and 1 (on the CPU: each process's CUDA_VISIBLE_DEVICES is set
     and unused): they train at the same time, and each one's training and final bpb see only its GPU."""
@@ -620,6 +635,7 @@ PEER = os.environ.get("PEER", "")  # a checkout of karpathy/nanochat at 92d63d4 
 
 
 @pytest.mark.slow
+@needs_shards
 @pytest.mark.parametrize("kind", ["ours", pytest.param("nanochat", marks=pytest.mark.skipif(
     not PEER, reason="set PEER to a karpathy/nanochat checkout to race the peer on the CPU"))])
 def test_a_cut_off_racer_resumes_and_ends_where_an_uncut_one_does(tmp_path, monkeypatch, capsys, kind):
@@ -646,11 +662,11 @@ def test_a_cut_off_racer_resumes_and_ends_where_an_uncut_one_does(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train.attempt2.log", "train.log"]
 
 
+@needs_shards
 @pytest.mark.skipif(not PEER, reason="set PEER to a karpathy/nanochat checkout to count through its own tokenizer")
 def test_the_peers_own_tokenizer_reads_as_many_tokens_as_the_manifest_counts(tmp_path):
     """The manifest counts the peer's tokens through its unpickled tiktoken Encoding; its trainer's loader reads them
     through RustBPETokenizer.from_directory and encode(docs, prepend=bos): the same numbers on real text."""
-    from nanochat.data.shards import DocumentStream, list_shards, resolve_data_dir
     stream = iter(DocumentStream(list_shards(resolve_data_dir())[:1], loop=False))
     docs = [[next(stream)[:5000] for _ in range(40)], [next(stream)[:5000] for _ in range(30)]]
     ranks = Tokenizer.train_from_iterator(docs[0], vocab_size=600).mergeable_ranks()

@@ -280,7 +280,9 @@ def test_requests_admitted_together_are_prefilled_as_one_batch(monkeypatch):
     reference = Engine(model, tok)
     prompts = [render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}) for q in TOOL_QUESTIONS]
     prompts[2] = prompts[2][:5]
-    assert len(set(map(len, prompts))) == len(prompts)
+    for i in range(len(prompts)):  # lengths all different, whatever the tokenizer (its text differs without ../shared)
+        while len(prompts[i]) in map(len, prompts[:i]):
+            prompts[i] = prompts[i][:-1]
     expected = [reference.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p):]
                 for p, n in zip(prompts, TOOL_MAX_TOKENS)]
     # the bad prompt (1 token longer than prompts[1]) is third: its batch fails, then runs one request at a time
