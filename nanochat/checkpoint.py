@@ -2,7 +2,8 @@
 
 Layout: <checkpoint_dir>/step_<n:06d>/ holds `model.safetensors`, `meta.json`, one `optim_rank<r>.pt`
 per rank and, when saved with its tokenizer, `tokenizer/` (then the step dir alone is a portable model). A step directory only ever appears whole (os.replace of a finished
-temporary directory), so a crash or `kill -9` mid-save leaves the previous checkpoint as the latest.
+temporary directory), so a crash or `kill -9` mid-save leaves the previous checkpoint as the latest; a save
+whose tensors do not fit the disk's free space is refused before it writes, saying so.
 Loading never runs pickled code: the model is safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
 meta.json records each file's sha256, checked at load: a damaged or truncated copy is refused by name
@@ -12,6 +13,7 @@ to the base dir when inside it (a base dir copied elsewhere keeps working), and 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ from nanochat.common import get_base_dir, log0
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TOKENIZER_SUBDIR = "tokenizer"  # a step dir's own copy of its tokenizer (save_checkpoint's tokenizer_dir)
 STALE_DIR = re.compile(r"^\.(tmp|old)_step_\d+_(\d+)$")
+DISK_MARGIN = 64 << 20  # bytes a save leaves free beyond its tensors (headers, meta.json, the tokenizer)
 CHECKSUMS = "checksums"  # meta.json: {file name: sha256} of the step dir's other files
 _warned_unverified: set[str] = set()
 MODEL_DIR_HELP = ("a checkpoint directory to load instead of the phase/tag under NANOCHAT_BASE_DIR: a step_<n> "
@@ -88,6 +91,31 @@ def _check_plain(obj, where: str = "optimizer_state") -> None:
         return
     raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints only hold tensors, numbers, strings, "
                     "lists and dicts (so loading never executes pickled code): convert it first")
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: what its files will take on disk, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _check_free_space(checkpoint_dir: Path, step: int, need: int) -> None:
+    """Refuse a save that cannot fit before writing a byte: a full disk mid-write fails with torch's opaque
+    'unexpected pos' (S25: a d20 run's optimizer file alone is 5.3 GB; keep_last prunes only once the new step
+    dir is whole)."""
+    free = shutil.disk_usage(checkpoint_dir).free
+    if need + DISK_MARGIN > free:
+        latest = latest_step(checkpoint_dir)
+        kept = f"step {latest}, intact" if latest is not None else "none yet"
+        raise OSError(errno.ENOSPC, f"No space for the checkpoint of step {step}: it needs ~{need / 2**30:.1f} GiB "
+                      f"in {checkpoint_dir}, which has {free / 2**30:.1f} GiB free: free space there, keep fewer "
+                      f"checkpoints (--keep_last) or save less often (--save_every); the newest complete "
+                      f"checkpoint: {kept}")
 
 
 def _model_tensors(model_state: dict) -> dict[str, torch.Tensor]:
@@ -180,6 +208,8 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
         tmp = checkpoint_dir / name[0]
 
     try:
+        _check_free_space(checkpoint_dir, step, _tensor_bytes(optimizer_state) +
+                          (_tensor_bytes(model_state) if rank == 0 else 0))
         checksums = _write_files(tmp, model_state, optimizer_state, rank)
         if rank == 0 and tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_SUBDIR)

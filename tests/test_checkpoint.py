@@ -157,6 +157,26 @@ def test_exception_mid_save_keeps_previous(tmp_path, monkeypatch):
     assert m["w"][0, 0] == 1 and o["n"] == 1 and meta["x"] == 1
 
 
+@pytest.mark.parametrize("short_by", [1, 0])
+def test_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch, short_by):
+    """A full disk mid-write fails with torch's opaque 'unexpected pos' (S25, d20): refuse up front instead, saying
+    how much is needed and free and what to do. The tensors of small(2): 16 + 3 float32 = 76 bytes."""
+    save_checkpoint(tmp_path, 1, *small(1), {"x": 1})
+    real = shutil.disk_usage(tmp_path)
+    free = 76 + ckpt.DISK_MARGIN - short_by
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: real._replace(free=free))
+    if not short_by:  # exactly enough: saved
+        save_checkpoint(tmp_path, 2, *small(2), {"x": 2})
+        assert latest_step(tmp_path) == 2
+        return
+    with pytest.raises(OSError, match="No space") as e:
+        save_checkpoint(tmp_path, 2, *small(2), {"x": 2})
+    message = str(e.value)
+    assert str(tmp_path) in message and "--keep_last" in message and "--save_every" in message
+    assert "step 1, intact" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]  # nothing half-written left behind
+
+
 def test_failed_rename_of_same_step_restores_it(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 3, *small(3), {"x": "old"})
     real_replace = os.replace
