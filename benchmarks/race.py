@@ -16,7 +16,8 @@ its own defaults for everything the race does not fix. The race fixes: depth, se
 (tokens per step and rows per device), data (--race_dir/data: training shards, the last one validation),
 each kind's tokenizer (--race_dir/tokenizer_<kind>, trained on that data) and the budget: --steps N, or
 --seconds S (each racer is first timed for --probe_steps and then trains the steps that fit in S at its
-speed). No sampling, no CORE evaluation; a checkpoint at the end.
+speed). No sampling, no CORE evaluation; a checkpoint at the end, deleted once the racer's final bpb is measured
+(--keep_checkpoints keeps it: a d20 racer's is ~7 GB, and in S25 three filled a GPU machine's 64 GiB disk).
 
 Measured per racer: validation bpb against training seconds at --eval_points points (each trainer's own
 periodic evaluation), the seconds summed from its per-step times with compilation left out (a step over
@@ -122,6 +123,8 @@ class RaceConfig:
     device_batch_size: int = field(default=32, metadata={"help": "rows per micro-step, every racer"})
     save_every: int = field(default=0, metadata={"help": "racers save a checkpoint every N steps, from which one "
                                                     "cut off resumes in the next run (0: at the end only)"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep each finished racer's checkpoints (default: "
+                                                              "deleted once its result is stored)"})
     eval_points: int = field(default=10, metadata={"help": "validation evaluations per racer (plus step 0)"})
     eval_tokens: int = field(default=4 * 524288, metadata={"help": "validation tokens per periodic evaluation"})
     final_chars: int = field(default=4_000_000, metadata={"help": "validation characters of the final bpb"})
@@ -259,8 +262,8 @@ def command(cfg: RaceConfig, racer: Racer, steps: int, eval_every: int, work: Pa
     if cfg.device_type:
         shared["device_type"] = cfg.device_type
     base = work / "base"
-    if racer.kind == "ours":
-        flags = dict(shared, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours")
+    if racer.kind == "ours":  # its newest checkpoint is all a resume needs
+        flags = dict(shared, data_dir=race / "data", tokenizer_dir=race / "tokenizer_ours", keep_last=1)
         argv = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in flags.items())]
         env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONUNBUFFERED="1")
         return argv + racer.flags, pin(env, gpu), ROOT
@@ -380,7 +383,7 @@ def final_bpb(cfg: RaceConfig, racer: Racer, work: Path, gpu: int | None = None)
     if cfg.device_type:
         argv.append(f"--device={cfg.device_type}")
     if racer.kind == "ours":
-        argv.append(f"--model={work / 'base' / 'checkpoints' / 'base' / racer.name}")
+        argv.append(f"--model={checkpoint_dir(racer.kind, work / 'base', racer.name)}")
     else:
         argv += [f"--peer={Path(cfg.peer).resolve()}", f"--model_tag={racer.name}"]
         env = peer_env(Path(cfg.peer).resolve(), work / "base")
@@ -400,7 +403,7 @@ def probe_steps(cfg: RaceConfig, racer: Racer, work: Path, gpu: int | None = Non
 
 def racer_settings(cfg: RaceConfig, racer: Racer) -> dict:
     """What a racer's result depends on: a stored result with the same settings can stand in for a run."""
-    left_out = ("racers", "out", "work", "target", "smoke", "save_every", "gpus")
+    left_out = ("racers", "out", "work", "target", "smoke", "save_every", "keep_checkpoints", "gpus")
     race = {k: v for k, v in asdict(cfg).items() if k not in left_out}
     if racer.steps:
         race.update(steps=racer.steps, seconds=0.0)
@@ -416,13 +419,18 @@ def installed_version(package: str) -> str | None:
         return None
 
 
+def checkpoint_dir(kind: str, base: Path, tag: str) -> Path:
+    """Where a racer's trainer writes its checkpoints under its base dir."""
+    return base / "checkpoints" / "base" / tag if kind == "ours" else base / "base_checkpoints" / tag
+
+
 def newest_checkpoint(kind: str, base: Path, tag: str) -> int | None:
     """The newest step with a complete checkpoint of racer `tag` under its base dir, or None. Ours writes a step
     dir whole (nanochat.checkpoint); the peer writes model_<step>.pt, meta_<step>.json and optim_<step>_rank0.pt
     one after another, and a torch.save file cut off mid-write lacks the zip directory that ends it."""
+    run = checkpoint_dir(kind, base, tag)
     if kind == "ours":
-        return latest_step(base / "checkpoints" / "base" / tag)
-    run = base / "base_checkpoints" / tag
+        return latest_step(run)
     metas = (re.fullmatch(r"meta_(\d+)\.json", p.name) for p in run.glob("meta_*.json"))
     for step in sorted((int(m.group(1)) for m in metas if m), reverse=True):
         if all(zipfile.is_zipfile(run / name) for name in (f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt")):
@@ -516,6 +524,8 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
             "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
             "graph_breaks": stats["graph_breaks"], "settings": settings}
     stored.write_text(json.dumps(result))
+    if not cfg.keep_checkpoints:  # the result stands in for the run from now on
+        shutil.rmtree(checkpoint_dir(racer.kind, work / "base", racer.name), ignore_errors=True)
     return result
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -578,16 +579,20 @@ def test_a_racer_cut_off_resumes_from_its_newest_checkpoint(tmp_path, monkeypatc
     result = race.run_racer(cfg, racer, out, out / "work")
     flags = ["--save_every=2", "--resume_from_step=4"] if kind == "ours" else ["--save-every=2", "--resume-from-step=4"]
     assert len(runs) == 1 and flags[0] in runs[0] and runs[0][-1] == flags[1]
+    assert ("--keep_last=1" in runs[0]) == (kind == "ours")  # our trainer keeps only what a resume needs
     assert "[race] r: resuming from step 4 (attempt 2)" in capsys.readouterr().out
     assert [p[0] for p in result["curve"]] == [0, 2, 4, 6] and result["attempts"] == 2
     assert result["train_seconds"] == pytest.approx(6.8) and result["wall_seconds"] >= 60
     assert sorted(p.name for p in (out / "r").iterdir()) == ["train.attempt2.log", "train.log"]  # every attempt's
+    assert race.newest_checkpoint(kind, work / "base", "r") is None  # deleted once the result was stored
 
-    # killed after the final checkpoint (during the final bpb): not trained again
+    # killed after the final checkpoint (during the final bpb): not trained again; --keep_checkpoints keeps it
     (work / "result.json").unlink()
     fake_checkpoint(kind, work / "base", 6)
-    assert race.run_racer(cfg, racer, out, out / "work")["curve"] == result["curve"] and len(runs) == 1
+    kept = replace(cfg, keep_checkpoints=True)
+    assert race.run_racer(kept, racer, out, out / "work")["curve"] == result["curve"] and len(runs) == 1
     assert "attempt 2 trained all 6 steps: on to the final bpb" in capsys.readouterr().out
+    assert race.newest_checkpoint(kind, work / "base", "r") == 6
 
     # reasons to start over, each said
     settings = race.racer_settings(cfg, racer)
