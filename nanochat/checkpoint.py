@@ -104,18 +104,29 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _check_free_space(checkpoint_dir: Path, step: int, need: int) -> None:
-    """Refuse a save that cannot fit before writing a byte: a full disk mid-write fails with torch's opaque
-    'unexpected pos' (S25: a d20 run's optimizer file alone is 5.3 GB; keep_last prunes only once the new step
-    dir is whole)."""
-    free = shutil.disk_usage(checkpoint_dir).free
-    if need + DISK_MARGIN > free:
-        latest = latest_step(checkpoint_dir)
-        kept = f"step {latest}, intact" if latest is not None else "none yet"
-        raise OSError(errno.ENOSPC, f"No space for the checkpoint of step {step}: it needs ~{need / 2**30:.1f} GiB "
-                      f"in {checkpoint_dir}, which has {free / 2**30:.1f} GiB free: free space there, keep fewer "
-                      f"checkpoints (--keep_last) or save less often (--save_every); the newest complete "
-                      f"checkpoint: {kept}")
+def _make_room(checkpoint_dir: Path, step: int, need: int, keep_last: int | None) -> str | None:
+    """None when a save of `need` bytes fits the disk's free space, else why not. A full disk mid-write fails with
+    torch's opaque 'unexpected pos' (S25: a d20 run's optimizer file alone is 5.3 GB), so this runs first. When
+    short, the older steps that keep_last would delete after this save go now, the newest complete one never:
+    a failed save still leaves it, and a successful one leaves what it would have left."""
+    def short() -> bool:
+        return need + DISK_MARGIN > shutil.disk_usage(checkpoint_dir).free
+
+    if not short():
+        return None
+    if keep_last is not None:
+        older = [s for s in _complete_steps(checkpoint_dir) if s < step]
+        for s in older[:max(0, len(older) - max(keep_last - 1, 1))]:
+            shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
+            log0(f"low on disk space: deleted checkpoint step {s} before saving step {step} (keep_last={keep_last} "
+                 "would delete it after)")
+        if not short():
+            return None
+    latest = latest_step(checkpoint_dir)
+    kept = f"step {latest}, intact" if latest is not None else "none yet"
+    return (f"No space for the checkpoint of step {step}: it needs ~{need / 2**30:.1f} GiB in {checkpoint_dir}, "
+            f"which has {shutil.disk_usage(checkpoint_dir).free / 2**30:.1f} GiB free: free space there, keep fewer "
+            f"checkpoints (--keep_last) or save less often (--save_every); the newest complete checkpoint: {kept}")
 
 
 def _model_tensors(model_state: dict) -> dict[str, torch.Tensor]:
@@ -179,6 +190,8 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
     its own optimizer state; rank 0 writes the model and meta.json and does the final rename.
     keep_last=K deletes, after the save succeeded, all but the K newest complete steps up to this one: never
     this step, nor steps above it (another run's; `claim_checkpoint_dir` stops a run from starting next to them).
+    A save that does not fit the disk's free space first deletes those older steps (not the newest complete
+    one), then, still short, raises OSError(ENOSPC) before writing, naming the need, the free space and the fix.
     tokenizer_dir: the model's tokenizer, copied into the step dir (`tokenizer/`, a few hundred KB), so
     that the step dir alone is a model that can be moved to another machine and loaded by path.
     """
@@ -195,21 +208,30 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"save_checkpoint(world_size={world_size}) needs torch.distributed initialized")
 
+    need = _tensor_bytes(optimizer_state) + (_tensor_bytes(model_state) if rank == 0 else 0)
+    if distributed:  # every rank's files go into one dir
+        needs = [None] * world_size
+        dist.all_gather_object(needs, need)
+        need = sum(needs)
     final = _step_dir(checkpoint_dir, step)
+    tmp_name = refusal = None
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale(checkpoint_dir)
-        tmp = checkpoint_dir / f".tmp_step_{step:06d}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    if distributed:  # every rank writes into rank 0's temporary dir
-        name = [tmp.name if rank == 0 else None]
-        dist.broadcast_object_list(name, src=0)
-        tmp = checkpoint_dir / name[0]
+        refusal = _make_room(checkpoint_dir, step, need, keep_last)
+        if refusal is None:
+            tmp_name = f".tmp_step_{step:06d}_{os.getpid()}"
+            shutil.rmtree(checkpoint_dir / tmp_name, ignore_errors=True)
+            (checkpoint_dir / tmp_name).mkdir()
+    if distributed:  # every rank writes into rank 0's temporary dir, or refuses with it
+        shared = [(tmp_name, refusal)]
+        dist.broadcast_object_list(shared, src=0)
+        tmp_name, refusal = shared[0]
+    if refusal is not None:
+        raise OSError(errno.ENOSPC, refusal)
+    tmp = checkpoint_dir / tmp_name
 
     try:
-        _check_free_space(checkpoint_dir, step, _tensor_bytes(optimizer_state) +
-                          (_tensor_bytes(model_state) if rank == 0 else 0))
         checksums = _write_files(tmp, model_state, optimizer_state, rank)
         if rank == 0 and tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_SUBDIR)

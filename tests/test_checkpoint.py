@@ -177,6 +177,27 @@ def test_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch, s
     assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]  # nothing half-written left behind
 
 
+@pytest.mark.parametrize("keep_last, fits_beside, kept", [(2, 1, ["step_000002", "step_000003"]),
+                                                         (1, 0, ["step_000002"]),
+                                                         (None, 1, ["step_000001", "step_000002"])])
+def test_short_of_space_a_save_first_deletes_what_keep_last_would(tmp_path, monkeypatch, keep_last, fits_beside, kept):
+    """Steps 1 and 2 saved; step 3 fits beside at most `fits_beside` of them. keep_last=2 would delete step 1 after
+    saving 3: it goes first and the save succeeds. keep_last=1 would delete both, but the newest complete step
+    stays until a new one is whole: step 1 goes, still short, refused. Without keep_last nothing goes: refused."""
+    for s in (1, 2):
+        save_checkpoint(tmp_path, s, *small(s), {})
+    real = shutil.disk_usage(tmp_path)
+    steps_there = lambda: len(list(tmp_path.glob("step_*")))
+    room = lambda path: real._replace(free=76 + ckpt.DISK_MARGIN - (steps_there() > fits_beside))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", room)
+    if "step_000003" in kept:
+        save_checkpoint(tmp_path, 3, *small(3), {}, keep_last=keep_last)
+    else:
+        with pytest.raises(OSError, match="No space .* step 2, intact"):
+            save_checkpoint(tmp_path, 3, *small(3), {}, keep_last=keep_last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
 def test_failed_rename_of_same_step_restores_it(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 3, *small(3), {"x": "old"})
     real_replace = os.replace
