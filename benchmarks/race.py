@@ -17,7 +17,8 @@ its own defaults for everything the race does not fix. The race fixes: depth, se
 each kind's tokenizer (--race_dir/tokenizer_<kind>, trained on that data) and the budget: --steps N, or
 --seconds S (each racer is first timed for --probe_steps and then trains the steps that fit in S at its
 speed). No sampling, no CORE evaluation; a checkpoint at the end, deleted once the racer's final bpb is measured
-(--keep_checkpoints keeps it: a d20 racer's is ~7 GB, and in S25 three filled a GPU machine's 64 GiB disk).
+(--keep_checkpoints keeps it: a d20 racer's optimizer file alone is 5.3 GB; in S25 three racers' checkpoints
+filled a GPU machine's 64 GiB disk).
 
 Measured per racer: validation bpb against training seconds at --eval_points points (each trainer's own
 periodic evaluation), the seconds summed from its per-step times with compilation left out (a step over
@@ -55,7 +56,9 @@ CUDA_VISIBLE_DEVICES in the environment of its probe, training and final bpb (ea
 the curves keep the racers' order, and each result records its GPU index and the device name its trainer printed.
 Racers side by side share the host's CPU (data loading, kernel launches), PCIe and power, so their timings compare
 only roughly: race one after another on one GPU (no --gpus) to compare speeds closely. A racer that fails does not stop
-the others: the race reports each failure at the end, with its logs, and exits non-zero.
+the others: the race reports each failure at the end, with its logs, and exits non-zero. One whose trainer failed
+after evaluations keeps a row in the table ("stopped at step N of M"): no final bpb, but its time to the target
+where its curve so far reached it (race.json: its "partial" result under "failed").
 """
 from __future__ import annotations
 
@@ -501,32 +504,52 @@ def run_racer(cfg: RaceConfig, racer: Racer, out: Path, work_root: Path, gpu: in
         attempts.append({"log": log, "resume_from": resume, "started": time.time()})
         (work / ATTEMPTS).write_text(json.dumps(record))
         say(racer.name, gpu, " ".join(argv[2:]))
-        run_logged(argv, env, cwd, work / log, logs / log)
+        try:
+            run_logged(argv, env, cwd, work / log, logs / log)
+        except SystemExit as e:  # its curve so far can still have crossed the target
+            stats = read_attempts(racer.kind, work, attempts)
+            partial = {**measured(cfg, racer, stats, attempts, work, gpu, data_tokens), "steps": steps,
+                       "steps_done": stats["last_step"]} if len(stats["evals"]) > 1 else None
+            raise StoppedRacer(e.code, partial) from None
     stats = read_attempts(racer.kind, work, attempts)
     if len(stats["step_seconds"]) != steps or not stats["evals"]:
         raise SystemExit(f"{racer.name}: parsed {len(stats['step_seconds'])} step lines of {steps} and "
                          f"{len(stats['evals'])} evaluations from {', '.join(a['log'] for a in attempts)} in {work}; "
                          "its log format changed?")
-    kept, compile_seconds = training_seconds(stats["step_seconds"])
-    points = curve(stats["evals"], kept)
-    final = final_bpb(cfg, racer, work, gpu)
-    median_dt = statistics.median(kept)
-    step_tokens = [t or cfg.total_batch_size for t in stats["step_tokens"]]  # a --batch_schedule's steps differ
-    wall = sum((work / a["log"]).stat().st_mtime - a["started"] for a in attempts)  # each to its last line
-    result = {"name": racer.name, "kind": racer.kind, "flags": racer.flags, "steps": steps,
-            "tok_per_s": statistics.median(t / dt for t, dt in zip(step_tokens, kept)), "median_step_s": median_dt,
-            "tokens": sum(step_tokens),
-            "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
-            "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
-            "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts), "curve": points,
-            "data_tokens": data_tokens, "epochs": epochs_of(sum(step_tokens), data_tokens),
-            "final_bpb": final["bpb"], "final_bpb_own": points[-1][2],
-            "own_minus_ours": points[-1][2] - final["bpb"], "gpu": gpu, "device": stats["device"],
-            "graph_breaks": stats["graph_breaks"], "settings": settings}
+    result = measured(cfg, racer, stats, attempts, work, gpu, data_tokens)
+    final, last_own = final_bpb(cfg, racer, work, gpu), result["curve"][-1][2]
+    result.update(steps=steps, final_bpb=final["bpb"], final_bpb_own=last_own, own_minus_ours=last_own - final["bpb"],
+                  settings=settings)
     stored.write_text(json.dumps(result))
     if not cfg.keep_checkpoints:  # the result stands in for the run from now on
         shutil.rmtree(checkpoint_dir(racer.kind, work / "base", racer.name), ignore_errors=True)
     return result
+
+
+def measured(cfg: RaceConfig, racer: Racer, stats: dict, attempts: list[dict], work: Path, gpu: int | None,
+             data_tokens: int | None) -> dict:
+    """What a racer's logs (merged `stats` of its `attempts`) measure: speed, MFU, memory, seconds, its curve."""
+    kept, compile_seconds = training_seconds(stats["step_seconds"])
+    step_tokens = [t or cfg.total_batch_size for t in stats["step_tokens"]]  # a --batch_schedule's steps differ
+    wall = sum((work / a["log"]).stat().st_mtime - a["started"] for a in attempts)  # each to its last line
+    return {"name": racer.name, "kind": racer.kind, "flags": racer.flags,
+            "tok_per_s": statistics.median(t / dt for t, dt in zip(step_tokens, kept)),
+            "median_step_s": statistics.median(kept), "tokens": sum(step_tokens),
+            "mfu": statistics.median(stats["mfu"]) if stats["mfu"] else None,
+            "peak_memory_gib": stats["peak_memory_gib"], "train_seconds": sum(kept),
+            "compile_seconds": compile_seconds, "wall_seconds": wall, "attempts": len(attempts),
+            "curve": curve(stats["evals"], kept), "data_tokens": data_tokens,
+            "epochs": epochs_of(sum(step_tokens), data_tokens), "gpu": gpu, "device": stats["device"],
+            "graph_breaks": stats["graph_breaks"]}
+
+
+class StoppedRacer(SystemExit):
+    """A racer whose trainer failed mid-run; `partial`: what its logs measured up to then (None: no evaluation
+    after step 0), a row of the table with its time to the target if its curve reached it."""
+
+    def __init__(self, message: object, partial: dict | None):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
@@ -535,6 +558,10 @@ class Failure:
     name: str
     gpu: int | None
     error: BaseException
+
+    @property
+    def partial(self) -> dict | None:
+        return getattr(self.error, "partial", None)
 
     def message(self) -> str:
         """A trainer's failure as run_logged words it (its log named), anything else with its traceback."""
@@ -587,21 +614,26 @@ def run_queue(racers: list[Racer], gpus: list[int | None], run_one: Callable[[Ra
 
 def summarize(results: list[dict], target_name: str) -> tuple[float, list[dict]]:
     """The target bpb and, per racer, its epochs, its lowest bpb (and step), how far its last evaluation rose above
-    that, its time to reach the target (first crossing) and the ratio to the first racer's time."""
+    that, its time to reach the target (first crossing) and the ratio to the first racer's time. A stopped racer
+    (StoppedRacer's partial result, with "steps_done") has no final bpb and sets no target; its curve so far still
+    gives its time to the target when it got there."""
+    finished = [r for r in results if "steps_done" not in r]
     if target_name:
-        match = [r for r in results if r["name"] == target_name]
+        match = [r for r in finished if r["name"] == target_name]
         if not match:
-            raise SystemExit(f"--target {target_name}: no such racer ({[r['name'] for r in results]})")
+            raise SystemExit(f"--target {target_name}: no such finished racer ({[r['name'] for r in finished]})")
         target = match[0]["final_bpb_own"]
     else:
-        target = max(r["final_bpb_own"] for r in results)
+        target = max(r["final_bpb_own"] for r in finished)
     rows = []
     for r in results:
         t = time_to_reach(r["curve"], target)
         low_step, _, low = min(r["curve"], key=lambda point: point[2])  # the first of equals
+        own = r.get("final_bpb_own")
         rows.append({"racer": r["name"], "tok_per_s": r["tok_per_s"], "epochs": r.get("epochs"),
-                     "final_bpb": r["final_bpb"], "final_bpb_own": r["final_bpb_own"], "min_bpb": low,
-                     "min_bpb_step": low_step, "rise_after_min": r["final_bpb_own"] - low, "time_to_target_s": t})
+                     "final_bpb": r.get("final_bpb"), "final_bpb_own": own, "min_bpb": low,
+                     "min_bpb_step": low_step, "rise_after_min": None if own is None else own - low,
+                     "time_to_target_s": t, "stopped_at_step": r.get("steps_done")})
     first = rows[0]["time_to_target_s"]
     for row in rows:
         t = row["time_to_target_s"]
@@ -633,9 +665,11 @@ def table(rows: list[dict], results: list[dict]) -> str:
     lines = ["racer | tok/s | MFU % | mem GiB | train s | epochs | final bpb (ours) | final bpb (own eval) | "
              "min bpb @ step | time to target s | ratio to first", "---|" + "---:|" * 9 + "---:"]
     for row, r in zip(rows, results):
-        lines.append(f"{who(row['racer'], r.get('gpu'))} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
+        name = who(row["racer"], r.get("gpu"))
+        name += f" (stopped at step {row['stopped_at_step']} of {r['steps']})" if row["stopped_at_step"] else ""
+        lines.append(f"{name} | {row['tok_per_s']:,.0f} | {fmt(r['mfu'], '.1f')} | "
                      f"{fmt(r['peak_memory_gib'], '.1f')} | {r['train_seconds']:.1f} | {fmt(row['epochs'], '.2f')} | "
-                     f"{row['final_bpb']:.4f} | {row['final_bpb_own']:.4f} | "
+                     f"{fmt(row['final_bpb'], '.4f')} | {fmt(row['final_bpb_own'], '.4f')} | "
                      f"{row['min_bpb']:.4f} @ {row['min_bpb_step']} | {fmt(row['time_to_target_s'], '.1f')} | "
                      f"{fmt(row['ratio_to_first'], '.3f')}")
     return "\n".join(lines)
@@ -645,7 +679,7 @@ def rise_notes(rows: list[dict]) -> list[str]:
     """A line for each racer whose last evaluation is more than RISE_NOTE above its lowest bpb."""
     notes = []
     for row in rows:
-        if row["rise_after_min"] > RISE_NOTE:
+        if row["rise_after_min"] is not None and row["rise_after_min"] > RISE_NOTE:
             epochs = f"; it trained {row['epochs']:.2f} epochs of the race data" if row["epochs"] else ""
             notes.append(f"[race] {row['racer']}: val bpb rose {row['rise_after_min']:.3f} after step "
                          f"{row['min_bpb_step']} ({row['min_bpb']:.4f} -> {row['final_bpb_own']:.4f} at its last "
@@ -723,23 +757,26 @@ def main(argv: list[str] | None = None) -> dict:
     def report(outcomes: list) -> dict:
         failed = [o for o in outcomes if isinstance(o, Failure)]
         return {"config": asdict(cfg), "racers": [o for o in outcomes if not isinstance(o, Failure)],
-                "failed": [{"name": f.name, "gpu": f.gpu, "error": f.message()} for f in failed]}
+                "failed": [{"name": f.name, "gpu": f.gpu, "error": f.message(), "partial": f.partial}
+                           for f in failed]}
 
     outcomes = run_queue(racers, gpus,
                          lambda racer, gpu: run_racer(cfg, racer, out, work, gpu, data_tokens.get(racer.kind)),
                          lambda done: (out / "race.json").write_text(json.dumps(report(done), indent=1)))
     summary, failed = report(outcomes), [o for o in outcomes if isinstance(o, Failure)]
-    results = summary["racers"]
-    if results and cfg.target not in {f.name for f in failed}:
+    finished = summary["racers"]
+    if finished and cfg.target not in {f.name for f in failed}:
+        results = [o.partial if isinstance(o, Failure) else o for o in outcomes
+                   if not isinstance(o, Failure) or o.partial]  # in the racers' order, stopped ones with their curve
         target, rows = summarize(results, cfg.target)
         plot(results, target, out / "race.png")
         summary.update(target_bpb=target, table=rows)
-        agreement = max(abs(r["own_minus_ours"]) for r in results)
+        agreement = max(abs(r["own_minus_ours"]) for r in finished)
         print(f"\ntarget bpb {target:.4f} ({cfg.target or 'the worst final'}); each trainer's own last evaluation "
               f"and our routine's final bpb differ by at most {agreement:.4f}\n{table(rows, results)}", flush=True)
         for note in rise_notes(rows) + graph_break_notes(results):
             print(note, flush=True)
-    elif results:
+    elif finished:
         print(f"\nno table: the --target racer {cfg.target} failed", flush=True)
     (out / "race.json").write_text(json.dumps(summary, indent=1))
     for f in failed:

@@ -1,9 +1,10 @@
 """Atomic checkpoints: save into a temporary directory, fsync, then one rename; load without pickle code.
 
 Layout: <checkpoint_dir>/step_<n:06d>/ holds `model.safetensors`, `meta.json`, one `optim_rank<r>.pt`
-per rank and, when saved with its tokenizer, `tokenizer/` (then the step dir alone is a portable model). A step directory only ever appears whole (os.replace of a finished
-temporary directory), so a crash or `kill -9` mid-save leaves the previous checkpoint as the latest; a save
-whose tensors do not fit the disk's free space is refused before it writes, saying so.
+per rank and, when saved with its tokenizer, `tokenizer/` (then the step dir alone is a portable model).
+A step directory only ever appears whole (os.replace of a finished temporary directory), so a crash or
+`kill -9` mid-save leaves the previous checkpoint as the latest; a save whose tensors do not fit the disk's
+free space is refused before it writes, saying so.
 Loading never runs pickled code: the model is safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
 meta.json records each file's sha256, checked at load: a damaged or truncated copy is refused by name

@@ -433,16 +433,22 @@ def test_gpus_flag(monkeypatch):
             race.parse_gpus(spec)
 
 
-def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, capsys, stopped):
     """The race goes on past a failed racer: the table of the others (each with its GPU), race.json with the
-    failure, its error and logs printed, and a non-zero exit."""
+    failure, its error and logs printed, and a non-zero exit. One stopped after evaluations (StoppedRacer) keeps a
+    row: its time to the target along its curve so far (3.0 -> 2.1 over 8 s crosses the worst final, 2.2, at
+    8 x 0.8 / 0.9 s), no final bpb."""
     for d in ("data", "tokenizer_ours"):
         (tmp_path / "race" / d).mkdir(parents=True)
     monkeypatch.setattr(race.torch.cuda, "device_count", lambda: 0)
+    partial = {"name": "bad", "tok_per_s": 1.0, "mfu": None, "peak_memory_gib": None, "train_seconds": 8.0,
+               "steps": 20, "steps_done": 8, "curve": [(0, 0.0, 3.0), (8, 8.0, 2.1)]}
 
     def run_racer(cfg, racer, out, work, gpu, data_tokens=None):
         if racer.name == "bad":
-            raise SystemExit(f"['scripts.base_train'] failed (exit 1); its log: {work / 'bad' / 'train.log'}")
+            message = f"['scripts.base_train'] failed (exit 1); its log: {work / 'bad' / 'train.log'}"
+            raise race.StoppedRacer(message, {**partial, "gpu": gpu}) if stopped else SystemExit(message)
         bpb = 2.0 if racer.name == "a" else 2.2
         return {"name": racer.name, "tok_per_s": 1.0, "mfu": None, "peak_memory_gib": None, "train_seconds": 10.0,
                 "final_bpb": bpb, "final_bpb_own": bpb, "own_minus_ours": 0.0, "gpu": gpu,
@@ -460,9 +466,16 @@ def test_a_failed_racer_is_reported_after_the_others(tmp_path, monkeypatch, caps
     assert said.count("= — epochs of the race data") == 3
     assert f"its log: {out / 'work' / 'bad' / 'train.log'}" in said and "[race] bad (GPU " in said
     table = [line for line in said.splitlines() if " | " in line and "GPU" in line]
-    assert [line.split(" (GPU")[0] for line in table] == ["a", "b"]
+    assert [line.split(" (GPU")[0] for line in table] == (["a", "bad", "b"] if stopped else ["a", "b"])
     written = json.loads((out / "race.json").read_text())
     assert [r["name"] for r in written["racers"]] == ["a", "b"] and written["failed"][0]["name"] == "bad"
+    if stopped:
+        # no final bpb (ours, own); lowest 2.1 at step 8; 7.1 s to the target, 8.0 s for racer a's curve
+        assert table[1].endswith("(stopped at step 8 of 20) | 1 | — | — | 8.0 | — | — | — | 2.1000 @ 8 | 7.1 | "
+                                 "0.889")
+        row = [r for r in written["table"] if r["racer"] == "bad"][0]
+        assert row["time_to_target_s"] == pytest.approx(8 * 0.8 / 0.9) and row["final_bpb"] is None
+        assert written["failed"][0]["partial"]["steps_done"] == 8 and written["target_bpb"] == 2.2
     assert json.loads(said.strip().splitlines()[-1])["failed"] == ["bad"]
 
 
@@ -607,6 +620,32 @@ def test_a_racer_cut_off_resumes_from_its_newest_checkpoint(tmp_path, monkeypatc
     assert "an earlier attempt had other settings: starting over" in said
     assert "stop at step 4, before the checkpoint of step 6: starting over" in said
     assert "attempt 2 left no complete checkpoint" in said
+
+
+@pytest.mark.parametrize("kind", ["ours", "nanochat"])
+def test_a_trainer_that_fails_midway_leaves_its_curve_so_far(tmp_path, monkeypatch, kind):
+    """S25's fp8 racer: its trainer failed at step 5 (a full disk), after evaluations at 2 and 4."""
+    racer, out = race.Racer("r", kind, []), tmp_path / "out"
+    cfg = race.RaceConfig(out=str(out), steps=6, eval_points=3, peer=str(tmp_path / "peer"))
+    first, _ = attempt_logs(kind)
+
+    def run_logged(argv, env, cwd, log, mirror=None):
+        for path in (log, mirror):
+            path.write_text("\n".join(first) + "\n")
+        raise SystemExit(f"['scripts.base_train'] failed (exit 1); its log: {log}")
+
+    monkeypatch.setattr(race, "run_logged", run_logged)
+    with pytest.raises(race.StoppedRacer, match="failed \\(exit 1\\)") as e:
+        race.run_racer(cfg, racer, out, out / "work")
+    partial = e.value.partial
+    assert partial["steps"] == 6 and partial["steps_done"] == 5 and partial["name"] == "r"
+    # steps of 45 (compile), 1.0, 1.2, 1.0 and 7.7 s: the first and last count as the median, 1.2
+    assert partial["curve"] == [(0, 0.0, 3.3), (2, pytest.approx(2.2), 2.0), (4, pytest.approx(4.4), 1.8)]
+    first[:] = first[:2]  # started over, it fails after step 0's evaluation and one step: nothing to measure yet
+    (out / "work" / "r" / "attempts.json").unlink()
+    with pytest.raises(race.StoppedRacer) as e:
+        race.run_racer(cfg, racer, out, out / "work")
+    assert e.value.partial is None
 
 
 class CutOff(Exception):
