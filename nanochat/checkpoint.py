@@ -105,6 +105,11 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
+def _pruned_by(steps: list[int], step: int, keep_last: int) -> list[int]:
+    """Of the sorted complete `steps`, those keep_last deletes once `step` is saved: never `step` nor steps above."""
+    return ([s for s in steps if s < step] + [step])[:-keep_last]
+
+
 def _make_room(checkpoint_dir: Path, step: int, need: int, keep_last: int | None) -> str | None:
     """None when a save of `need` bytes fits the disk's free space, else why not. A full disk mid-write fails with
     torch's opaque 'unexpected pos' (S25: a d20 run's optimizer file alone is 5.3 GB), so this runs first. When
@@ -116,8 +121,9 @@ def _make_room(checkpoint_dir: Path, step: int, need: int, keep_last: int | None
     if not short():
         return None
     if keep_last is not None:
-        older = [s for s in _complete_steps(checkpoint_dir) if s < step]
-        for s in older[:max(0, len(older) - max(keep_last - 1, 1))]:
+        steps = _complete_steps(checkpoint_dir)
+        newest = max((s for s in steps if s < step), default=None)
+        for s in [s for s in _pruned_by(steps, step, keep_last) if s != newest]:  # the newest stays
             shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
             log0(f"low on disk space: deleted checkpoint step {s} before saving step {step} (keep_last={keep_last} "
                  "would delete it after)")
@@ -266,7 +272,7 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if keep_last is not None:
-            for s in [s for s in _complete_steps(checkpoint_dir) if s <= step][:-keep_last]:
+            for s in _pruned_by(_complete_steps(checkpoint_dir), step, keep_last):
                 shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
         log0(f"saved checkpoint {final}")
     if distributed:
