@@ -12,7 +12,10 @@ from nanochat.kernels import loss_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-4   # relative to the largest magnitude of the reference
-BF16_TOL = 2e-2
+# bf16 inputs: the logits buffer is bf16, so logits ~3 carry up to 2^-7 absolute error and softmax, hence
+# dh and dW, ~1% relative. Measured over 800 seeds (S26, both row-factor modes, both dw_accum): median 0.012,
+# worst 0.021 (2e-2 failed CI once).
+BF16_TOL = 3e-2
 
 
 @pytest.fixture
