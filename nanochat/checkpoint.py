@@ -4,7 +4,8 @@ Layout: <checkpoint_dir>/step_<n:06d>/ holds `model.safetensors`, `meta.json`, o
 per rank and, when saved with its tokenizer, `tokenizer/` (then the step dir alone is a portable model).
 A step directory only ever appears whole (os.replace of a finished temporary directory), so a crash or
 `kill -9` mid-save leaves the previous checkpoint as the latest; a save whose tensors do not fit the disk's
-free space is refused before it writes, saying so.
+free space is refused before it writes, saying so; `check_room_for_checkpoints`, after a run's first step,
+refuses a disk too small for its checkpoints then rather than at its first save.
 Loading never runs pickled code: the model is safetensors, the optimizer state goes through
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
 meta.json records each file's sha256, checked at load: a damaged or truncated copy is refused by name
@@ -110,30 +111,93 @@ def _pruned_by(steps: list[int], step: int, keep_last: int) -> list[int]:
     return ([s for s in steps if s < step] + [step])[:-keep_last]
 
 
+def _deletable_early(checkpoint_dir: Path, step: int, keep_last: int | None) -> list[int]:
+    """The complete steps a save of `step` may delete before writing when short of space: those keep_last would
+    delete after it, except the newest complete one (a failed save must still leave it)."""
+    if keep_last is None:
+        return []
+    steps = _complete_steps(checkpoint_dir)
+    newest = max((s for s in steps if s < step), default=None)
+    return [s for s in _pruned_by(steps, step, keep_last) if s != newest]
+
+
 def _make_room(checkpoint_dir: Path, step: int, need: int, keep_last: int | None) -> str | None:
     """None when a save of `need` bytes fits the disk's free space, else why not. A full disk mid-write fails with
     torch's opaque 'unexpected pos' (S25: a d20 run's optimizer file alone is 5.3 GB), so this runs first. When
-    short, the older steps that keep_last would delete after this save go now, the newest complete one never:
-    a failed save still leaves it, and a successful one leaves what it would have left."""
+    short, the older steps that keep_last would delete after this save go now (`_deletable_early`): a failed save
+    still leaves the newest complete one, and a successful one leaves what it would have left."""
     def short() -> bool:
         return need + DISK_MARGIN > shutil.disk_usage(checkpoint_dir).free
 
     if not short():
         return None
-    if keep_last is not None:
-        steps = _complete_steps(checkpoint_dir)
-        newest = max((s for s in steps if s < step), default=None)
-        for s in [s for s in _pruned_by(steps, step, keep_last) if s != newest]:  # the newest stays
-            shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
-            log0(f"low on disk space: deleted checkpoint step {s} before saving step {step} (keep_last={keep_last} "
-                 "would delete it after)")
-        if not short():
-            return None
+    for s in _deletable_early(checkpoint_dir, step, keep_last):
+        shutil.rmtree(_step_dir(checkpoint_dir, s), ignore_errors=True)
+        log0(f"low on disk space: deleted checkpoint step {s} before saving step {step} (keep_last={keep_last} "
+             "would delete it after)")
+    if not short():
+        return None
     latest = latest_step(checkpoint_dir)
     kept = f"step {latest}, intact" if latest is not None else "none yet"
-    return (f"No space for the checkpoint of step {step}: it needs ~{need / 2**30:.1f} GiB in {checkpoint_dir}, "
-            f"which has {shutil.disk_usage(checkpoint_dir).free / 2**30:.1f} GiB free: free space there, keep fewer "
-            f"checkpoints (--keep_last) or save less often (--save_every); the newest complete checkpoint: {kept}")
+    return (f"No space for the checkpoint of step {step}: it needs ~{_gib(need)} in {checkpoint_dir}, which has "
+            f"{_gib(shutil.disk_usage(checkpoint_dir).free)} free: free space there, keep fewer checkpoints "
+            f"(--keep_last) or save less often (--save_every); the newest complete checkpoint: {kept}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _checkpoint_bytes(model_state: dict, optimizer_state: dict | None, rank: int, world_size: int) -> int:
+    """Bytes one checkpoint's tensors take: the model (rank 0's) and every rank's optimizer state. A collective."""
+    need = _tensor_bytes(optimizer_state) + (_tensor_bytes(model_state) if rank == 0 else 0)
+    if world_size > 1:  # every rank's files go into one dir
+        needs = [None] * world_size
+        dist.all_gather_object(needs, need)
+        need = sum(needs)
+    return need
+
+
+def planned_saves(first_step: int, num_iterations: int, save_every: int) -> int:
+    """Checkpoints a run from `first_step` writes: each multiple of save_every > 0 before its last step, and the
+    last (save_every -1: the last only; 0: none)."""
+    if save_every == 0 or first_step >= num_iterations:
+        return 0
+    periodic = (num_iterations - 1) // save_every - first_step // save_every if save_every > 0 else 0
+    return periodic + 1
+
+
+def check_room_for_checkpoints(checkpoint_dir: str | Path, next_step: int, model_state: dict,
+                               optimizer_state: dict | None, saves: int, keep_last: int | None,
+                               rank: int = 0, world_size: int = 1) -> None:
+    """A run's disk check, made once its optimizer state exists (after its first step), so that a disk too small
+    fails the run now rather than at its first save, hours on: OSError(ENOSPC) when one checkpoint of this run
+    does not fit, a warning when the most it holds at once (keep_last's count, each save's when None; at a save
+    the newest stays beside the one being written) does not, so a later save would be refused. Room is the free
+    space plus the older checkpoints the next save may delete first. Every rank calls it (a collective)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    need = _checkpoint_bytes(model_state, optimizer_state, rank, world_size)
+    refusal = None
+    if rank == 0 and saves > 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        older = sum(f.stat().st_size for s in _deletable_early(checkpoint_dir, next_step, keep_last)
+                    for f in _step_dir(checkpoint_dir, s).rglob("*") if f.is_file())
+        room = shutil.disk_usage(checkpoint_dir).free + older - DISK_MARGIN
+        held = 1 if saves == 1 else saves if keep_last is None else min(saves, max(2, keep_last))
+        if need > room:
+            refusal = (f"No space for this run's checkpoints: one needs ~{_gib(need)} (model and optimizer state) in "
+                       f"{checkpoint_dir}, which has {_gib(room)} to spare, so the first save would fail after "
+                       f"training: free space there or point NANOCHAT_BASE_DIR at a larger disk")
+        elif held * need > room:
+            log0(f"warning: {checkpoint_dir} has room for {room // need} checkpoint(s) of ~{_gib(need)}; this run "
+                 f"holds up to {held} at once ({saves} saves, keep_last={keep_last}), so a later save will be "
+                 f"refused, keeping the newest: free space there, keep fewer (--keep_last) or save less often")
+    if world_size > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise OSError(errno.ENOSPC, refusal)
 
 
 def _model_tensors(model_state: dict) -> dict[str, torch.Tensor]:
@@ -215,11 +279,7 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, op
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"save_checkpoint(world_size={world_size}) needs torch.distributed initialized")
 
-    need = _tensor_bytes(optimizer_state) + (_tensor_bytes(model_state) if rank == 0 else 0)
-    if distributed:  # every rank's files go into one dir
-        needs = [None] * world_size
-        dist.all_gather_object(needs, need)
-        need = sum(needs)
+    need = _checkpoint_bytes(model_state, optimizer_state, rank, world_size)
     final = _step_dir(checkpoint_dir, step)
     tmp_name = refusal = None
     if rank == 0:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanochat.build import BuildConfig
-from nanochat.checkpoint import run_checkpoint_dir, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint import (check_room_for_checkpoints, load_checkpoint, load_model, planned_saves,
+                                 run_checkpoint_dir, save_checkpoint)
 from nanochat.common import autocast_precision, get_rank, log0
 from nanochat.flags import redeclare
 from nanochat.optim import FINETUNE_LRS, build_optimizer
@@ -82,6 +83,13 @@ class FineTune:
         return save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
                                full_meta, rank=rank, world_size=world_size, keep_last=self.cfg.keep_last,
                                tokenizer_dir=self.tokenizer_dir)
+
+    def check_room(self, step: int, num_iterations: int, save_every: int, rank: int = 0, world_size: int = 1) -> None:
+        """After this process's first step: refuse now a disk too small for the run's checkpoints (the last step
+        always saves) rather than at its first save (checkpoint.check_room_for_checkpoints)."""
+        saves = planned_saves(self.step, num_iterations, save_every if save_every > 0 else -1)
+        check_room_for_checkpoints(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
+                                   saves, self.cfg.keep_last, rank, world_size)
 
     def source(self) -> dict:
         """What this run fine-tunes: {"phase", "step"}, and "path" when it was loaded with --model."""

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from nanochat.build import BuildConfig, build
-from nanochat.checkpoint import claim_checkpoint_dir, load_checkpoint, run_checkpoint_dir, save_checkpoint
+from nanochat.checkpoint import (check_room_for_checkpoints, claim_checkpoint_dir, load_checkpoint, planned_saves,
+                                 run_checkpoint_dir, save_checkpoint)
 from nanochat.common import (
     compute_cleanup, compute_init, device_name, log0, peak_flops, peak_memory_gib, print0,
     synchronize,
@@ -353,10 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
         meta = {"step": at_step, "model_config": asdict(model_config), "train_config": asdict(cfg),
                 "loader_state": loader_state, "tokenizer_dir": str(resolve_tokenizer_dir(cfg.tokenizer_dir)),
                 "val_bpb": val_bpb, "tokens": tokens_trained}
-        optim_state = optimizer.state_dict() if master or sharded else None  # replicated: rank 0's copy suffices
-        save_checkpoint(checkpoint_dir, at_step, orig_model.state_dict(), optim_state, meta,
-                        rank=rank, world_size=world_size, keep_last=cfg.keep_last,
-                        tokenizer_dir=resolve_tokenizer_dir(cfg.tokenizer_dir))
+        save_checkpoint(checkpoint_dir, at_step, *states(), meta, rank=rank, world_size=world_size,
+                        keep_last=cfg.keep_last, tokenizer_dir=resolve_tokenizer_dir(cfg.tokenizer_dir))
+
+    def states() -> tuple[dict, dict | None]:  # what a checkpoint holds: replicated, rank 0's optimizer copy suffices
+        return orig_model.state_dict(), optimizer.state_dict() if master or sharded else None
+
+    first_step = step
+    saves = planned_saves(first_step, num_iterations, cfg.save_every)
 
     from tqdm import tqdm
     step_times: list[float] = []
@@ -423,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_seconds += dt
         step += 1
         tokens_trained += batch
+        if step == first_step + 1:  # the optimizer state exists now: a disk too small fails here, not at a save
+            check_room_for_checkpoints(checkpoint_dir, step, *states(), saves, cfg.keep_last, rank, world_size)
         tok_per_s = batch / dt
         if step == 1 and cfg.compile:  # the first step carries the compilation: kept out of the medians
             compile_seconds = dt

@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum = loss_t.item() / world_size
         dt = time.perf_counter() - t0
         step += 1
+        if step == run.step + 1:  # the optimizer state exists now
+            run.check_room(step, num_iterations, cfg.save_every, rank, world_size)
         mean_reward = stats[1].item() / (cfg.examples_per_step * cfg.num_samples)
         mean_tokens = stats[0].item() / (cfg.examples_per_step * cfg.num_samples)
         if not math.isfinite(loss_sum):

@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_loss = (stats[0] / (denom * world_size)).item()
         dt = time.perf_counter() - t0
         step += 1
+        if step == run.step + 1:  # the optimizer state exists now
+            run.check_room(step, num_iterations, cfg.save_every, rank, world_size)
         losses.append(train_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"loss became {train_loss} at step {step}; lower --init_lr_frac")

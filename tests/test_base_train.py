@@ -18,6 +18,7 @@ import torch
 from helpers_base_train import isolate, make_assets, read_train_log, tiny_flags
 from safetensors.torch import load_file
 
+import nanochat.checkpoint as ckpt
 from nanochat import build as build_mod
 from nanochat.checkpoint import latest_step, load_checkpoint
 from nanochat.flags import parse_flags
@@ -465,6 +466,18 @@ def test_fresh_run_into_a_tag_with_checkpoints_is_refused(assets, env, monkeypat
         base_train.main(tiny_flags(tok_dir, data_dir, num_iterations=2))
     run(monkeypatch, env / "report_b", tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=2, overwrite=True))
     assert latest_step(env / "base" / "checkpoints" / "base" / "d2") == 2
+
+
+def test_disk_too_small_for_a_checkpoint_stops_the_run_after_its_first_step(assets, env, monkeypatch):
+    """Not at its first save, after the whole run: the check needs the optimizer state, which exists after step 1."""
+    tok_dir, data_dir = assets
+    real = ckpt.shutil.disk_usage(env)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: real._replace(free=ckpt.DISK_MARGIN))
+    monkeypatch.setenv("NANOCHAT_REPORT_DIR", str(env / "report"))
+    with pytest.raises(OSError, match=r"No space for this run's checkpoints: one needs ~0.0 GiB"):
+        base_train.main(tiny_flags(tok_dir, data_dir, num_iterations=8, save_every=-1))
+    assert not (env / "report" / "train_log.jsonl").exists()  # refused before its first step was logged
+    base_train.main(tiny_flags(tok_dir, data_dir, num_iterations=2, save_every=0, overwrite=True))  # saves nothing
 
 
 def test_resume_of_a_missing_step_lists_the_saved_ones(assets, env, monkeypatch):

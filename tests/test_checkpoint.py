@@ -198,6 +198,62 @@ def test_short_of_space_a_save_first_deletes_what_keep_last_would(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
+@pytest.mark.parametrize("first, every, saves", [(0, -1, 1), (0, 0, 0), (0, 6, 2), (6, 6, 1), (4, 6, 2), (0, 5, 3),
+                                                 (12, 6, 0)])
+def test_planned_saves_counts_the_periodic_ones_and_the_last(first, every, saves):
+    assert ckpt.planned_saves(first, 12, every) == saves
+
+
+def with_free(monkeypatch, path, free):
+    real = shutil.disk_usage(path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real._replace(free=free))
+
+
+@pytest.mark.parametrize("short_by", [1, 0])
+def test_run_whose_disk_cannot_hold_one_checkpoint_is_refused_at_its_start(tmp_path, monkeypatch, short_by):
+    """Checked after a run's first step (its optimizer state exists), not at its first save hours on; the
+    tensors of small(1): 76 bytes."""
+    with_free(monkeypatch, tmp_path, 76 + ckpt.DISK_MARGIN - short_by)
+    check = lambda: ckpt.check_room_for_checkpoints(tmp_path / "run", 1, *small(1), saves=1, keep_last=2)
+    if not short_by:
+        check()
+        return
+    with pytest.raises(OSError, match="No space for this run's checkpoints") as e:
+        check()
+    assert str(tmp_path / "run") in str(e.value) and "NANOCHAT_BASE_DIR" in str(e.value)
+    ckpt.check_room_for_checkpoints(tmp_path / "run", 1, *small(1), saves=0, keep_last=2)  # saves nothing: no check
+
+
+@pytest.mark.parametrize("saves, keep_last, held", [(3, 2, 2), (3, 1, 2), (3, 5, 3), (3, None, 3), (2, 5, 2)])
+def test_run_whose_disk_cannot_hold_its_checkpoints_at_once_is_warned(tmp_path, monkeypatch, saves, keep_last, held):
+    """At a save the newest checkpoint stays beside the one being written: two at once even with keep_last=1."""
+    logged = []
+    monkeypatch.setattr(ckpt, "log0", logged.append)
+    for fits in (held - 1, held):
+        logged.clear()
+        with_free(monkeypatch, tmp_path, fits * 76 + ckpt.DISK_MARGIN)
+        ckpt.check_room_for_checkpoints(tmp_path, 1, *small(1), saves=saves, keep_last=keep_last)
+        assert bool(logged) == (fits < held), (fits, logged)
+        if logged:
+            assert f"holds up to {held} at once" in logged[0] and f"room for {fits} checkpoint" in logged[0]
+
+
+@pytest.mark.parametrize("keep_last", [2, None])
+def test_older_checkpoints_the_next_save_may_delete_count_as_room(tmp_path, monkeypatch, keep_last):
+    """Resumed from step 2 with step 1 beside it: keep_last=2 lets the next save delete step 1 first (never the
+    newest), so its files count; without keep_last nothing goes."""
+    for s in (1, 2):
+        save_checkpoint(tmp_path, s, *small(s), {})
+    with_free(monkeypatch, tmp_path, 76 + ckpt.DISK_MARGIN - 1)
+    check = lambda: ckpt.check_room_for_checkpoints(tmp_path, 3, *small(3), saves=1, keep_last=keep_last)
+    if keep_last:
+        check()
+    else:
+        with pytest.raises(OSError, match="No space for this run's checkpoints"):
+            check()
+    assert latest_step(tmp_path) == 2 and len(list(tmp_path.glob("step_*"))) == 2  # a check deletes nothing
+
+
 def test_failed_rename_of_same_step_restores_it(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 3, *small(3), {"x": "old"})
     real_replace = os.replace
@@ -328,6 +384,29 @@ def test_two_ranks_save_their_optimizer_shards(tmp_path):
         assert torch.equal(m["w"], torch.arange(6.0)) and meta["ws"] == 2
     with pytest.raises(FileNotFoundError, match="world size"):
         load_checkpoint(tmp_path, rank=2)
+
+
+def _room_worker(rank, world_size, out, free):
+    real = shutil.disk_usage(out)
+    ckpt.shutil.disk_usage = lambda path: real._replace(free=free)
+    model_state = {"w": torch.arange(6.0)} if rank == 0 else {}
+    try:
+        ckpt.check_room_for_checkpoints(out, 1, model_state, {"t": torch.zeros(2)}, saves=1, keep_last=2,
+                                        rank=rank, world_size=world_size)
+        outcome = "ok"
+    except OSError as e:
+        outcome = str(e)
+    (Path(out) / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.parametrize("short_by", [1, 0])
+def test_every_rank_is_refused_when_the_checkpoint_of_all_ranks_does_not_fit(tmp_path, short_by):
+    """One checkpoint: rank 0's model (24 bytes) and both ranks' optimizer shards (8 each): 40 bytes, not rank 0's
+    32. Rank 0 decides; the others raise too instead of waiting at their next collective."""
+    spawn_gloo(_room_worker, 2, str(tmp_path), 40 + ckpt.DISK_MARGIN - short_by)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    assert ("No space for this run's checkpoints" in outcomes[0]) == bool(short_by), outcomes
 
 
 def test_load_model(tmp_path, monkeypatch):
