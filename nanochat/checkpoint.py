@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import get_base_dir, log0
+from nanochat.common import get_base_dir, log0, nested_tensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TOKENIZER_SUBDIR = "tokenizer"  # a step dir's own copy of its tokenizer (save_checkpoint's tokenizer_dir)
@@ -97,13 +97,7 @@ def _check_plain(obj, where: str = "optimizer_state") -> None:
 
 def _tensor_bytes(obj) -> int:
     """Bytes of the tensors in a (nested) state: what its files will take on disk, give or take headers."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    return sum(t.nelement() * t.element_size() for t in nested_tensors(obj))
 
 
 def _pruned_by(steps: list[int], step: int, keep_last: int) -> list[int]:
@@ -183,7 +177,7 @@ def check_room_for_checkpoints(checkpoint_dir: str | Path, next_step: int, model
         older = sum(f.stat().st_size for s in _deletable_early(checkpoint_dir, next_step, keep_last)
                     for f in _step_dir(checkpoint_dir, s).rglob("*") if f.is_file())
         room = shutil.disk_usage(checkpoint_dir).free + older - DISK_MARGIN
-        held = 1 if saves == 1 else saves if keep_last is None else min(saves, max(2, keep_last))
+        held = saves if keep_last is None else min(saves, max(2, keep_last))
         if need > room:
             refusal = (f"No space for this run's checkpoints: one needs ~{_gib(need)} (model and optimizer state) in "
                        f"{checkpoint_dir}, which has {_gib(room)} to spare, so the first save would fail after "

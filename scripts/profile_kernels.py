@@ -30,7 +30,8 @@ import torch
 
 from nanochat import kernels, profiling
 from nanochat.build import BuildConfig, build
-from nanochat.common import compute_init, device_name, peak_flops, peak_memory_gib, print0, synchronize
+from nanochat.common import (compute_init, device_name, nested_tensors, peak_flops, peak_memory_gib, print0,
+                             synchronize)
 from nanochat.flags import parse_flags, redeclare
 from nanochat.kernels import attention as attention_backends
 from nanochat.precision import OUR_FP8_RECIPES
@@ -94,18 +95,14 @@ def make_step(cfg: ProfileConfig, model, optimizer, device: torch.device):
 
 
 def _tensor_bytes(obj, seen: set[int]) -> int:
-    """Bytes of the distinct tensors (by storage) inside nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen or obj.device.type == "meta":
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
+    """Bytes of the distinct tensors (by storage) inside nested dicts, lists and tuples; `seen` grows."""
+    total = 0
+    for t in nested_tensors(obj):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and t.device.type != "meta":
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def memory_breakdown(model, optimizer, peak_gib: float) -> dict:
